@@ -1,0 +1,101 @@
+"""Parameters born with logical axis names, and the small layers built on them.
+
+Parameters are float32 (master weights); each layer casts to the compute ``dtype`` at use.
+``eager_sharding=False`` keeps the names as metadata without sharding at creation: the model
+is initialised under ``jit`` with out-shardings derived from these names (``build.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax import sharding
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    *,
+    std: float | None = None,
+    value: float | None = None,
+) -> nnx.Param:
+    """A float32 Param: normal(0, std) when ``std`` is given, else filled with ``value``."""
+    if len(shape) != len(names):
+        raise ValueError(f"param shape {tuple(shape)} and names {tuple(names)} differ in rank")
+    if std is not None:
+        x = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    else:
+        x = jnp.full(tuple(shape), 0.0 if value is None else value, jnp.float32)
+    return nnx.Param(x, out_sharding=tuple(names), eager_sharding=False)
+
+
+def rms_norm(x: Float[Array, "... D"], w_D: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
+    """RMSNorm in float32 (as the reference does), cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w_D).astype(x.dtype)
+
+
+def swiglu(
+    x: Float[Array, "... D"],
+    w_gate_DF: Float[Array, "D F"],
+    w_up_DF: Float[Array, "D F"],
+    w_down_FD: Float[Array, "F D"],
+) -> Float[Array, "... D"]:
+    """SwiGLU FFN: down(silu(x gate) * (x up))."""
+    h = jax.nn.silu(x @ w_gate_DF) * (x @ w_up_DF)
+    return h @ w_down_FD
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, names: Sequence[str | None] = ("embed",)):
+        self.eps = eps
+        self.weight = param(None, (dim,), names, value=1.0)
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Linear(nnx.Module):
+    """y = x W, W stored as [in, out] float32 and applied in ``dtype``; no bias (as V3)."""
+
+    def __init__(self, d_in: int, d_out: int, names: Sequence[str | None], *, std: float,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = param(rngs, (d_in, d_out), names, std=std)
+
+    def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """The dense SwiGLU FFN (dense layers and shared experts)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.gate_proj = param(rngs, (d_model, d_ff), ("embed", "mlp"), std=std)
+        self.up_proj = param(rngs, (d_model, d_ff), ("embed", "mlp"), std=std)
+        self.down_proj = param(rngs, (d_ff, d_model), ("mlp", "embed"), std=std)
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        c = lambda w: w[...].astype(self.dtype)  # noqa: E731
+        return swiglu(x.astype(self.dtype), c(self.gate_proj), c(self.up_proj), c(self.down_proj))
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), std=std)
+
+    def __call__(self, ids_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        out = sharding.spec(("batch", None, "embed"))
+        table = self.embedding[...].astype(self.dtype)
+        if out is None:
+            return table[ids_BT]
+        return table.at[ids_BT].get(out_sharding=out)

@@ -1,0 +1,105 @@
+"""Logical axis names -> mesh axes: the one rules table, and helpers that apply it.
+
+Modules name their array axes logically (``batch``, ``embed``, ``expert``...); only this
+file and ``mesh.py`` know the physical axes. DeepSeek-V3 uses no tensor parallelism:
+attention and dense layers are data parallel over (``node``, ``gpu``), routed experts are
+expert parallel over the same devices, layers pipeline over ``stage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from deepseek_jax.mesh import GPU, NODE, STAGE
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+RULES: Rules = (
+    ("batch", (NODE, GPU)),
+    ("expert", (NODE, GPU)),
+    ("layers", STAGE),
+    ("embed", None),
+    ("heads", None),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("head_dim", None),
+    ("mlp", None),
+    ("vocab", None),
+    ("seq", None),
+)
+
+
+def logical_to_spec(
+    names: Sequence[str | None], rules: Rules = RULES, mesh_axes: Sequence[str] | None = None
+) -> P:
+    """Maps logical axis names to a PartitionSpec.
+
+    Mesh axes absent from ``mesh_axes`` (e.g. ``stage`` on a 2-D mesh) are dropped.
+    Raises ValueError on an unknown logical name or when two logical axes would shard over
+    the same mesh axis (which XLA would reject later with a far less helpful message).
+    """
+    table = dict(rules)
+    used: dict[str, str] = {}
+    out = []
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        axes = table[name]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if mesh_axes is not None:
+            axes = tuple(a for a in axes if a in mesh_axes)
+        for a in axes:
+            if a in used:
+                raise ValueError(
+                    f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r} "
+                    f"in {tuple(names)}"
+                )
+            used[a] = name
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def _current_mesh_axes() -> tuple[str, ...] | None:
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else tuple(mesh.axis_names)
+
+
+def spec(names: Sequence[str | None]) -> P | None:
+    """The spec for ``names`` on the current mesh, or None with no mesh set."""
+    axes = _current_mesh_axes()
+    return None if axes is None else logical_to_spec(names, mesh_axes=axes)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Reshards ``x`` to its logical layout under an Explicit mesh; a no-op without one."""
+    s = spec(names)
+    if s is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        return x
+    return jax.reshard(x, s)
+
+
+def variable_names(v: nnx.Variable) -> tuple[str | None, ...] | None:
+    return v.get_metadata().get("out_sharding")
+
+
+def state_shardings(abs_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings for every Variable of an abstract state, from its logical names."""
+
+    def one(v):
+        names = variable_names(v) if isinstance(v, nnx.Variable) else None
+        ndim = len(v.shape) if hasattr(v, "shape") else len(v.value.shape)
+        p = logical_to_spec(names, mesh_axes=mesh.axis_names) if names else P(*[None] * ndim)
+        return NamedSharding(mesh, p)
+
+    return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
