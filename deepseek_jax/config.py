@@ -54,7 +54,8 @@ class RopeScaling:
         if kind != "yarn":
             raise ValueError(f"rope_scaling: only 'yarn' is supported, got type {kind!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"type"}
-        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: hints[k](d[k]) for k in names if k in d and d[k] is not None}
         return cls(**kwargs)
 
 
@@ -185,7 +186,7 @@ class ModelConfig:
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in fields and k != "rope_scaling"}
         rope = raw.get("rope_scaling") or raw.get("rope_parameters")
         kwargs["rope_scaling"] = RopeScaling.from_dict(rope)
-        if rope and "rope_theta" in rope and "rope_theta" not in raw:
+        if rope and "rope_theta" in rope:  # transformers >= 5 keeps theta in rope_parameters
             kwargs["rope_theta"] = rope["rope_theta"]
         if "scoring_func" not in raw and raw.get("topk_method") in ("greedy",
                                                                      "group_limited_greedy"):

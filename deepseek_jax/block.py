@@ -1,0 +1,90 @@
+"""One transformer block: pre-norm MLA, then a dense SwiGLU FFN or a DeepSeekMoE layer."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax import sharding
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, RMSNorm
+from deepseek_jax.mla import MLA
+from deepseek_jax.moe.layer import MoE, MoEStats
+
+
+class Block(nnx.Module):
+    """x + MLA(norm(x)), then + FFN(norm(.)); the FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        self.is_moe = moe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if moe:
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
+                           dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+
+    def __call__(
+        self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B T D"], MoEStats | None]:
+        with jax.named_scope("attention"):
+            x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), positions_BT)
+        with jax.named_scope("moe" if self.is_moe else "mlp"):
+            h_BTD = self.post_attention_layernorm(x_BTD)
+            stats = None
+            if self.is_moe:
+                h_BTD, stats = self.mlp(h_BTD)
+            else:
+                h_BTD = self.mlp(h_BTD)
+        x_BTD = sharding.constrain(x_BTD + h_BTD.astype(x_BTD.dtype), ("batch", None, "embed"))
+        return x_BTD, stats
+
+
+class StackStats(NamedTuple):
+    """Per-MoE-layer statistics of one forward pass, stacked over layers."""
+
+    load_LE: Float[Array, "L E"]
+    balance_loss_L: Float[Array, " L"]
+
+
+def stacked_blocks(cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs) -> Block:
+    """``n`` blocks with parameters stacked on a leading ``layers`` axis (scanned at use)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, moe=moe, rngs=rngs)
+
+    return create(rngs)
+
+
+def scan_blocks(
+    blocks: Block,
+    x_BTD: Float[Array, "B T D"],
+    positions_BT: Int[Array, "B T"],
+    remat_policy=None,
+    remat: bool = False,
+) -> tuple[Float[Array, "B T D"], StackStats | None]:
+    """Runs stacked blocks in a scan; optional rematerialisation of each block."""
+
+    def body(x, block):
+        return block(x, positions_BT)
+
+    if remat:
+        body = nnx.remat(body, policy=remat_policy, prevent_cse=False)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def run(x, block):
+        return body(x, block)
+
+    x_BTD, stats = run(x_BTD, blocks)
+    if stats is None:
+        return x_BTD, None
+    return x_BTD, StackStats(stats.load_E, stats.balance_loss)

@@ -1,0 +1,95 @@
+"""The DeepSeek-V3 transformer: embedding, dense blocks, scanned MoE blocks, head, MTP."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax import sharding
+from deepseek_jax.block import StackStats, scan_blocks, stacked_blocks
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import Embed, RMSNorm, param
+from deepseek_jax.mtp import MTPModule, shift_left
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits_BTV: Float[Array, "B T V"]
+    mtp_logits_KBTV: Float[Array, "K B T V"] | None  # K = MTP depth
+    moe_stats: StackStats | None  # main model's MoE layers
+    mtp_stats: StackStats | None  # the MTP modules' MoE layers, one row per depth
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: unknown policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+        self.cfg = cfg
+        self.remat = remat
+        self.dtype = jnp.dtype(cfg.dtype)
+        std = cfg.initializer_range
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=std, dtype=self.dtype,
+                                  rngs=rngs)
+        k_dense, k_moe = cfg.first_k_dense_replace, cfg.num_moe_layers
+        self.dense_layers = stacked_blocks(cfg, k_dense, moe=False, rngs=rngs) if k_dense else None
+        self.moe_layers = stacked_blocks(cfg, k_moe, moe=True, rngs=rngs) if k_moe else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std=std)
+        self.mtp = nnx.List(
+            [MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)]
+        )
+
+    def head(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """Output head, float32 logits (the softmax is always float32)."""
+        w = self.lm_head[...].astype(self.dtype)
+        return jnp.einsum("btd,dv->btv", x_BTD.astype(self.dtype), w,
+                          preferred_element_type=jnp.float32)
+
+    def hidden(
+        self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"]
+    ) -> tuple[Float[Array, "B T D"], StackStats | None]:
+        """Last hidden state before the final norm, and the MoE layers' statistics."""
+        x_BTD = self.embed_tokens(ids_BT)
+        policy, remat = REMAT_POLICIES[self.remat], self.remat != "none"
+        if self.dense_layers is not None:
+            with jax.named_scope("dense_layers"):
+                x_BTD, _ = scan_blocks(self.dense_layers, x_BTD, positions_BT, policy, remat)
+        stats = None
+        if self.moe_layers is not None:
+            with jax.named_scope("moe_layers"):
+                x_BTD, stats = scan_blocks(self.moe_layers, x_BTD, positions_BT, policy, remat)
+        return x_BTD, stats
+
+    def __call__(
+        self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None
+    ) -> ModelOutput:
+        ids_BT = sharding.constrain(ids_BT, ("batch", None))
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+            positions_BT = sharding.constrain(positions_BT, ("batch", None))
+        h_BTD, stats = self.hidden(ids_BT, positions_BT)
+        logits_BTV = self.head(self.norm(h_BTD))
+        mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, h_BTD)
+        return ModelOutput(logits_BTV, mtp_logits, stats, mtp_stats)
+
+    def _mtp(self, ids_BT, positions_BT, h_BTD):
+        if not len(self.mtp):
+            return None, None
+        logits, loads, losses = [], [], []
+        with jax.named_scope("mtp"):
+            for k, module in enumerate(self.mtp, start=1):
+                emb_BTD = self.embed_tokens(shift_left(ids_BT, k))
+                h_BTD, hn_BTD, st = module(h_BTD, emb_BTD, positions_BT)
+                logits.append(self.head(hn_BTD))
+                loads.append(st.load_E)
+                losses.append(st.balance_loss)
+        return jnp.stack(logits), StackStats(jnp.stack(loads), jnp.stack(losses))

@@ -1,0 +1,60 @@
+"""Multi-token prediction (DeepSeek-V3 report, section 2.2).
+
+Module k (1-based) predicts token t_{i+k+1} at position i from the previous depth's hidden
+state h^{k-1}_i and the embedding of t_{i+k}:
+    h'_i = W_eh [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],  h^k = Block(h'),
+    logits = Head(RMSNorm(h^k)).
+Embedding and head are shared with the main model; each module has its own norms,
+projection and transformer block. The concatenation order (embedding first) follows the
+released checkpoints' ``eh_proj`` layout. h^0 is the main model's last hidden state before
+its final norm. Causality holds: position i sees tokens up to i+k, all of them inputs.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax.block import Block
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import RMSNorm, param
+from deepseek_jax.moe.layer import MoEStats
+
+
+class MTPModule(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eh_proj = param(rngs, (2 * d, d), (None, "embed"), std=cfg.initializer_range)
+        self.block = Block(cfg, moe=True, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)  # HF: shared_head.norm
+
+    def __call__(
+        self,
+        h_BTD: Float[Array, "B T D"],
+        emb_BTD: Float[Array, "B T D"],
+        positions_BT: Int[Array, "B T"],
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B T D"], MoEStats | None]:
+        """Returns (h^k before the norm, normalised h^k for the shared head, MoE stats)."""
+        cat = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
+        x_BTD = cat.astype(self.dtype) @ self.eh_proj[...].astype(self.dtype)
+        h_BTD, stats = self.block(x_BTD, positions_BT)
+        return h_BTD, self.norm(h_BTD), stats
+
+
+def shift_left(ids_BT: Int[Array, "B T"], k: int, fill: int = 0) -> Int[Array, "B T"]:
+    """ids[:, i+k] at position i; the last k positions get ``fill`` (and are masked in losses)."""
+    if k == 0:
+        return ids_BT
+    pad = jnp.full((ids_BT.shape[0], k), fill, ids_BT.dtype)
+    return jnp.concatenate([ids_BT[:, k:], pad], axis=1)
+
+
+def mtp_targets(ids_BT: Int[Array, "B T"], depth: int) -> tuple[Int[Array, "B T"], Array]:
+    """Targets of MTP module ``depth`` (t_{i+depth+1}) and the mask of valid positions."""
+    t = ids_BT.shape[1]
+    valid_T = jnp.arange(t) < t - depth - 1
+    return shift_left(ids_BT, depth + 1), jnp.broadcast_to(valid_T, ids_BT.shape)
