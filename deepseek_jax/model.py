@@ -13,6 +13,7 @@ from deepseek_jax import sharding
 from deepseek_jax.block import StackStats, scan_blocks, stacked_blocks
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Embed, RMSNorm, param
+from deepseek_jax.moe.routing import update_bias
 from deepseek_jax.mtp import MTPModule, shift_left
 
 REMAT_POLICIES = {
@@ -80,6 +81,20 @@ class Transformer(nnx.Module):
         logits_BTV = self.head(self.norm(h_BTD))
         mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, h_BTD)
         return ModelOutput(logits_BTV, mtp_logits, stats, mtp_stats)
+
+    def update_routing_bias(
+        self, moe_stats: StackStats | None, mtp_stats: StackStats | None, gamma: float
+    ) -> None:
+        """Aux-loss-free balancing: move every MoE layer's bias by its expert load."""
+        if not self.cfg.has_routing_bias:
+            return
+        step = jax.vmap(lambda b, load: update_bias(b, load, gamma))
+        if moe_stats is not None:
+            bias = self.moe_layers.mlp.e_score_correction_bias
+            bias[...] = step(bias[...], moe_stats.load_LE)
+        for k, module in enumerate(self.mtp):
+            bias = module.block.mlp.e_score_correction_bias
+            bias[...] = update_bias(bias[...], mtp_stats.load_LE[k], gamma)
 
     def _mtp(self, ids_BT, positions_BT, h_BTD):
         if not len(self.mtp):

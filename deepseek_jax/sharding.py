@@ -103,3 +103,28 @@ def state_shardings(abs_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
         return NamedSharding(mesh, p)
 
     return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def zero1_sharding(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """The sharding of an optimizer-state leaf under ZeRO-1.
+
+    Optimizer moments of a data-parallel (replicated) parameter are split over the data
+    axes: the first dimension that is unsharded and divisible by the free data-axis size
+    takes them. Parameters already sharded over those axes (routed experts) keep their
+    layout. A leaf with no such dimension stays as it is.
+    """
+    data_axes = logical_to_spec(("batch",), mesh_axes=s.mesh.axis_names)[0] or ()
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    used = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+    free = tuple(a for a in data_axes if a not in used)
+    size = 1
+    for a in free:
+        size *= s.mesh.shape[a]
+    if size == 1:
+        return s
+    for i, (e, n) in enumerate(zip(spec, shape)):
+        if e is None and n % size == 0:
+            spec[i] = free if len(free) > 1 else free[0]
+            return NamedSharding(s.mesh, P(*spec))
+    return s

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.basic import is_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +25,6 @@ class ParamReport:
     activated_params: float  # main model, per token
     mtp_params: int  # MTP modules' own parameters
     mtp_activated_params: float
-
-
-def _is_matrix(v: nnx.Variable) -> bool:
-    names = [n for n in (v.get_metadata().get("out_sharding") or ()) if n != "layers"]
-    return len(names) >= 2 if names else len(v.shape) >= 2
 
 
 def _is_routed_expert(v: nnx.Variable) -> bool:
@@ -41,7 +37,7 @@ def param_report(abs_model: nnx.Module, cfg: ModelConfig) -> ParamReport:
     sums = {"main": [0, 0.0], "mtp": [0, 0.0]}
     flat = nnx.state(abs_model, nnx.Param).flat_state()
     for path, v in flat:
-        if not _is_matrix(v):
+        if not is_matrix(v):
             continue
         n = int(np.prod(v.shape))
         part = "mtp" if path[0] == "mtp" else "main"

@@ -35,11 +35,17 @@ def param(
     return nnx.Param(x, out_sharding=tuple(names), eager_sharding=False)
 
 
+def is_matrix(v: nnx.Variable) -> bool:
+    """A weight matrix (not a norm vector or bias), ignoring a stacked ``layers`` axis."""
+    names = [n for n in (v.get_metadata().get("out_sharding") or ()) if n != "layers"]
+    return len(names) >= 2 if names else len(v.shape) >= 2
+
+
 def rms_norm(x: Float[Array, "... D"], w_D: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
     """RMSNorm in float32 (as the reference does), cast back to the input dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * w_D).astype(x.dtype)
+    return (y * w_D.reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
 def swiglu(

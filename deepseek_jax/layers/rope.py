@@ -96,7 +96,7 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """Attention logit scale: ``1/sqrt(N + R)`` times YaRN's ``mscale_all_dim`` temperature squared."""
+    """Logit scale ``(N + R)**-0.5`` times the square of YaRN's ``mscale_all_dim`` temperature."""
     scale = cfg.qk_head_dim**-0.5
     s = cfg.rope_scaling
     if s is not None and s.mscale_all_dim:

@@ -1,0 +1,1 @@
+"""Training: data pipeline, state, step, checkpoints and the run loop."""

@@ -1,0 +1,128 @@
+"""The training orchestrator behind ``python -m experiments.train``.
+
+Impure by design and thin: parse, build the mesh, data and sharded state (or restore it),
+then loop: next batch, the jitted ``train_step``, metrics one step late, progress bar,
+periodic evaluation and checkpoints. All math lives in ``step.py`` and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class UserError(Exception):
+    """A bad input: reported as one line and a non-zero exit."""
+
+
+def _setup_runtime(args: argparse.Namespace) -> None:
+    """Multi-host initialisation must precede any other JAX call."""
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator or (args.num_processes or 0) > 1:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def _parse_mesh(text: str | None) -> dict[str, int]:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        if key.strip() not in ("node", "gpu", "stage") or not val.strip().isdigit():
+            raise UserError(f"--mesh {text!r}: expected node=N,gpu=G")
+        out[key.strip()] = int(val)
+    return out
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: Any
+    tcfg: Any
+    mesh: Any
+    corpus: Any
+
+
+def _build(args: argparse.Namespace) -> Setup:
+    from deepseek_jax.config import get_preset
+    from deepseek_jax.mesh import make_mesh
+    from deepseek_jax.train.config import TrainConfig
+    from deepseek_jax.train.data import DataConfig, load_corpus
+
+    try:
+        overrides = list(args.overrides) + ([f"dtype={args.dtype}"] if args.dtype else [])
+        cfg = get_preset(args.preset, overrides)
+        tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                           eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                           keep=args.keep, remat=args.remat)
+        mesh = make_mesh(**_parse_mesh(args.mesh))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    dp = math.prod(mesh.shape.values())
+    if tcfg.batch_size % dp:
+        raise UserError(f"--batch-size {tcfg.batch_size} is not divisible by the data-parallel "
+                        f"size {dp} (mesh {dict(mesh.shape)})")
+    if tcfg.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {tcfg.seq_len} exceeds max_position_embeddings "
+                        f"{cfg.max_position_embeddings} of preset {args.preset!r}")
+    try:
+        corpus = load_corpus(DataConfig(path=args.data, vocab_size=cfg.vocab_size,
+                                        byte_level=cfg.vocab_size <= 256))
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    return Setup(cfg, tcfg, mesh, corpus)
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _global_batch(corpus, seed: int, step: int, tcfg, sharding) -> jax.Array:
+    """This process's rows of the step's batch, assembled into one global array."""
+    rows = corpus.process_batch(seed, step, tcfg.batch_size, tcfg.seq_len,
+                                jax.process_index(), jax.process_count())
+    shape = (tcfg.batch_size, tcfg.seq_len + 1)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(rows, np.int32), shape)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _setup_runtime(args)
+    from deepseek_jax.train.loop import Trainer
+
+    setup = _build(args)
+    trainer = Trainer(setup.cfg, setup.tcfg, setup.mesh, setup.corpus, out_dir=args.out,
+                      progress=not args.no_progress)
+    t0 = time.time()
+    with _Stop() as stop:
+        summary = trainer.fit(stop, _global_batch)
+    summary["wall_s"] = time.time() - t0
+    trainer.report(summary, sample_tokens=args.sample_tokens)
+    return summary
