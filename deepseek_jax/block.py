@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, RMSNorm
-from deepseek_jax.mla import MLA
+from deepseek_jax.mla import MLA, LatentCache
 from deepseek_jax.moe.layer import MoE, MoEStats
 
 
@@ -44,6 +44,21 @@ class Block(nnx.Module):
                 h_BTD = self.mlp(h_BTD)
         x_BTD = sharding.constrain(x_BTD + h_BTD.astype(x_BTD.dtype), ("batch", None, "embed"))
         return x_BTD, stats
+
+    def decode(
+        self,
+        x_BTD: Float[Array, "B T D"],
+        positions_BT: Int[Array, "B T"],
+        cache: LatentCache,
+        cache_index: Int[Array, ""],
+    ) -> tuple[Float[Array, "B T D"], LatentCache]:
+        """The block over a latent cache (absorbed MLA); T new tokens at ``cache_index``."""
+        a_BTD, cache = self.self_attn.decode(self.input_layernorm(x_BTD), positions_BT, cache,
+                                             cache_index)
+        x_BTD = x_BTD + a_BTD
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
+        return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
 
 class StackStats(NamedTuple):
@@ -88,3 +103,20 @@ def scan_blocks(
     if stats is None:
         return x_BTD, None
     return x_BTD, StackStats(stats.load_E, stats.balance_loss)
+
+
+def scan_blocks_decode(
+    blocks: Block,
+    x_BTD: Float[Array, "B T D"],
+    positions_BT: Int[Array, "B T"],
+    cache_L: LatentCache,
+    cache_index: Int[Array, ""],
+) -> tuple[Float[Array, "B T D"], LatentCache]:
+    """Stacked blocks over their stacked caches (leading axis L)."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def run(x, block, cache):
+        return block.decode(x, positions_BT, cache, cache_index)
+
+    return run(x_BTD, blocks, cache_L)

@@ -10,9 +10,10 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
-from deepseek_jax.block import StackStats, scan_blocks, stacked_blocks
+from deepseek_jax.block import StackStats, scan_blocks, scan_blocks_decode, stacked_blocks
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Embed, RMSNorm, param
+from deepseek_jax.mla import LatentCache
 from deepseek_jax.moe.routing import update_bias
 from deepseek_jax.mtp import MTPModule, shift_left
 
@@ -28,6 +29,13 @@ class ModelOutput(NamedTuple):
     mtp_logits_KBTV: Float[Array, "K B T V"] | None  # K = MTP depth
     moe_stats: StackStats | None  # main model's MoE layers
     mtp_stats: StackStats | None  # the MTP modules' MoE layers, one row per depth
+
+
+class ModelCache(NamedTuple):
+    """Latent caches of the dense and MoE stacks, each with a leading layer axis."""
+
+    dense: LatentCache | None
+    moe: LatentCache | None
 
 
 class Transformer(nnx.Module):
@@ -81,6 +89,35 @@ class Transformer(nnx.Module):
         logits_BTV = self.head(self.norm(h_BTD))
         mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, h_BTD)
         return ModelOutput(logits_BTV, mtp_logits, stats, mtp_stats)
+
+    def init_cache(self, batch: int, max_len: int) -> ModelCache:
+        """Zeroed latent caches for every block: (kv_lora_rank + rope dim) values per token."""
+        def stack(n):
+            one = LatentCache.init(batch, max_len, self.cfg, self.dtype)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), one) if n else None
+
+        return ModelCache(stack(self.cfg.first_k_dense_replace), stack(self.cfg.num_moe_layers))
+
+    def decode(
+        self,
+        ids_BT: Int[Array, "B T"],
+        cache: ModelCache,
+        cache_index: Int[Array, ""],
+    ) -> tuple[Float[Array, "B T V"], ModelCache]:
+        """Logits of T new tokens at positions ``cache_index ..``, through the latent cache.
+
+        Prefill (T = prompt length) and token-by-token decode (T = 1) share this path.
+        """
+        positions_BT = cache_index + jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+        x_BTD = self.embed_tokens(ids_BT)
+        dense, moe = cache.dense, cache.moe
+        if self.dense_layers is not None:
+            x_BTD, dense = scan_blocks_decode(self.dense_layers, x_BTD, positions_BT, dense,
+                                              cache_index)
+        if self.moe_layers is not None:
+            x_BTD, moe = scan_blocks_decode(self.moe_layers, x_BTD, positions_BT, moe,
+                                            cache_index)
+        return self.head(self.norm(x_BTD)), ModelCache(dense, moe)
 
     def update_routing_bias(
         self, moe_stats: StackStats | None, mtp_stats: StackStats | None, gamma: float

@@ -25,12 +25,12 @@ class Hardware:
 
     name: str
     gpus_per_node: int
-    scale_up_GBps: float  # NVLink, per GPU, per direction
-    scale_out_Gbps: float  # InfiniBand / RoCE NIC, per GPU, per direction
+    scale_up_GBps: float  # noqa: N815 - NVLink, per GPU, per direction
+    scale_out_Gbps: float  # noqa: N815 - InfiniBand / RoCE NIC, per GPU, per direction
     bf16_tflops: float  # dense peak, per GPU
     fp8_tflops: float
-    hbm_GB: float
-    scale_up_effective_GBps: float | None = None
+    hbm_GB: float  # noqa: N815
+    scale_up_effective_GBps: float | None = None  # noqa: N815
 
     @property
     def scale_out_GBps(self) -> float:
@@ -53,14 +53,36 @@ class Cluster:
 
 
 # H800: NVLink cut to 400 GB/s bidirectional; 8 x 400 Gb/s CX7 InfiniBand per node.
-H800 = Hardware("H800", 8, scale_up_GBps=200.0, scale_out_Gbps=400.0, bf16_tflops=989.5,
-                fp8_tflops=1979.0, hbm_GB=80.0, scale_up_effective_GBps=160.0)
-H100 = Hardware("H100", 8, scale_up_GBps=450.0, scale_out_Gbps=400.0, bf16_tflops=989.5,
-                fp8_tflops=1979.0, hbm_GB=80.0)
+H800 = Hardware(
+    "H800",
+    8,
+    scale_up_GBps=200.0,
+    scale_out_Gbps=400.0,
+    bf16_tflops=989.5,
+    fp8_tflops=1979.0,
+    hbm_GB=80.0,
+    scale_up_effective_GBps=160.0,
+)
+H100 = Hardware(
+    "H100",
+    8,
+    scale_up_GBps=450.0,
+    scale_out_Gbps=400.0,
+    bf16_tflops=989.5,
+    fp8_tflops=1979.0,
+    hbm_GB=80.0,
+)
 H200 = dataclasses.replace(H100, name="H200", hbm_GB=141.0)
 # GB200 NVL72: 72 GPUs in one NVLink domain, 1.8 TB/s bidirectional per GPU.
-GB200_NVL72 = Hardware("GB200 NVL72", 72, scale_up_GBps=900.0, scale_out_Gbps=400.0,
-                       bf16_tflops=2500.0, fp8_tflops=5000.0, hbm_GB=186.0)
+GB200_NVL72 = Hardware(
+    "GB200 NVL72",
+    72,
+    scale_up_GBps=900.0,
+    scale_out_Gbps=400.0,
+    bf16_tflops=2500.0,
+    fp8_tflops=5000.0,
+    hbm_GB=186.0,
+)
 
 CLUSTERS: dict[str, Cluster] = {
     "h800": Cluster(H800, nodes=256),  # DeepSeek-V3's 2048-GPU training cluster

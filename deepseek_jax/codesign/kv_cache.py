@@ -17,8 +17,9 @@ def mla_kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
     return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * bytes_per_value
 
 
-def gqa_kv_bytes_per_token(kv_heads: int, head_dim: int, layers: int,
-                           bytes_per_value: int = 2) -> int:
+def gqa_kv_bytes_per_token(
+    kv_heads: int, head_dim: int, layers: int, bytes_per_value: int = 2
+) -> int:
     """K and V per KV head: 2 x kv_heads x head_dim x layers x bytes."""
     return 2 * kv_heads * head_dim * layers * bytes_per_value
 
@@ -30,8 +31,9 @@ def mha_kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
 
 
 def dense_kv_bytes_per_token(model: DenseModel, bytes_per_value: int = 2) -> int:
-    return gqa_kv_bytes_per_token(model.num_key_value_heads, model.head_dim,
-                                  model.num_hidden_layers, bytes_per_value)
+    return gqa_kv_bytes_per_token(
+        model.num_key_value_heads, model.head_dim, model.num_hidden_layers, bytes_per_value
+    )
 
 
 def kv_cache_bytes(bytes_per_token: int, context_len: int, batch: int = 1) -> int:

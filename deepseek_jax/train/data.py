@@ -1,15 +1,12 @@
 """Data pipeline: documents -> tokenizer -> flat token arrays -> batches.
 
-Design note. The default corpus is the running interpreter's standard library sources
-(`*.py`, no tests, no site-packages): real code and prose on every machine with Python, no
-download. User data is a text file, a folder of text files, or JSON lines with a `text` field.
-Documents are split, not tokens: a fixed pseudo-random `eval_fraction` of whole documents is
-held out (too few documents: the tail of the text is held out at a line boundary), so no
-eval text ever reaches the tokenizer or a training batch. The tokenizer is trained on the
-training documents only; it and both encoded splits are cached on disk under a key of
-(document contents, tokenizer kind, vocab size, split), so a second run only reads and hashes
-the text. Training batch `step` is a pure function of `(seed, step)`: a resumed run sees the
-exact batches it would have seen, and each process takes its rows of the same global batch.
+Design note. `documents.py` reads the text (by default the interpreter's standard library
+sources) and holds out whole documents for evaluation. The tokenizer (a byte-level BPE trained
+here, or raw bytes) is trained on the training documents only; it and both encoded splits are
+cached under a key of (document contents, tokenizer kind, vocab size, split), so a second run
+only reads and hashes the text. Training batch `step` is a pure function of `(seed, step)`:
+a resumed run sees exactly the batches it would have seen, and each process takes its block
+of rows of the same global batch.
 """
 
 from __future__ import annotations
@@ -19,9 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-import sysconfig
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,15 +24,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepseek_jax.train import tokenizer as tokenizer_lib
+from deepseek_jax.train.documents import read_documents, split_documents, stdlib_root
 from deepseek_jax.train.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
-TEXT_SUFFIXES = (".txt", ".md", ".py")
-JSON_SUFFIXES = (".jsonl", ".json")
-STDLIB_SKIP_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-)
-STDLIB_MAX_FILE_BYTES = 1 << 20  # a few generated tables; not worth a model's attention
 _ENCODE_CHUNK_CHARS = 1 << 16
 _ENCODE_GROUP = 256  # pieces per encode_batch call (one progress-bar update)
 
@@ -80,135 +70,20 @@ class DataConfig:
             )
 
 
-# ------------------------------------------------------------------------------ reading
-
-
-def stdlib_root() -> Path:
-    """The running interpreter's standard library folder."""
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def iter_stdlib_documents(root: Path | None = None) -> Iterator[str]:
-    """Yields stdlib `*.py` sources in sorted path order, skipping tests and large files."""
-    root = stdlib_root() if root is None else Path(root)
-    for p in sorted(root.rglob("*.py")):
-        if STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]):
-            continue
-        if p.stat().st_size > STDLIB_MAX_FILE_BYTES:
-            continue
-        yield p.read_text(encoding="utf-8", errors="replace")
-
-
-def iter_path_documents(path: str | Path) -> Iterator[str]:
-    """Yields the documents under `path`: a file, or a folder searched recursively.
-
-    A `.jsonl`/`.json` file holds one document per line (a JSON object with a string `text`
-    field, or a JSON string); any other file is one document. A folder contributes its
-    `*.txt, *.md, *.py, *.jsonl, *.json` files in sorted order, hidden entries skipped.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"data path {path} does not exist")
-    if path.is_file():
-        yield from _read_file(path)
-        return
-    suffixes = TEXT_SUFFIXES + JSON_SUFFIXES
-    for p in sorted(path.rglob("*")):
-        hidden = any(part.startswith(".") for part in p.relative_to(path).parts)
-        if p.is_file() and p.suffix.lower() in suffixes and not hidden:
-            yield from _read_file(p)
-
-
-def _read_file(p: Path) -> Iterator[str]:
-    if p.suffix.lower() not in JSON_SUFFIXES:
-        yield p.read_text(encoding="utf-8", errors="replace")
-        return
-    with p.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not a JSON line ({e.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else record
-            if not isinstance(text, str):
-                raise ValueError(f"{p}:{lineno}: expected an object with a string 'text' field")
-            yield text
-
-
-def read_documents(path: str | Path | None, max_bytes: int) -> list[str]:
-    """Reads non-empty documents until `max_bytes` of UTF-8 text; raises if there are none."""
-    source = iter_stdlib_documents() if path is None else iter_path_documents(path)
-    docs, total = [], 0
-    for text in source:
-        if not text.strip():
-            continue
-        size = len(text.encode("utf-8"))
-        if total + size > max_bytes:
-            if total == 0:  # one huge document: keep its head
-                docs.append(text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore"))
-            warnings.warn(f"data: stopped reading at max_bytes={max_bytes}", stacklevel=2)
-            break
-        docs.append(text)
-        total += size
-    if not docs:
-        where = stdlib_root() if path is None else path
-        raise ValueError(
-            f"data path {where} holds no text (looked for {
-                ', '.join('*' + s for s in TEXT_SUFFIXES + JSON_SUFFIXES)
-            })"
-        )
-    return docs
-
-
-# --------------------------------------------------------------------- split and encode
-
-
-def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """Holds out whole documents: a fixed pseudo-random `eval_fraction` of them.
-
-    With fewer than `1 / eval_fraction` documents, the last `eval_fraction` of the text,
-    cut at a line boundary, is held out instead.
-
-    Returns:
-      (train documents, eval documents), each in reading order.
-    """
-    n = len(docs)
-    if n * eval_fraction >= 1.0:
-        n_eval = round(n * eval_fraction)
-        held = set(np.random.default_rng(0).permutation(n)[:n_eval].tolist())
-        return [d for i, d in enumerate(docs) if i not in held], [docs[i] for i in sorted(held)]
-    text_len = sum(len(d) for d in docs)
-    cut = int(text_len * (1.0 - eval_fraction))
-    train, i = [], 0
-    while cut >= len(docs[i]):
-        cut -= len(docs[i])
-        train.append(docs[i])
-        i += 1
-    doc = docs[i]
-    line_end = doc.rfind("\n", 0, cut) + 1  # keep whole lines on each side when possible
-    cut = line_end if line_end > 0 else cut
-    head, tail = doc[:cut], doc[cut:]
-    if head:
-        train.append(head)
-    evals = [tail, *docs[i + 1 :]]
-    if not train or not tail.strip():
-        raise ValueError(f"too little text to hold out {eval_fraction:.0%} for evaluation")
-    return train, evals
+# ---------------------------------------------------------------------------- encoding
 
 
 def encode_documents(tok: Tokenizer, docs: list[str], *, progress: bool = False) -> np.ndarray:
     """Encodes documents into one flat array, each document followed by `tok.eot_id`.
 
     Returns:
-      tokens[N], uint16 when the vocabulary fits, else int32.
+      tokens[N], the narrowest of uint8/uint16/int32 that holds the vocabulary.
     """
     # Long documents are cut into pieces so that `encode_batch` spreads them over the cores.
     pieces = [(i, c) for i, d in enumerate(docs) for c in _chunks(d, _ENCODE_CHUNK_CHARS)]
     doc_of = [i for i, _ in pieces] + [-1]
     ends = {k for k in range(len(pieces)) if doc_of[k + 1] != doc_of[k]}
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    dtype = _token_dtype(tok.vocab_size)
     eot = np.array([tok.eot_id], dtype)
     out: list[np.ndarray] = []
     with tqdm(
@@ -229,13 +104,20 @@ def encode_documents(tok: Tokenizer, docs: list[str], *, progress: bool = False)
     return np.concatenate(out)
 
 
+def _token_dtype(vocab_size: int) -> type[np.integer]:
+    if vocab_size <= 1 << 8:
+        return np.uint8
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
 def _chunks(text: str, size: int) -> Iterator[str]:
     """Pieces of at most `size` characters, ending after a newline where possible."""
-    while len(text) > size:
-        cut = text.rfind("\n", 0, size) + 1 or size
-        yield text[:cut]
-        text = text[cut:]
-    yield text
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind("\n", start, start + size) + 1 or start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 # ------------------------------------------------------------------------------ batches

@@ -1,0 +1,1 @@
+"""Inference: prefill and decode over the latent cache, generation."""

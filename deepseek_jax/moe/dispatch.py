@@ -1,0 +1,176 @@
+"""Dispatch and combine: moving (token, expert) assignments into expert order and back.
+
+Design note.
+*What DeepSeek-V3 does* (V3TR 3.2.2, DESIGN.md "One MoE layer"): each token is sent to
+its K experts across the expert-parallel devices (two hops, IB then NVLink), every GPU
+sorts what it receives by local expert and runs a grouped GEMM, and the outputs travel
+back to be summed with the gate weights. No token is ever dropped.
+
+*What we do here* (the local part; the two-hop exchange will sit beside it): sort the
+T*K assignments by expert (stable, so each expert sees its tokens in order), then lay
+them out for the expert compute in one of two ways:
+- ``permute_sorted``: rows sorted by expert plus group sizes, the input of a grouped GEMM
+  (``jax.lax.ragged_dot`` on GPU);
+- ``permute``: dense capacity slots ``x[E, C, D]``, so the experts are one batched
+  einsum that reads every expert's weights exactly once. XLA:CPU has no fast grouped GEMM
+  (``ragged_dot`` is ~300x slower there and slows down with the group count), and
+  gathering weights per row block costs memory traffic that grows with the block count.
+  Assignments beyond an expert's C slots are *spilled*, not dropped: the handle lists
+  them as blocks of b rows of one expert each, and ``experts.py`` runs a loop over the
+  blocks actually used. C is sized from the static shapes so that balanced routing
+  spills little; skewed routing stays exact, only slower.
+Both return a handle (``Dispatch``) that combine reuses, as DeepEP's dispatch does.
+
+*What we simplify*: no FP8 payload and no communication yet; sizes are static, so a
+handle describes the worst case and the used part is read from its counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSizes:
+    """Static sizes of the slot layout.
+
+    capacity: dense slots per expert, C (at most T: an expert gets each token once).
+    spill_block: rows per spill block, b.
+    """
+
+    capacity: int
+    spill_block: int = 16
+
+    @classmethod
+    def for_shapes(cls, tokens: int, k: int, experts: int, *, slack_sigmas: float = 2.0,
+                   multiple: int = 8, spill_block: int = 16) -> SlotSizes:
+        """C = mean load + ``slack_sigmas`` x sqrt(mean load), rounded up, capped at T.
+
+        The square root is the spread of a balanced (binomial) load: relative slack is
+        large for many small experts and small for few large ones, so both spill little.
+        """
+        mean = tokens * k / experts
+        c = math.ceil((mean + slack_sigmas * math.sqrt(mean)) / multiple) * multiple
+        return cls(capacity=min(c, tokens), spill_block=spill_block)
+
+
+class Dispatch(NamedTuple):
+    """What permute learned about one routing; combine and the spill loop reuse it.
+
+    A = T*K assignments, numbered ``t*K + k``; N = static bound on the spill blocks.
+    Static sizes are array shapes: E, C = ``src_EC.shape``, K = ``slot_TK.shape[1]``,
+    b = ``order_P.shape[0] - A``.
+    """
+
+    order_P: Int[Array, " P"]  # assignments sorted by expert (stable); A + b, zero-padded
+    pos_TK: Int[Array, "T K"]  # position of each assignment in that order
+    counts_E: Int[Array, " E"]  # assignments per expert
+    starts_E: Int[Array, " E"]  # first sorted position of each expert
+    src_EC: Int[Array, "E C"]  # token in each dense slot; T for an empty slot
+    slot_TK: Int[Array, "T K"]  # e*C + rank of each assignment; E*C when spilled
+    block_expert_N: Int[Array, " N"]  # expert of each spill block
+    block_start_N: Int[Array, " N"]  # first sorted position of each spill block
+    block_end_N: Int[Array, " N"]  # end of that expert's rows (rows >= end are padding)
+    num_blocks: Int[Array, ""]  # spill blocks in use (the loop's trip count)
+
+    @property
+    def capacity(self) -> int:
+        return self.src_EC.shape[1]
+
+    @property
+    def spill_block(self) -> int:
+        return self.order_P.shape[0] - self.pos_TK.size
+
+
+def sort_assignments(
+    idx_TK: Int[Array, "T K"], num_experts: int, sizes: SlotSizes
+) -> Dispatch:
+    """Sorts the assignments by expert and derives the slot and spill-block tables."""
+    T, K = idx_TK.shape
+    A, C, b = T * K, sizes.capacity, sizes.spill_block
+    e_A = idx_TK.reshape(A).astype(jnp.int32)
+    order_A = jnp.argsort(e_A, stable=True).astype(jnp.int32)
+    pos_A = jnp.zeros(A, jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
+    counts_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    rank_A = pos_A - starts_E[e_A]
+    slot_A = jnp.where(rank_A < C, e_A * C + rank_A, num_experts * C)
+    c_C = jnp.arange(C, dtype=jnp.int32)
+    in_EC = c_C[None, :] < counts_E[:, None]
+    sorted_EC = jnp.minimum(starts_E[:, None] + c_C[None, :], A - 1)
+    src_EC = jnp.where(in_EC, order_A[sorted_EC] // K, T)
+    blocks = _spill_blocks(counts_E, starts_E, T, K, C, b)
+    order_P = jnp.concatenate([order_A, jnp.zeros(b, jnp.int32)])
+    return Dispatch(order_P, pos_A.reshape(T, K), counts_E, starts_E, src_EC,
+                    slot_A.reshape(T, K), *blocks)
+
+
+def _spill_blocks(counts_E, starts_E, T: int, K: int, C: int, b: int):
+    """Blocks of b rows covering each expert's assignments beyond its C slots.
+
+    An expert gets each token at most once, so nothing spills when C >= T; otherwise
+    at most T*K - K*C rows spill, in fewer than that / b + E blocks.
+    """
+    E = counts_E.shape[0]
+    n = 0 if C >= T else (T * K - K * C) // b + E + 1
+    nb_E = (jnp.maximum(counts_E - C, 0) + b - 1) // b
+    end_E = jnp.cumsum(nb_E)
+    j_N = jnp.arange(n, dtype=jnp.int32)
+    e_N = jnp.minimum(jnp.searchsorted(end_E, j_N, side="right"), E - 1).astype(jnp.int32)
+    start_N = starts_E[e_N] + C + (j_N - (end_E - nb_E)[e_N]) * b
+    stop_N = starts_E[e_N] + counts_E[e_N]
+    used = end_E[-1] if n else jnp.zeros((), jnp.int32)
+    return e_N, start_N.astype(jnp.int32), stop_N.astype(jnp.int32), used.astype(jnp.int32)
+
+
+def permute(
+    x_TD: Float[Array, "T D"], idx_TK: Int[Array, "T K"], num_experts: int,
+    sizes: SlotSizes | None = None,
+) -> tuple[Float[Array, "E C D"], Dispatch]:
+    """Gathers each token into the dense slots of its experts (empty slots are zero).
+
+    Returns:
+      x_ECD: [E, C, D] rows of expert e in its slots, in token order.
+      handle: the ``Dispatch`` that ``unpermute`` and the spill loop reuse.
+    """
+    T, K = idx_TK.shape
+    sizes = sizes or SlotSizes.for_shapes(T, K, num_experts)
+    d = sort_assignments(idx_TK, num_experts, sizes)
+    return gather_slots(x_TD, d), d
+
+
+def gather_slots(x_TD: Float[Array, "T D"], d: Dispatch) -> Float[Array, "E C D"]:
+    return jnp.take(x_TD, d.src_EC, axis=0, mode="fill", fill_value=0)
+
+
+def unpermute(
+    y_ECD: Float[Array, "E C D"], weight_TK: Float[Array, "T K"], d: Dispatch
+) -> Float[Array, "T D"]:
+    """Sum over each token's slotted assignments of gate weight x expert output (float32).
+
+    Spilled assignments contribute nothing here; the spill loop adds them.
+    """
+    E, C, D = y_ECD.shape
+    y_TKD = jnp.take(y_ECD.reshape(E * C, D), d.slot_TK, axis=0, mode="fill", fill_value=0)
+    return jnp.einsum("tk,tkd->td", weight_TK.astype(jnp.float32), y_TKD.astype(jnp.float32))
+
+
+def permute_sorted(x_TD: Float[Array, "T D"], d: Dispatch) -> Float[Array, "A D"]:
+    """Rows sorted by expert (group sizes ``d.counts_E``): the grouped-GEMM layout."""
+    A = d.pos_TK.size
+    return x_TD[d.order_P[:A] // d.pos_TK.shape[1]]
+
+
+def unpermute_sorted(
+    y_AD: Float[Array, "A D"], weight_TK: Float[Array, "T K"], d: Dispatch
+) -> Float[Array, "T D"]:
+    """Inverse of ``permute_sorted``, weighted by the gates and summed per token (float32)."""
+    y_TKD = y_AD[d.pos_TK]
+    return jnp.einsum("tk,tkd->td", weight_TK.astype(jnp.float32), y_TKD.astype(jnp.float32))
+

@@ -1,0 +1,179 @@
+"""Routed experts: the grouped SwiGLU FFN over dispatched rows, dropless, static shapes.
+
+Two backends, both exact for any routing:
+- ``"einsum"`` (default): dense capacity slots ``[E, C, D]`` as one batched einsum per
+  matrix (each expert's weights read once), plus a loop over the spill blocks that are
+  in use (see ``dispatch.py``). Cost follows T*K, not E: E*C is about T*K plus a slack of
+  ~2 sqrt(T*K/E) rows per expert, and spilling costs per used block. A custom VJP runs
+  the same loop backwards and accumulates into the einsum's weight gradients in place,
+  so no full-size weight gradient is ever added twice.
+- ``"ragged_dot"``: rows sorted by expert through ``jax.lax.ragged_dot`` (for GPU; on
+  XLA:CPU it is far slower and grows with the number of experts).
+``routed_ffn_reference`` is the plain twin: every expert applied to every token, masked.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax.layers import swiglu
+from deepseek_jax.moe import dispatch
+from deepseek_jax.moe.dispatch import Dispatch, SlotSizes
+
+Backend = Literal["einsum", "ragged_dot"]
+
+
+def expert_ffn(
+    x_ECD: Float[Array, "E C D"],
+    w_gate_EDF: Float[Array, "E D F"],
+    w_up_EDF: Float[Array, "E D F"],
+    w_down_EFD: Float[Array, "E F D"],
+) -> Float[Array, "E C D"]:
+    """SwiGLU of every expert over its own slots: three batched einsums."""
+    h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x_ECD, w_gate_EDF))
+    h_ECF = h_ECF * jnp.einsum("ecd,edf->ecf", x_ECD, w_up_EDF)
+    return jnp.einsum("ecf,efd->ecd", h_ECF, w_down_EFD)
+
+
+def grouped_ffn_ragged(
+    x_AD: Float[Array, "A D"],
+    group_sizes_E: Int[Array, " E"],
+    w_gate_EDF: Float[Array, "E D F"],
+    w_up_EDF: Float[Array, "E D F"],
+    w_down_EFD: Float[Array, "E F D"],
+) -> Float[Array, "A D"]:
+    """SwiGLU over rows sorted by expert, as grouped GEMMs (``ragged_dot``)."""
+    h_AF = jax.nn.silu(jax.lax.ragged_dot(x_AD, w_gate_EDF, group_sizes_E))
+    h_AF = h_AF * jax.lax.ragged_dot(x_AD, w_up_EDF, group_sizes_E)
+    return jax.lax.ragged_dot(h_AF, w_down_EFD, group_sizes_E)
+
+
+def routed_ffn(
+    x_TD: Float[Array, "T D"],
+    idx_TK: Int[Array, "T K"],
+    weight_TK: Float[Array, "T K"],
+    w_gate_EDF: Float[Array, "E D F"],
+    w_up_EDF: Float[Array, "E D F"],
+    w_down_EFD: Float[Array, "E F D"],
+    *,
+    backend: Backend = "einsum",
+    sizes: SlotSizes | None = None,
+) -> Float[Array, "T D"]:
+    """sum_k weight[t, k] * FFN_{idx[t, k]}(x[t]) for every token, in float32.
+
+    Args:
+      x_TD, w_*: in the compute dtype. weight_TK: gate weights (float32).
+      sizes: slot layout of the einsum backend; default ``SlotSizes.for_shapes``.
+    """
+    T, K = idx_TK.shape
+    E = w_gate_EDF.shape[0]
+    sizes = sizes or SlotSizes.for_shapes(T, K, E)
+    d = dispatch.sort_assignments(idx_TK, E, sizes)
+    ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    if backend == "ragged_dot":
+        y_AD = grouped_ffn_ragged(dispatch.permute_sorted(x_TD, d), d.counts_E, *ws)
+        return dispatch.unpermute_sorted(y_AD, weight_TK, d)
+    if backend != "einsum":
+        raise ValueError(f"routed_ffn: unknown backend {backend!r}; use 'einsum' or 'ragged_dot'")
+    return _slots_and_spill(x_TD, weight_TK, *ws, d)
+
+
+def routed_ffn_reference(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """The slow twin of ``routed_ffn``: each expert over all tokens, masked by its gate."""
+    y_TD = jnp.zeros(x_TD.shape, jnp.float32)
+    for e in range(w_gate_EDF.shape[0]):
+        g_T = jnp.sum(jnp.where(idx_TK == e, weight_TK, 0.0), axis=-1)
+        y_e = swiglu(x_TD, w_gate_EDF[e], w_up_EDF[e], w_down_EFD[e]).astype(jnp.float32)
+        y_TD = y_TD + g_T[:, None] * y_e
+    return y_TD
+
+
+# ----------------------------------------------------------------------- einsum backend
+
+
+def _dense(x_TD, weight_TK, w_gate, w_up, w_down, d: Dispatch):
+    """The slotted assignments: gather into slots, batched FFN, weighted combine."""
+    y_ECD = expert_ffn(dispatch.gather_slots(x_TD, d), w_gate, w_up, w_down)
+    return dispatch.unpermute(y_ECD, weight_TK, d)
+
+
+def _block(d: Dispatch, j, weight_A):
+    """Assignment ids, tokens, validity and gate weights of spill block j (b rows)."""
+    b, K = d.spill_block, d.slot_TK.shape[1]
+    start = d.block_start_N[j]
+    a_b = jax.lax.dynamic_slice_in_dim(d.order_P, start, b)
+    ok_b = start + jnp.arange(b, dtype=jnp.int32) < d.block_end_N[j]
+    w_b = jnp.where(ok_b, weight_A[a_b], 0.0)
+    return a_b, a_b // K, ok_b, w_b
+
+
+def _block_ffn(x_bD, w_b, w_gate_DF, w_up_DF, w_down_FD):
+    return w_b[:, None] * swiglu(x_bD, w_gate_DF, w_up_DF, w_down_FD).astype(jnp.float32)
+
+
+def _expert(ws, e):
+    return [jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in ws]
+
+
+def _spill(y_TD, x_TD, weight_TK, ws, d: Dispatch):
+    """Adds the spilled assignments to y_TD, one block of one expert per step."""
+    weight_A = weight_TK.reshape(-1)
+
+    def body(j, y_TD):
+        _, tok_b, _, w_b = _block(d, j, weight_A)
+        y_bD = _block_ffn(x_TD[tok_b], w_b, *_expert(ws, d.block_expert_N[j]))
+        return y_TD.at[tok_b].add(y_bD)
+
+    if d.block_start_N.shape[0] == 0:
+        return y_TD
+    return jax.lax.fori_loop(0, d.num_blocks, body, y_TD)
+
+
+def _spill_bwd(dy_TD, x_TD, weight_TK, ws, d: Dispatch, grads):
+    """Cotangents of ``_spill``, accumulated in place into ``grads`` = (dx, dweight, dW..)."""
+    weight_A = weight_TK.reshape(-1)
+
+    def body(j, grads):
+        dx_TD, dweight_A, *dws = grads
+        a_b, tok_b, ok_b, w_b = _block(d, j, weight_A)
+        e = d.block_expert_N[j]
+        _, vjp = jax.vjp(_block_ffn, x_TD[tok_b], w_b, *_expert(ws, e))
+        dx_bD, dw_b, *dw_e = vjp(dy_TD[tok_b])
+        dx_TD = dx_TD.at[tok_b].add(dx_bD)  # zero on padding rows (their w_b is 0)
+        dweight_A = dweight_A.at[a_b].add(jnp.where(ok_b, dw_b, 0.0))
+        dws = [jax.lax.dynamic_update_index_in_dim(dw, dw[e] + g, e, 0)
+               for dw, g in zip(dws, dw_e, strict=True)]
+        return (dx_TD, dweight_A, *dws)
+
+    if d.block_start_N.shape[0] == 0:
+        return grads
+    return jax.lax.fori_loop(0, d.num_blocks, body, grads)
+
+
+@jax.custom_vjp
+def _slots_and_spill(x_TD, weight_TK, w_gate, w_up, w_down, d: Dispatch):
+    y_TD = _dense(x_TD, weight_TK, w_gate, w_up, w_down, d)
+    return _spill(y_TD, x_TD, weight_TK, (w_gate, w_up, w_down), d)
+
+
+def _slots_and_spill_fwd(x_TD, weight_TK, w_gate, w_up, w_down, d):
+    dense = functools.partial(_dense, d=d)
+    y_TD, dense_vjp = jax.vjp(dense, x_TD, weight_TK, w_gate, w_up, w_down)
+    y_TD = _spill(y_TD, x_TD, weight_TK, (w_gate, w_up, w_down), d)
+    return y_TD, (dense_vjp, x_TD, weight_TK, (w_gate, w_up, w_down), d)
+
+
+def _slots_and_spill_bwd(res, dy_TD):
+    dense_vjp, x_TD, weight_TK, ws, d = res
+    dx, dweight, *dws = dense_vjp(dy_TD)
+    grads = (dx, dweight.reshape(-1), *dws)
+    dx, dweight_A, *dws = _spill_bwd(dy_TD, x_TD, weight_TK, ws, d, grads)
+    return (dx, dweight_A.reshape(weight_TK.shape), *dws, None)
+
+
+_slots_and_spill.defvjp(_slots_and_spill_fwd, _slots_and_spill_bwd)

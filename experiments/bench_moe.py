@@ -1,0 +1,90 @@
+"""Forward time of one MoE layer versus the number of routed experts.
+
+4096 tokens, hidden 512, expert FFN 256, top-4, 1 shared expert, float32 (preset
+``bench-small``). The routed work per token is the same for every E, so a good expert
+kernel keeps the time nearly flat: target time(E=256) / time(E=16) <= 1.3.
+The E values are timed round-robin and reduced by the median, so that load from other
+processes on a shared machine hits all of them alike. The last line is JSON.
+
+    python -m experiments.bench_moe [--rounds 7] [--backend einsum]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.config import get_preset
+from deepseek_jax.moe import dispatch, routing
+from deepseek_jax.moe.layer import MoE
+
+EXPERTS = (16, 64, 256)
+TARGET_RATIO = 1.3
+
+
+def build(n_experts: int, backend: str):
+    cfg = get_preset("bench-small", [f"n_routed_experts={n_experts}", "n_group=8",
+                                     "topk_group=4", "dtype=float32"])
+    model = MoE(cfg, rngs=nnx.Rngs(0), backend=backend)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x_BTD):
+        y_BTD, stats = nnx.merge(graphdef, state)(x_BTD)
+        return y_BTD, stats.load_E
+
+    return cfg, state, forward
+
+
+def spilled_fraction(cfg, state, x_BTD) -> float:
+    """Share of (token, expert) assignments beyond the dense slots (run by the spill loop)."""
+    x_TD = x_BTD.reshape(-1, cfg.hidden_size)
+    scores = routing.gate_scores(x_TD @ state["gate"][...], cfg)
+    idx_TK, _ = routing.route(scores, state["e_score_correction_bias"][...], cfg)
+    T, K = idx_TK.shape
+    sizes = dispatch.SlotSizes.for_shapes(T, K, cfg.n_routed_experts)
+    d = dispatch.sort_assignments(idx_TK, cfg.n_routed_experts, sizes)
+    return float(jnp.sum(jnp.maximum(d.counts_E - sizes.capacity, 0)) / (T * K))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--backend", default="einsum", choices=["einsum", "ragged_dot"])
+    args = ap.parse_args(argv)
+    x_BTD = jax.random.normal(jax.random.key(1), (4, 1024, 512), jnp.float32)
+    runs = {e: build(e, args.backend) for e in EXPERTS}
+    for _, state, fwd in runs.values():  # compile and warm up
+        for _ in range(2):
+            jax.block_until_ready(fwd(state, x_BTD))
+    times = {e: [] for e in EXPERTS}
+    for _ in range(args.rounds):
+        for e, (_, state, fwd) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fwd(state, x_BTD))
+            times[e].append(time.perf_counter() - t0)
+    ms = {e: 1e3 * float(np.median(t)) for e, t in times.items()}
+    tokens = x_BTD.shape[0] * x_BTD.shape[1]
+    print(f"MoE layer forward, {tokens} tokens, hidden 512, FFN 256, top-4, 1 shared, "
+          f"float32, backend {args.backend}, median of {args.rounds} ({jax.default_backend()})")
+    print(f"{'E':>5} {'ms':>9} {'tokens/s':>11} {'vs E=16':>8} {'spilled':>8}")
+    for e in EXPERTS:
+        spill = spilled_fraction(runs[e][0], runs[e][1], x_BTD)
+        print(f"{e:>5} {ms[e]:>9.1f} {tokens / ms[e] * 1e3:>11,.0f} {ms[e] / ms[16]:>8.2f} "
+              f"{spill:>8.1%}")
+    ratio = ms[256] / ms[16]
+    result = {**{f"ms_{e}": round(ms[e], 2) for e in EXPERTS},
+              "ratio_256_to_16": round(ratio, 3), "target_ratio": TARGET_RATIO,
+              "pass": bool(ratio <= TARGET_RATIO), "backend": args.backend}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
