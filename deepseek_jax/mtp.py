@@ -49,8 +49,8 @@ def shift_left(ids_BT: Int[Array, "B T"], k: int, fill: int = 0) -> Int[Array, "
     """ids[:, i+k] at position i; the last k positions get ``fill`` (and are masked in losses)."""
     if k == 0:
         return ids_BT
-    pad = jnp.full((ids_BT.shape[0], k), fill, ids_BT.dtype)
-    return jnp.concatenate([ids_BT[:, k:], pad], axis=1)
+    keep_T = jnp.arange(ids_BT.shape[1]) < ids_BT.shape[1] - k  # roll keeps the batch sharding
+    return jnp.where(keep_T[None, :], jnp.roll(ids_BT, -k, axis=1), fill).astype(ids_BT.dtype)
 
 
 def mtp_targets(ids_BT: Int[Array, "B T"], depth: int) -> tuple[Int[Array, "B T"], Array]:

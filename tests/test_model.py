@@ -62,7 +62,7 @@ def _grad_wrt_table(model, ids, fn):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def f(params):
-        m = nnx.merge(graphdef, params, rest)
+        m = nnx.merge(graphdef, params, rest, copy=True)
         return fn(m(ids))
 
     g = jax.grad(f)(params)

@@ -38,7 +38,8 @@ def _generate(graphdef, state, prompt_BT, key, *, new_tokens: int, temperature: 
 
     def step(carry, i):
         tok_B, cache, key = carry  # tok_B sits at position T + i
-        logits_B1V, cache = model.decode(tok_B[:, None], cache, T + i)
+        step_model = nnx.merge(graphdef, state, copy=True)  # Variables of this trace level
+        logits_B1V, cache = step_model.decode(tok_B[:, None], cache, T + i)
         key, sub = jax.random.split(key)
         nxt_B = _pick(logits_B1V[:, 0], sub, temperature, top_k)
         return (nxt_B, cache, key), nxt_B

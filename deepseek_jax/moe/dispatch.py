@@ -157,8 +157,20 @@ def unpermute(
     Spilled assignments contribute nothing here; the spill loop adds them.
     """
     E, C, D = y_ECD.shape
-    y_TKD = jnp.take(y_ECD.reshape(E * C, D), d.slot_TK, axis=0, mode="fill", fill_value=0)
-    return jnp.einsum("tk,tkd->td", weight_TK.astype(jnp.float32), y_TKD.astype(jnp.float32))
+    return _weighted_rows(y_ECD.reshape(E * C, D), d.slot_TK, weight_TK)
+
+
+def _weighted_rows(y_RD, row_TK, weight_TK) -> Float[Array, "T D"]:
+    """sum_k weight[t, k] * y[row[t, k]] (0 for an out-of-range row), in float32.
+
+    One [T, D] gather per k, each fused with its multiply-add: on XLA:CPU about 10x
+    faster than gathering [T, K, D] at once and reducing it.
+    """
+    y_TD = jnp.zeros((row_TK.shape[0], y_RD.shape[1]), jnp.float32)
+    for k in range(row_TK.shape[1]):
+        rows = jnp.take(y_RD, row_TK[:, k], axis=0, mode="fill", fill_value=0)
+        y_TD = y_TD + weight_TK[:, k, None].astype(jnp.float32) * rows.astype(jnp.float32)
+    return y_TD
 
 
 def permute_sorted(x_TD: Float[Array, "T D"], d: Dispatch) -> Float[Array, "A D"]:
@@ -171,6 +183,4 @@ def unpermute_sorted(
     y_AD: Float[Array, "A D"], weight_TK: Float[Array, "T K"], d: Dispatch
 ) -> Float[Array, "T D"]:
     """Inverse of ``permute_sorted``, weighted by the gates and summed per token (float32)."""
-    y_TKD = y_AD[d.pos_TK]
-    return jnp.einsum("tk,tkd->td", weight_TK.astype(jnp.float32), y_TKD.astype(jnp.float32))
-
+    return _weighted_rows(y_AD, d.pos_TK, weight_TK)

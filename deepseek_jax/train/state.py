@@ -62,8 +62,14 @@ class Layout:
 
 
 def _with(abs_tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abs_tree, shardings)
+    """Attaches shardings to abstract leaves (inside nnx Variables too)."""
+
+    def one(s, a):
+        if isinstance(a, nnx.Variable):
+            return a.replace(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s))
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+    return jax.tree.map(one, shardings, abs_tree)
 
 
 def plan(
@@ -78,8 +84,10 @@ def plan(
     tx = make_optimizer(tcfg)
     with jax.set_mesh(mesh):
         abs_opt = jax.eval_shape(tx.init, _with(abs_params, pz_sh))
-    o_sh = jax.tree.map(lambda a: a.sharding, abs_opt)
     scalar = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    o_sh = jax.tree.map(  # concrete-mesh shardings (eval_shape yields abstract-mesh ones)
+        lambda a: jax.sharding.NamedSharding(mesh, a.sharding.spec)
+        if isinstance(a.sharding, jax.sharding.NamedSharding) else scalar, abs_opt)
     abs_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abs_params, abs_rest, abs_opt)
     layout = Layout(TrainState(scalar, p_sh, r_sh, o_sh), pz_sh)
     return graphdef, abs_state, layout, tx

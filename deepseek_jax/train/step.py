@@ -47,7 +47,7 @@ def train_step(
     """
 
     def loss_fn(params):
-        model = nnx.merge(graphdef, params, state.rest)
+        model = nnx.merge(graphdef, params, state.rest, copy=True)  # fresh at this trace level
         out = model(ids_BT1[:, :-1])
         loss, terms = total_loss(out, ids_BT1, cfg)
         return loss, (terms, out)
