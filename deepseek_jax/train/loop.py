@@ -79,10 +79,15 @@ class Trainer:
         self.history.append(rec)
         return sums
 
-    def _record(self, step: int, metrics, tokens: int, dt: float, bar) -> dict[str, Any]:
+    def _record(self, step: int, metrics, bar) -> dict[str, Any]:
+        """Fetches step ``step``'s metrics (waiting for it); throughput since the last record."""
         m = jax.device_get(metrics)
+        now = time.perf_counter()
+        done = step + 1 - self._clock[0]
+        tokens = self.tcfg.batch_size * self.tcfg.seq_len * done
         rec = {"kind": "train", "step": step, **{k: np.asarray(v).tolist() for k, v in m.items()},
-               "tokens_per_s": tokens / max(dt, 1e-9)}
+               "tokens_per_s": tokens / max(now - self._clock[1], 1e-9)}
+        self._clock = (step + 1, now)
         if not math.isfinite(rec["loss"]):
             from deepseek_jax.train.runner import UserError
 
@@ -103,13 +108,12 @@ class Trainer:
         """Runs to ``tcfg.steps`` (or a stop request); metrics are read one step late."""
         t = self.tcfg
         start = int(jax.device_get(self.state.step))
-        tokens = t.batch_size * t.seq_len
+        self._clock = (start, time.perf_counter())
         bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
                    dynamic_ncols=True) if self.progress else None
-        pending, step, saved = None, start, start
+        pending, saved = None, start
         for step in range(start, t.steps):
             ids = global_batch(self.corpus, t.seed, step, t, self.batch_sharding)
-            t0 = time.perf_counter()
             self.state, metrics = self.train_step(self.state, ids)
             if pending is not None:
                 self._record(*pending, bar)
@@ -117,19 +121,18 @@ class Trainer:
                 bar.update(1)
             done = step + 1
             if stop.requested or done % t.ckpt_every == 0 or done % t.eval_every == 0:
-                self._record(step, metrics, tokens, time.perf_counter() - t0, bar)  # sync
+                self._record(step, metrics, bar)  # sync before saving or evaluating
                 pending = None
                 if done % t.eval_every == 0:
                     self._eval(done)
                 if done % t.ckpt_every == 0 or stop.requested:
                     self._save(done)
                     saved = done
+                self._clock = (done, time.perf_counter())  # eval/save time is not training
                 if stop.requested:
                     break
             else:
-                pending = (step, metrics, tokens, time.perf_counter() - t0)
-        else:
-            step = t.steps - 1 if t.steps > start else start - 1
+                pending = (step, metrics)
         if pending is not None:
             self._record(*pending, bar)
         end = int(jax.device_get(self.state.step))
@@ -144,7 +147,8 @@ class Trainer:
     def report(self, summary: dict[str, Any], *, sample_tokens: int = 64) -> None:
         """Final evaluation, the learned-or-not summary, the plot and a generated sample."""
         end = summary["end_step"]
-        ev = self._eval(end) if end > 0 else {}
+        evals = [r for r in self.history if r["kind"] == "eval" and r["step"] == end]
+        ev = evals[-1] if evals else (self._eval(end) if end > 0 else {})
         train = [r for r in self.history if r["kind"] == "train"]
         summary.update(unigram_entropy=self.corpus.unigram_entropy(),
                        eval_ce=ev.get("ce"))
