@@ -29,8 +29,10 @@ TARGET_RATIO = 1.3
 
 
 def build(n_experts: int, backend: str):
-    cfg = get_preset("bench-small", [f"n_routed_experts={n_experts}", "n_group=8",
-                                     "topk_group=4", "dtype=float32"])
+    cfg = get_preset(
+        "bench-small",
+        [f"n_routed_experts={n_experts}", "n_group=8", "topk_group=4", "dtype=float32"],
+    )
     model = MoE(cfg, rngs=nnx.Rngs(0), backend=backend)
     graphdef, state = nnx.split(model)
 
@@ -71,17 +73,25 @@ def main(argv: list[str] | None = None) -> dict:
             times[e].append(time.perf_counter() - t0)
     ms = {e: 1e3 * float(np.median(t)) for e, t in times.items()}
     tokens = x_BTD.shape[0] * x_BTD.shape[1]
-    print(f"MoE layer forward, {tokens} tokens, hidden 512, FFN 256, top-4, 1 shared, "
-          f"float32, backend {args.backend}, median of {args.rounds} ({jax.default_backend()})")
+    print(
+        f"MoE layer forward, {tokens} tokens, hidden 512, FFN 256, top-4, 1 shared, "
+        f"float32, backend {args.backend}, median of {args.rounds} ({jax.default_backend()})"
+    )
     print(f"{'E':>5} {'ms':>9} {'tokens/s':>11} {'vs E=16':>8} {'spilled':>8}")
     for e in EXPERTS:
         spill = spilled_fraction(runs[e][0], runs[e][1], x_BTD)
-        print(f"{e:>5} {ms[e]:>9.1f} {tokens / ms[e] * 1e3:>11,.0f} {ms[e] / ms[16]:>8.2f} "
-              f"{spill:>8.1%}")
+        print(
+            f"{e:>5} {ms[e]:>9.1f} {tokens / ms[e] * 1e3:>11,.0f} {ms[e] / ms[16]:>8.2f} "
+            f"{spill:>8.1%}"
+        )
     ratio = ms[256] / ms[16]
-    result = {**{f"ms_{e}": round(ms[e], 2) for e in EXPERTS},
-              "ratio_256_to_16": round(ratio, 3), "target_ratio": TARGET_RATIO,
-              "pass": bool(ratio <= TARGET_RATIO), "backend": args.backend}
+    result = {
+        **{f"ms_{e}": round(ms[e], 2) for e in EXPERTS},
+        "ratio_256_to_16": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "pass": bool(ratio <= TARGET_RATIO),
+        "backend": args.backend,
+    }
     print(json.dumps(result))
     return result
 

@@ -31,7 +31,6 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -48,8 +47,16 @@ class SlotSizes:
     spill_block: int = 16
 
     @classmethod
-    def for_shapes(cls, tokens: int, k: int, experts: int, *, slack_sigmas: float = 2.0,
-                   multiple: int = 8, spill_block: int = 16) -> SlotSizes:
+    def for_shapes(
+        cls,
+        tokens: int,
+        k: int,
+        experts: int,
+        *,
+        slack_sigmas: float = 2.0,
+        multiple: int = 8,
+        spill_block: int = 16,
+    ) -> SlotSizes:
         """C = mean load + ``slack_sigmas`` x sqrt(mean load), rounded up, capped at T.
 
         The square root is the spread of a balanced (binomial) load: relative slack is
@@ -68,29 +75,23 @@ class Dispatch(NamedTuple):
     b = ``order_P.shape[0] - A``.
     """
 
-    order_P: Int[Array, " P"]  # assignments sorted by expert (stable); A + b, zero-padded
-    pos_TK: Int[Array, "T K"]  # position of each assignment in that order
-    counts_E: Int[Array, " E"]  # assignments per expert
-    starts_E: Int[Array, " E"]  # first sorted position of each expert
-    src_EC: Int[Array, "E C"]  # token in each dense slot; T for an empty slot
-    slot_TK: Int[Array, "T K"]  # e*C + rank of each assignment; E*C when spilled
-    block_expert_N: Int[Array, " N"]  # expert of each spill block
-    block_start_N: Int[Array, " N"]  # first sorted position of each spill block
-    block_end_N: Int[Array, " N"]  # end of that expert's rows (rows >= end are padding)
+    order_P: Int[Array, " P"]  # noqa: N815 - assignment ids by expert, + b zeros
+    pos_TK: Int[Array, "T K"]  # noqa: N815 - position of each assignment in that order
+    counts_E: Int[Array, " E"]  # noqa: N815 - assignments per expert
+    starts_E: Int[Array, " E"]  # noqa: N815 - first sorted position of each expert
+    src_EC: Int[Array, "E C"]  # noqa: N815 - token in each dense slot; T for an empty slot
+    slot_TK: Int[Array, "T K"]  # noqa: N815 - e*C + rank of each assignment; E*C when spilled
+    block_expert_N: Int[Array, " N"]  # noqa: N815 - expert of each spill block
+    block_start_N: Int[Array, " N"]  # noqa: N815 - first sorted position of each spill block
+    block_end_N: Int[Array, " N"]  # noqa: N815 - end of its expert's rows
     num_blocks: Int[Array, ""]  # spill blocks in use (the loop's trip count)
-
-    @property
-    def capacity(self) -> int:
-        return self.src_EC.shape[1]
 
     @property
     def spill_block(self) -> int:
         return self.order_P.shape[0] - self.pos_TK.size
 
 
-def sort_assignments(
-    idx_TK: Int[Array, "T K"], num_experts: int, sizes: SlotSizes
-) -> Dispatch:
+def sort_assignments(idx_TK: Int[Array, "T K"], num_experts: int, sizes: SlotSizes) -> Dispatch:
     """Sorts the assignments by expert and derives the slot and spill-block tables."""
     T, K = idx_TK.shape
     A, C, b = T * K, sizes.capacity, sizes.spill_block
@@ -107,18 +108,19 @@ def sort_assignments(
     src_EC = jnp.where(in_EC, order_A[sorted_EC] // K, T)
     blocks = _spill_blocks(counts_E, starts_E, T, K, C, b)
     order_P = jnp.concatenate([order_A, jnp.zeros(b, jnp.int32)])
-    return Dispatch(order_P, pos_A.reshape(T, K), counts_E, starts_E, src_EC,
-                    slot_A.reshape(T, K), *blocks)
+    return Dispatch(
+        order_P, pos_A.reshape(T, K), counts_E, starts_E, src_EC, slot_A.reshape(T, K), *blocks
+    )
 
 
 def _spill_blocks(counts_E, starts_E, T: int, K: int, C: int, b: int):
     """Blocks of b rows covering each expert's assignments beyond its C slots.
 
-    An expert gets each token at most once, so nothing spills when C >= T; otherwise
-    at most T*K - K*C rows spill, in fewer than that / b + E blocks.
+    Fewer than A/b + E blocks whatever the routing (even with repeated experts per token);
+    the table is that long, and the loop runs only the ``num_blocks`` in use.
     """
-    E = counts_E.shape[0]
-    n = 0 if C >= T else (T * K - K * C) // b + E + 1
+    E, A = counts_E.shape[0], T * K
+    n = 0 if C >= A else A // b + E + 1
     nb_E = (jnp.maximum(counts_E - C, 0) + b - 1) // b
     end_E = jnp.cumsum(nb_E)
     j_N = jnp.arange(n, dtype=jnp.int32)
@@ -130,7 +132,9 @@ def _spill_blocks(counts_E, starts_E, T: int, K: int, C: int, b: int):
 
 
 def permute(
-    x_TD: Float[Array, "T D"], idx_TK: Int[Array, "T K"], num_experts: int,
+    x_TD: Float[Array, "T D"],
+    idx_TK: Int[Array, "T K"],
+    num_experts: int,
     sizes: SlotSizes | None = None,
 ) -> tuple[Float[Array, "E C D"], Dispatch]:
     """Gathers each token into the dense slots of its experts (empty slots are zero).

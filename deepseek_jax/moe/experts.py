@@ -146,8 +146,10 @@ def _spill_bwd(dy_TD, x_TD, weight_TK, ws, d: Dispatch, grads):
         dx_bD, dw_b, *dw_e = vjp(dy_TD[tok_b])
         dx_TD = dx_TD.at[tok_b].add(dx_bD)  # zero on padding rows (their w_b is 0)
         dweight_A = dweight_A.at[a_b].add(jnp.where(ok_b, dw_b, 0.0))
-        dws = [jax.lax.dynamic_update_index_in_dim(dw, dw[e] + g, e, 0)
-               for dw, g in zip(dws, dw_e, strict=True)]
+        dws = [
+            jax.lax.dynamic_update_index_in_dim(dw, dw[e] + g, e, 0)
+            for dw, g in zip(dws, dw_e, strict=True)
+        ]
         return (dx_TD, dweight_A, *dws)
 
     if d.block_start_N.shape[0] == 0:

@@ -22,7 +22,7 @@ class RoutingBias(nnx.Variable):
 
 
 class MoEStats(NamedTuple):
-    load_E: Float[Array, " E"]  # assignments per expert in this call
+    load_E: Float[Array, " E"]  # noqa: N815 - assignments per expert in this call
     balance_loss: Float[Array, ""]  # sequence-wise balance loss, before its weight alpha
 
 
@@ -37,21 +37,29 @@ class MoE(nnx.Module):
         self.gate = param(rngs, (D, E), ("embed", None), std=std)
         self.e_score_correction_bias = (
             RoutingBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,), eager_sharding=False)
-            if cfg.has_routing_bias else None
+            if cfg.has_routing_bias
+            else None
         )
         self.w_gate = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std=std)
         self.w_up = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std=std)
         self.w_down = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std=std)
         self.shared_experts = (
             MLP(D, cfg.n_shared_experts * F, std=std, dtype=dtype, rngs=rngs)
-            if cfg.n_shared_experts else None
+            if cfg.n_shared_experts
+            else None
         )
 
     def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], MoEStats]:
         dtype = jnp.dtype(self.cfg.dtype)
         bias = self.e_score_correction_bias
-        args = (x_BTD.astype(dtype), self.gate[...], None if bias is None else bias[...],
-                self.w_gate[...], self.w_up[...], self.w_down[...])
+        args = (
+            x_BTD.astype(dtype),
+            self.gate[...],
+            None if bias is None else bias[...],
+            self.w_gate[...],
+            self.w_up[...],
+            self.w_down[...],
+        )
         fn = lambda *a: _routed(*a, cfg=self.cfg, backend=self.backend)  # noqa: E731
         out = sharding.spec(("batch", None, "embed"))
         if out is not None:  # let XLA partition the expert layout under the Explicit mesh
@@ -63,8 +71,9 @@ class MoE(nnx.Module):
         return y_BTD, MoEStats(load_E, loss)
 
 
-def _routed(x_BTD, gate_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg: ModelConfig,
-            backend: Backend):
+def _routed(
+    x_BTD, gate_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg: ModelConfig, backend: Backend
+):
     """Router and routed experts: (y_BTD in x's dtype, load_E, balance loss)."""
     B, T, D = x_BTD.shape
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -74,8 +83,9 @@ def _routed(x_BTD, gate_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg: Mo
         scores_TE = routing.gate_scores(logits_TE, cfg)
         idx_TK, weight_TK = routing.route(scores_TE, bias_E, cfg)
         load_E = routing.expert_load(idx_TK, E)
-        loss = routing.sequence_balance_loss(scores_TE.reshape(B, T, E),
-                                             idx_TK.reshape(B, T, K), cfg)
+        loss = routing.sequence_balance_loss(
+            scores_TE.reshape(B, T, E), idx_TK.reshape(B, T, K), cfg
+        )
     with jax.named_scope("routed_experts"):
         ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
         y_TD = routed_ffn(x_TD, idx_TK, weight_TK, *ws, backend=backend)

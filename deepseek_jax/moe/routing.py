@@ -98,7 +98,8 @@ def sequence_balance_loss(
     K = idx_BTK.shape[-1]
     seq_BTK = jnp.broadcast_to(jnp.arange(B)[:, None, None], idx_BTK.shape)
     count_BE = jax.ops.segment_sum(
-        jnp.ones(idx_BTK.size, jnp.float32), (seq_BTK * E + idx_BTK).reshape(-1),
+        jnp.ones(idx_BTK.size, jnp.float32),
+        (seq_BTK * E + idx_BTK).reshape(-1),
         num_segments=B * E,
     ).reshape(B, E)
     f_BE = jax.lax.stop_gradient(count_BE) * (E / (K * T))

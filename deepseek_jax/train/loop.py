@@ -91,6 +91,7 @@ class Trainer:
         if not math.isfinite(rec["loss"]):
             from deepseek_jax.train.runner import UserError
 
+            self.ckpt.close()  # let in-flight saves of good states commit
             last = self.ckpt.latest_step()
             raise UserError(f"loss is {rec['loss']} at step {step}: training stopped; the last "
                             f"good checkpoint is step {last} in {self.ckpt.directory}")

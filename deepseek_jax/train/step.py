@@ -61,7 +61,7 @@ def train_step(
     model = nnx.merge(graphdef, params, state.rest)
     model.update_routing_bias(out.moe_stats, out.mtp_stats, cfg.bias_gamma)
     rest = nnx.split(model, nnx.Param, ...)[2]
-    metrics = {**terms, **_balance(out), "grad_norm": optax.global_norm(grads),
+    metrics = {**terms, **_balance(out), "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(cfg)(state.step)}
     return TrainState(state.step + 1, params, rest, opt_state), metrics
 
