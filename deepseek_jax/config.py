@@ -16,6 +16,7 @@ from typing import Any, Literal
 ScoringFunc = Literal["sigmoid", "softmax"]
 TopkMethod = Literal["noaux_tc", "group_limited_greedy", "greedy"]
 DType = Literal["float32", "bfloat16", "float16"]
+Fp8Backend = Literal["xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # Not in HF's config: how we compute. Parameters stay float32 (master weights).
     dtype: DType = "float32"
+    fp8: bool = False  # DeepSeek-V3 FP8 recipe for the large linears (fp8.py)
+    fp8_backend: Fp8Backend = "xla"  # "xla" (reference GEMM) or "pallas" (our kernel)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -140,7 +143,7 @@ class ModelConfig:
         _require("tie_word_embeddings", not self.tie_word_embeddings,
                  "DeepSeek-V3 has an untied head; tied embeddings are not supported",
                  self.tie_word_embeddings)
-        for name in ("scoring_func", "topk_method", "dtype"):
+        for name in ("scoring_func", "topk_method", "dtype", "fp8_backend"):
             allowed = typing.get_args(_field_types()[name])
             _require(name, getattr(self, name) in allowed, f"must be one of {allowed}",
                      getattr(self, name))
@@ -215,7 +218,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` contents for this config."""
         d = dataclasses.asdict(self)
-        d.pop("dtype")
+        for ours in ("dtype", "fp8", "fp8_backend"):
+            d.pop(ours)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
                  num_key_value_heads=self.num_attention_heads, hidden_act="silu",

@@ -102,10 +102,17 @@ def test_gradients_finite_and_bias_not_a_param():
 
 
 @pytest.mark.parametrize(
-    "sizes", [None, SlotSizes(4, 2), SlotSizes(4, 16), SlotSizes(1, 1), SlotSizes(64, 8)]
+    "routing, sizes",
+    [
+        ("random", None),
+        ("random", SlotSizes(4, 2)),  # most rows spill, blocks of 2
+        ("random", SlotSizes(64, 8)),  # C = T: nothing can spill
+        ("skewed", None),
+        ("skewed", SlotSizes(1, 1)),
+        ("repeated", SlotSizes(4, 16)),
+    ],
 )
-@pytest.mark.parametrize("routing", ["random", "skewed", "repeated"])
-def test_routed_ffn_and_its_vjp_match_reference(sizes, routing):
+def test_routed_ffn_and_its_vjp_match_reference(routing, sizes):
     T, K, E = 64, 2, 8
     ws = expert_weights(E)
     x = jax.random.normal(jax.random.key(0), (T, 16))
