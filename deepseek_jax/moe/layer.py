@@ -50,6 +50,10 @@ class MoE(nnx.Module):
         )
 
     def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], MoEStats]:
+        """Args: x_BTD [B, T, D]. Returns: y_BTD [B, T, D] in ``cfg.dtype``, and the stats.
+
+        Router logits and scores are float32; the experts run in ``cfg.dtype``.
+        """
         dtype = jnp.dtype(self.cfg.dtype)
         bias = self.e_score_correction_bias
         args = (

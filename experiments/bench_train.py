@@ -1,0 +1,92 @@
+"""Training throughput and model FLOP utilisation on this machine.
+
+    python -m experiments.bench_train [--preset bench-small] [--batch-size 4] [--seq-len 512]
+
+tokens/s of the jitted train step (float32, random tokens), model FLOPs per token by
+REFERENCE.md's formula (6 x activated matmul parameters incl. head, input embedding
+excluded, + causal attention; the MTP module and routing are extra work not counted), and
+MFU against the float32 matmul throughput measured in the same run. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.codesign.flops import training_flops_per_token
+from deepseek_jax.config import PRESETS, get_preset
+from deepseek_jax.mesh import make_mesh
+from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.state import init_state
+from deepseek_jax.train.step import jit_train_step
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 GEMM rate (FLOP/s) of an n^3 jitted matmul, best of ``repeats``."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench-small", choices=sorted(PRESETS))
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up)")
+    ap.add_argument("--remat", default="none")
+    ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
+    args = ap.parse_args(argv)
+
+    cfg = get_preset(args.preset, ["dtype=float32", *args.overrides])
+    tcfg = TrainConfig(steps=1000, batch_size=args.batch_size, seq_len=args.seq_len,
+                       remat=args.remat)
+    mesh = make_mesh()
+    graphdef, state, layout, tx = init_state(cfg, tcfg, mesh)
+    step = jit_train_step(graphdef, tx, tcfg, layout, mesh)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
+               for _ in range(args.steps + 2)]
+    for ids in batches[:2]:
+        state, m = step(state, ids)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for ids in batches[2:]:
+        state, m = step(state, ids)
+    jax.block_until_ready((state, m))
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens_per_s = args.batch_size * args.seq_len / dt
+    flops_per_token = training_flops_per_token(cfg, seq_len=args.seq_len, causal=True)
+    peak = matmul_peak_flops()
+    mfu = flops_per_token * tokens_per_s / peak
+    rows = [("step time", f"{dt * 1e3:.0f} ms"), ("tokens/s", f"{tokens_per_s:,.0f}"),
+            ("model GFLOPs/token", f"{flops_per_token / 1e9:.3f}"),
+            ("achieved GFLOP/s", f"{flops_per_token * tokens_per_s / 1e9:.1f}"),
+            ("f32 matmul peak GFLOP/s (measured)", f"{peak / 1e9:.1f}"), ("MFU", f"{mfu:.1%}")]
+    print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, float32, "
+          f"{jax.device_count()} {jax.default_backend()} device(s)")
+    for k, v in rows:
+        print(f"  {k:<36} {v:>12}")
+    out = {"preset": args.preset, "tokens_per_s": tokens_per_s,
+           "model_flops_per_token": flops_per_token, "peak_flops": peak, "mfu": mfu}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
