@@ -7,10 +7,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
-from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, param
 from deepseek_jax.moe import routing
@@ -65,14 +65,36 @@ class MoE(nnx.Module):
             self.w_down[...],
         )
         fn = lambda *a: _routed(*a, cfg=self.cfg, backend=self.backend)  # noqa: E731
-        out = sharding.spec(("batch", None, "embed"))
-        if out is not None:  # let XLA partition the expert layout under the Explicit mesh
-            fn = jax.sharding.auto_axes(fn, out_sharding=(out, P(), P()))
-        y_BTD, load_E, loss = fn(*args)
+        y_BTD, load_E, loss = _partitioned(fn, args)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):
                 y_BTD = y_BTD + self.shared_experts(x_BTD)
         return y_BTD, MoEStats(load_E, loss)
+
+
+def _partitioned(fn, args):
+    """Runs ``fn`` with the Explicit mesh axes made Auto, so that XLA partitions the expert
+    layout (batch-sharded tokens meet expert-sharded weights). ``fn`` returns (y laid out
+    like ``args[0]``, a replicated value, a replicated value).
+
+    The mesh is the context mesh, else the one the arguments' types carry (a jit over
+    sharded arrays without ``set_mesh``); with neither, or no Explicit axis, ``fn`` runs
+    as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        meshes = [jax.typeof(a).sharding.mesh for a in jax.tree.leaves(args)]
+        mesh = next((m for m in meshes if not m.empty), mesh)
+    explicit = tuple(
+        a
+        for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    )
+    if not explicit:
+        return fn(*args)
+    x_spec = jax.typeof(args[0]).sharding.spec
+    outs = tuple(NamedSharding(mesh, s) for s in (x_spec, P(), P()))
+    return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=outs)(*args)
 
 
 def _routed(

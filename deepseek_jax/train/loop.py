@@ -45,6 +45,9 @@ class Trainer:
         self.eval_step = jit_eval_step(self.graphdef, tcfg, self.layout, mesh)
         self.batch_sharding = batch_sharding(mesh)
         self.log = MetricsLogger(out_dir, enabled=self.lead)
+        self.log.write({"kind": "run", "step": int(jax.device_get(self.state.step)),
+                        "num_moe_layers": cfg.num_moe_layers,
+                        "unigram_entropy": corpus.unigram_entropy()})
         self.history: list[dict[str, Any]] = []
 
     def _restore_or_init(self):

@@ -79,8 +79,10 @@ def plot_run(metrics_path: str, png_path: str) -> None:
     ax1.legend()
     if train and "balance_L" in train[0]:
         bal = np.array([r["balance_L"] for r in train])
+        n_main = next((r["num_moe_layers"] for r in recs if "num_moe_layers" in r), bal.shape[1])
         for i in range(bal.shape[1]):
-            ax2.plot([r["step"] for r in train], bal[:, i], lw=1, label=f"MoE layer {i}")
+            name = f"MoE layer {i}" if i < n_main else f"MTP {i - n_main + 1}"
+            ax2.plot([r["step"] for r in train], bal[:, i], lw=1, label=name)
         ax2.set(xlabel="step", ylabel="max / mean expert load", title="expert balance")
         ax2.legend(fontsize=7)
     fig.tight_layout()
