@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
 from deepseek_jax.mla import MLA, LatentCache
 from deepseek_jax.moe.layer import MoE, MoEStats
@@ -28,7 +29,7 @@ class Block(nnx.Module):
             self.mlp = MoE(cfg, rngs=rngs)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
-                           dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+                           dtype=jnp.dtype(cfg.dtype), rngs=rngs, fp8=fp8_mode(cfg))
 
     def __call__(
         self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]

@@ -44,6 +44,7 @@ here) belongs to ``moe/dispatch.py``; E5M2 and delayed scaling are not used.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -78,7 +79,10 @@ def _pad_to(x: Array, axis: int, multiple: int) -> Array:
 def _scale(amax: Array, pow2: bool) -> Array:
     """FP32 dequantisation scale s = amax / 448 (x ~ q s); rounded up to 2^k if pow2."""
     s = jnp.maximum(amax.astype(jnp.float32), _TINY) / E4M3_MAX
-    return jnp.exp2(jnp.ceil(jnp.log2(s))) if pow2 else s
+    if not pow2:
+        return s
+    mant, exp = jnp.frexp(s)  # s = mant 2^exp, mant in [0.5, 1): exact, unlike exp2(log2)
+    return jnp.ldexp(jnp.ones_like(s), jnp.where(mant == 0.5, exp - 1, exp))
 
 
 def _to_e4m3(x: Array) -> Array:
@@ -101,9 +105,9 @@ def quantize_tiles(x: Array, *, axis: int = -1, pow2: bool = False) -> tuple[Arr
     axis = axis % x.ndim
     n = x.shape[axis]
     xt = jnp.moveaxis(_pad_to(x.astype(jnp.float32), axis, TILE), axis, -1)
-    xt = xt.reshape(*xt.shape[:-1], -1, TILE)
-    s = _scale(jnp.max(jnp.abs(xt), axis=-1), pow2)
-    q = _to_e4m3(xt / s[..., None]).reshape(*xt.shape[:-2], -1)[..., :n]
+    xt = xt.reshape(*xt.shape[:-1], xt.shape[-1] // TILE, TILE)
+    s = _scale(jnp.max(jnp.abs(xt), axis=-1, initial=0.0), pow2)
+    q = _to_e4m3(xt / s[..., None]).reshape(*xt.shape[:-2], xt.shape[-2] * TILE)[..., :n]
     return jnp.moveaxis(q, -1, axis), jnp.moveaxis(s, -1, axis)
 
 
@@ -255,7 +259,7 @@ def fp8_linear(
       y in x's dtype; gradients: dx in x's dtype, dW in w's dtype (FP32).
     """
     lead, K = x.shape[:-1], x.shape[-1]
-    y = fp8_vjp.fp8_dot(x.reshape(1, -1, K), w_KN[None], backend, pow2)
+    y = fp8_vjp.fp8_dot(x.reshape(1, math.prod(lead), K), w_KN[None], backend, pow2)
     return y.reshape(*lead, w_KN.shape[-1])
 
 

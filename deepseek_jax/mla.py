@@ -36,6 +36,7 @@ Weight layout (HF names; [in, ..., out], float32, cast to ``cfg.dtype`` at use):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -45,6 +46,7 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.fp8 import fp8_linear
 from deepseek_jax.layers.basic import param, rms_norm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, softmax_scale
 
@@ -97,16 +99,32 @@ def _cast(w: Weights, name: str, dtype: jnp.dtype) -> Array:
     return w[name].astype(dtype)
 
 
+def _proj(spec: str, x: Array, w: Weights, name: str, cfg: ModelConfig) -> Array:
+    """``einsum(spec, x, w[name])``; with ``cfg.fp8`` an FP8 linear on the flattened weight.
+
+    The weight's leading axes are the contracted ones (x's trailing axes), e.g.
+    ``"btho,hod->btd"``.
+    """
+    if not cfg.fp8:
+        return jnp.einsum(spec, x, _cast(w, name, x.dtype))
+    wt = w[name]
+    n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))
+    lead, out = x.shape[: x.ndim - n_in], wt.shape[n_in:]
+    x2 = x.reshape(*lead, math.prod(wt.shape[:n_in]))
+    y = fp8_linear(x2, wt.reshape(x2.shape[-1], -1), backend=cfg.fp8_backend)
+    return y.reshape(*lead, *out)
+
+
 def mla_queries(
     w: Weights, x_BTD: Float[Array, "B T D"], cos_BTR: Array, sin_BTR: Array, cfg: ModelConfig
 ) -> tuple[Float[Array, "B T H N"], Float[Array, "B T H R"]]:
     """Per-head queries: (q_nope, RoPE'd q_rope), from the query latent when q_lora_rank is set."""
-    dt = x_BTD.dtype
     if cfg.q_lora_rank is None:
-        q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, _cast(w, "q_proj", dt))
+        q_BTHK = _proj("btd,dhk->bthk", x_BTD, w, "q_proj", cfg)
     else:
-        cq_BTQ = rms_norm(x_BTD @ _cast(w, "q_a_proj", dt), w["q_a_layernorm"], cfg.rms_norm_eps)
-        q_BTHK = jnp.einsum("btq,qhk->bthk", cq_BTQ, _cast(w, "q_b_proj", dt))
+        cq_BTQ = rms_norm(_proj("btd,dq->btq", x_BTD, w, "q_a_proj", cfg), w["q_a_layernorm"],
+                          cfg.rms_norm_eps)
+        q_BTHK = _proj("btq,qhk->bthk", cq_BTQ, w, "q_b_proj", cfg)
     qnope_BTHN, qrope_BTHR = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
     return qnope_BTHN, apply_rope(qrope_BTHR, cos_BTR, sin_BTR)
 
@@ -115,7 +133,7 @@ def mla_latent_kv(
     w: Weights, x_BTD: Float[Array, "B T D"], cos_BTR: Array, sin_BTR: Array, cfg: ModelConfig
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B T R"]]:
     """What the cache stores: normalised latent c_kv and the RoPE'd key shared by all heads."""
-    ckv_BTC, krope_BTR = jnp.split(x_BTD @ _cast(w, "kv_a_proj_with_mqa", x_BTD.dtype),
+    ckv_BTC, krope_BTR = jnp.split(_proj("btd,dc->btc", x_BTD, w, "kv_a_proj_with_mqa", cfg),
                                    [cfg.kv_lora_rank], axis=-1)
     ckv_BTC = rms_norm(ckv_BTC, w["kv_a_layernorm"], cfg.rms_norm_eps)
     return ckv_BTC, apply_rope(krope_BTR, cos_BTR, sin_BTR)
@@ -127,8 +145,9 @@ def _softmax(scores_BTHS: Float[Array, "B T H S"], visible_TS: Array, dtype) -> 
     return jax.nn.softmax(scores_BTHS, axis=-1).astype(dtype)
 
 
-def _out_proj(w: Weights, out_BTHO: Float[Array, "B T H O"]) -> Float[Array, "B T D"]:
-    return jnp.einsum("btho,hod->btd", out_BTHO, _cast(w, "o_proj", out_BTHO.dtype))
+def _out_proj(w: Weights, out_BTHO: Float[Array, "B T H O"], cfg: ModelConfig
+              ) -> Float[Array, "B T D"]:
+    return _proj("btho,hod->btd", out_BTHO, w, "o_proj", cfg)
 
 
 def mla_naive(
@@ -150,7 +169,7 @@ def mla_naive(
         qnope_BTHN, qrope_BTHR = mla_queries(w, x_BTD, cos_BTR, sin_BTR, cfg)
     with jax.named_scope("mla_kv"):
         ckv_BSC, krope_BSR = mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg)
-        kv_BSHK = jnp.einsum("bsc,chk->bshk", ckv_BSC, _cast(w, "kv_b_proj", dt))
+        kv_BSHK = _proj("bsc,chk->bshk", ckv_BSC, w, "kv_b_proj", cfg)
         knope_BSHN, v_BSHO = jnp.split(kv_BSHK, [cfg.qk_nope_head_dim], axis=-1)
     with jax.named_scope("mla_attend"):
         f32 = jnp.float32
@@ -162,7 +181,7 @@ def mla_naive(
         probs_BTHS = _softmax(scores_BTHS, jnp.tril(jnp.ones((T, T), bool)), dt)
         out_BTHO = jnp.einsum("bths,bsho->btho", probs_BTHS, v_BSHO)
     with jax.named_scope("mla_out"):
-        return _out_proj(w, out_BTHO)
+        return _out_proj(w, out_BTHO, cfg)
 
 
 def mla_absorbed(
@@ -206,7 +225,7 @@ def mla_absorbed(
         olat_BTHC = jnp.einsum("bths,bsc->bthc", probs_BTHS, ckv_BSC)
     with jax.named_scope("mla_out"):
         out_BTHO = jnp.einsum("bthc,cho->btho", olat_BTHC, wuv_CHO)  # absorb W_uv
-        return _out_proj(w, out_BTHO), cache
+        return _out_proj(w, out_BTHO, cfg), cache
 
 
 # ---------------------------------------------------------------------------- module

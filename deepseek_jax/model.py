@@ -86,8 +86,9 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
             positions_BT = sharding.constrain(positions_BT, ("batch", None))
         h_BTD, stats = self.hidden(ids_BT, positions_BT)
-        logits_BTV = self.head(self.norm(h_BTD))
-        mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, h_BTD)
+        hn_BTD = self.norm(h_BTD)
+        logits_BTV = self.head(hn_BTD)
+        mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, hn_BTD)
         return ModelOutput(logits_BTV, mtp_logits, stats, mtp_stats)
 
     def init_cache(self, batch: int, max_len: int) -> ModelCache:
@@ -134,14 +135,16 @@ class Transformer(nnx.Module):
             bias[...] = update_bias(bias[...], mtp_stats.load_LE[k], gamma)
 
     def _mtp(self, ids_BT, positions_BT, h_BTD):
+        """MTP depths; ``h_BTD`` is the final-normed hidden state, and each depth passes on its
+        normed output (as transformers' ``MtpModel`` and vLLM feed the released weights)."""
         if not len(self.mtp):
             return None, None
         logits, loads, losses = [], [], []
         with jax.named_scope("mtp"):
             for k, module in enumerate(self.mtp, start=1):
                 emb_BTD = self.embed_tokens(shift_left(ids_BT, k))
-                h_BTD, hn_BTD, st = module(h_BTD, emb_BTD, positions_BT)
-                logits.append(self.head(hn_BTD))
+                _, h_BTD, st = module(h_BTD, emb_BTD, positions_BT)
+                logits.append(self.head(h_BTD))
                 loads.append(st.load_E)
                 losses.append(st.balance_loss)
         return jnp.stack(logits), StackStats(jnp.stack(loads), jnp.stack(losses))

@@ -6,8 +6,11 @@ state h^{k-1}_i and the embedding of t_{i+k}:
     logits = Head(RMSNorm(h^k)).
 Embedding and head are shared with the main model; each module has its own norms,
 projection and transformer block. The concatenation order (embedding first) follows the
-released checkpoints' ``eh_proj`` layout. h^0 is the main model's last hidden state before
-its final norm. Causality holds: position i sees tokens up to i+k, all of them inputs.
+released checkpoints' ``eh_proj`` layout. h^0 is the main model's last hidden state *after*
+its final norm, and depth k > 1 gets depth k-1's normed output (``shared_head.norm``): that
+is how transformers' ``MtpModel`` and vLLM run the released MTP weights (our golden MTP
+logits come from the former). Causality holds: position i sees tokens up to i+k, all of
+them inputs.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="model config overrides (Hugging Face field names), e.g. n_group=2")
-    ap.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                    help="model size (default: small, ~10 M parameters)")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                    help="model size (default: the model of the run in --out when resuming, "
+                         "e.g. one made by experiments.convert; else small, ~10 M parameters)")
     ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,
                     help="global batch in sequences (divisible by node x gpu)")

@@ -47,14 +47,11 @@ def test_born_sharded_and_sharded_forward_equals_single_device():
     assert out.logits_BTV.sharding.spec[0] == ("node", "gpu")
 
     ref_model = init_model(CFG, single_device_mesh(), seed=1)
+    # the same seed gives the same parameters whatever the mesh
+    chex.assert_trees_all_equal(jax.device_get(nnx.state(model, nnx.Param)),
+                                jax.device_get(nnx.state(ref_model, nnx.Param)))
     ref = nnx.jit(lambda m, x: m(x))(ref_model, ids)
     chex.assert_trees_all_close(jax.device_get(out), jax.device_get(ref), atol=2e-5, rtol=2e-5)
-
-
-def test_init_is_deterministic_across_meshes():
-    a = nnx.state(init_model(CFG, make_mesh(2, 4), seed=3), nnx.Param)
-    b = nnx.state(init_model(CFG, make_mesh(1, 8), seed=3), nnx.Param)
-    chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
 def _grad_wrt_table(model, ids, fn):

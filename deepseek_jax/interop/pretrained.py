@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import hf_names as hn
@@ -163,7 +164,8 @@ def _mtp_depth(cfg: ModelConfig, reader: SafetensorsReader, wanted: bool) -> int
         return 0
     L = cfg.num_hidden_layers
     have = 0
-    while have < cfg.num_nextn_predict_layers and f"model.layers.{L + have}.eh_proj.weight" in reader:
+    while (have < cfg.num_nextn_predict_layers
+           and f"model.layers.{L + have}.eh_proj.weight" in reader):
         have += 1
     if 0 < have < cfg.num_nextn_predict_layers:
         warnings.warn(f"{reader.directory}: config has {cfg.num_nextn_predict_layers} MTP layers, "
@@ -266,7 +268,8 @@ class _Loader:
         dt = jnp.float32 if _is_bias(v) else self.param_dtype
         shape = tuple(v.shape)
         if not m.stacked:
-            out = jax.make_array_from_callback(shape, sharding, partial(self._block, m, 0, shape, dt))
+            out = jax.make_array_from_callback(shape, sharding,
+                                               partial(self._block, m, 0, shape, dt))
         else:
             inner = _drop_leading_axis(sharding, len(shape))
             out = _zeros(shape, dt, sharding)
@@ -281,7 +284,7 @@ class _Loader:
         L = self.cfg.num_hidden_layers
         extra = {n for k in range(self.cfg.num_nextn_predict_layers)
                  for n in hn.mtp_extra_names(self.cfg, k)}
-        beyond = re.compile(rf"model\.layers\.(\d+)\.")
+        beyond = re.compile(r"model\.layers\.(\d+)\.")
         unused = []
         for name in self.reader.names():
             if name in self.used or name in extra or name.endswith("rotary_emb.inv_freq"):

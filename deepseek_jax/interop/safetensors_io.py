@@ -131,7 +131,8 @@ class SafetensorsReader:
         try:
             return self.tensors[name]
         except KeyError:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}") from None
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at "
+                           f"{self.directory}") from None
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a numpy array of its stored dtype (a fresh copy; nothing is mapped)."""
@@ -209,7 +210,7 @@ def save_sharded(directory: str, specs: Iterable[TensorSpec],
         return [SINGLE]
     names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
     weight_map = {}
-    for fname, group in zip(names, groups):
+    for fname, group in zip(names, groups, strict=True):
         write_file(os.path.join(directory, fname), group, produce, metadata)
         weight_map.update({s.name: fname for s in group})
     total = sum(s.nbytes for g in groups for s in g)

@@ -1,6 +1,8 @@
 """Parameters born with logical axis names, and the small layers built on them.
 
 Parameters are float32 (master weights); each layer casts to the compute ``dtype`` at use.
+``Linear`` and ``MLP`` take ``fp8`` (None, or an FP8 backend from ``fp8.fp8_mode(cfg)``):
+then their GEMMs run through ``fp8.fp8_linear`` on the FP32 masters (DeepSeek-V3 recipe).
 ``eager_sharding=False`` keeps the names as metadata without sharding at creation: the model
 is initialised under ``jit`` with out-shardings derived from these names (``build.py``).
 """
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax import fp8 as fp8_ops
 from deepseek_jax import sharding
 
 
@@ -41,7 +44,9 @@ def is_matrix(v: nnx.Variable) -> bool:
     return len(names) >= 2 if names else len(v.shape) >= 2
 
 
-def rms_norm(x: Float[Array, "... D"], w_D: Float[Array, " D"], eps: float) -> Float[Array, "... D"]:
+def rms_norm(
+    x: Float[Array, "... D"], w_D: Float[Array, " D"], eps: float
+) -> Float[Array, "... D"]:
     """RMSNorm in float32 (as the reference does), cast back to the input dtype."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -72,24 +77,32 @@ class Linear(nnx.Module):
     """y = x W, W stored as [in, out] float32 and applied in ``dtype``; no bias (as V3)."""
 
     def __init__(self, d_in: int, d_out: int, names: Sequence[str | None], *, std: float,
-                 dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, rngs: nnx.Rngs, fp8: fp8_ops.Backend | None = None):
         self.dtype = dtype
+        self.fp8 = fp8
         self.kernel = param(rngs, (d_in, d_out), names, std=std)
 
     def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
+        if self.fp8:
+            return fp8_ops.fp8_linear(x.astype(self.dtype), self.kernel[...], backend=self.fp8)
         return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
 
 
 class MLP(nnx.Module):
     """The dense SwiGLU FFN (dense layers and shared experts)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 fp8: fp8_ops.Backend | None = None):
         self.dtype = dtype
+        self.fp8 = fp8
         self.gate_proj = param(rngs, (d_model, d_ff), ("embed", "mlp"), std=std)
         self.up_proj = param(rngs, (d_model, d_ff), ("embed", "mlp"), std=std)
         self.down_proj = param(rngs, (d_ff, d_model), ("mlp", "embed"), std=std)
 
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        if self.fp8:  # FP32 masters go in whole: quantised per 128x128 block
+            ws = (self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+            return fp8_ops.fp8_swiglu(x.astype(self.dtype), *ws, backend=self.fp8)
         c = lambda w: w[...].astype(self.dtype)  # noqa: E731
         return swiglu(x.astype(self.dtype), c(self.gate_proj), c(self.up_proj), c(self.down_proj))
 

@@ -85,6 +85,34 @@ def _check_same(key: str, saved: Any, want: Any, where: str) -> None:
                           f"use another --out directory or the same settings")
 
 
+def latest_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any] | None:
+    """The meta of checkpoint ``step`` (default: the latest) in ``directory``; None if none."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            return None
+        return ckpt.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint meta in {directory}: {_first_line(e)}") from e
+    finally:
+        ckpt.close()
+
+
+def model_config_from_dict(d: dict[str, Any]):
+    """The ``ModelConfig`` of a checkpoint's ``model_config`` (``config_dict`` inverted)."""
+    from deepseek_jax.config import ModelConfig, RopeScaling
+
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelConfig(**d)
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-able dict of a (nested) frozen config dataclass."""
     return json_safe(dataclasses.asdict(cfg))

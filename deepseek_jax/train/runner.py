@@ -62,7 +62,11 @@ def _build(args: argparse.Namespace) -> Setup:
 
     try:
         overrides = list(args.overrides) + ([f"dtype={args.dtype}"] if args.dtype else [])
-        cfg = get_preset(args.preset, overrides)
+        resumed = _resumed_model(args)
+        if resumed is not None:  # a converted or earlier run: its model, unless --preset says
+            cfg = resumed.with_overrides(overrides) if overrides else resumed
+        else:
+            cfg = get_preset(args.preset or "small", overrides)
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                            eval_every=args.eval_every, ckpt_every=args.ckpt_every,
@@ -76,13 +80,32 @@ def _build(args: argparse.Namespace) -> Setup:
                         f"size {dp} (mesh {dict(mesh.shape)})")
     if tcfg.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {tcfg.seq_len} exceeds max_position_embeddings "
-                        f"{cfg.max_position_embeddings} of preset {args.preset!r}")
+                        f"{cfg.max_position_embeddings} of "
+                        + (f"preset {args.preset or 'small'!r}" if resumed is None
+                           else f"the model in {args.out}"))
     try:
         corpus = load_corpus(DataConfig(path=args.data, vocab_size=cfg.vocab_size,
                                         byte_level=cfg.vocab_size <= 256))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     return Setup(cfg, tcfg, mesh, corpus)
+
+
+def _resumed_model(args: argparse.Namespace):
+    """The model config of the run being resumed, when no ``--preset`` is given."""
+    from deepseek_jax.train.checkpoint import (
+        CheckpointError,
+        latest_meta,
+        model_config_from_dict,
+    )
+
+    if args.preset is not None:
+        return None
+    try:
+        meta = latest_meta(os.path.join(args.out, "checkpoints"))
+        return None if meta is None else model_config_from_dict(meta["model_config"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read the model config of {args.out}: {e}") from None
 
 
 class _Stop:

@@ -1,0 +1,207 @@
+"""The FP8 recipe (fp8.py, fp8_vjp.py): quantisation, the GEMM reference, FP8 linears."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import fp8
+from deepseek_jax.config import get_preset
+
+E4M3_EPS = 2.0**-4  # half an ulp of a 3-bit mantissa, relative
+SUB_ULP = 2.0**-10  # half the E4M3FN subnormal spacing 2^-9, in units of the scale
+
+
+def _normal(seed, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _within_e4m3(x, dq, s_full):
+    bound = np.maximum(E4M3_EPS * np.abs(x), SUB_ULP * s_full) * (1 + 1e-6)
+    assert np.all(np.abs(np.asarray(dq) - np.asarray(x)) <= bound)
+
+
+# ---------------------------------------------------------------------------- quantisation
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 300), -1), ((3, 130, 7), 1), ((256, 64), 0)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_tile_round_trip_within_e4m3(shape, axis, pow2):
+    x = _normal(0, shape) * jnp.exp(_normal(1, shape, 2.0))  # a wide dynamic range
+    q, s = fp8.quantize_tiles(x, axis=axis, pow2=pow2)
+    assert q.dtype == fp8.E4M3 and q.shape == x.shape and s.dtype == jnp.float32
+    n = shape[axis]
+    assert s.shape[axis] == -(-n // 128)
+    dq = fp8.dequantize_tiles(q, s, axis=axis)
+    s_full = jnp.moveaxis(jnp.repeat(jnp.moveaxis(s, axis, -1), 128, -1)[..., :n], -1, axis)
+    _within_e4m3(x, dq, s_full)
+    assert float(jnp.max(jnp.abs(q.astype(jnp.float32)))) <= 448.0
+    if pow2:
+        assert np.all(np.log2(np.asarray(s)) == np.round(np.log2(np.asarray(s))))
+
+
+def test_partial_tile_has_its_own_scale_and_zero_tiles_stay_finite():
+    x = jnp.concatenate([jnp.full((2, 128), 1000.0), jnp.full((2, 5), 0.5),
+                         jnp.zeros((2, 0))], axis=1)
+    x = x.at[1].set(0.0)
+    q, s = fp8.quantize_tiles(x)
+    np.testing.assert_allclose(s[0], [1000.0 / 448, 0.5 / 448], rtol=1e-6)
+    assert np.all(np.isfinite(np.asarray(fp8.dequantize_tiles(q, s))))
+    assert np.all(np.asarray(q[1].astype(jnp.float32)) == 0)
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (2, 130, 260)])
+def test_block_round_trip_within_e4m3(shape):
+    w = _normal(2, shape, 0.02)
+    q, s = fp8.quantize_blocks(w)
+    assert s.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+    dq = fp8.dequantize_blocks(q, s)
+    s_full = jnp.repeat(jnp.repeat(s, 128, -2), 128, -1)[..., : shape[-2], : shape[-1]]
+    _within_e4m3(w, dq, s_full)
+    # One quantised copy serves W and W^T: block quantisation commutes with transposition.
+    qt, st = fp8.quantize_blocks(jnp.swapaxes(w, -1, -2))
+    np.testing.assert_array_equal(np.asarray(jnp.swapaxes(qt, -1, -2).astype(jnp.float32)),
+                                  np.asarray(q.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(jnp.swapaxes(st, -1, -2)), np.asarray(s))
+
+
+def test_fine_grained_tiles_beat_per_tensor_on_outliers():
+    x = _normal(3, (256, 512)).at[::37, ::61].multiply(1000.0)  # a few huge outliers
+    q, s = fp8.quantize_tensor(x)
+    err_tensor = _rel(q.astype(jnp.float32) * s, x)
+    err_tiles = _rel(fp8.dequantize_tiles(*fp8.quantize_tiles(x)), x)
+    assert err_tiles < err_tensor / 2
+
+
+# ---------------------------------------------------------------------------- GEMM reference
+
+
+@pytest.mark.parametrize("M,N,K", [(64, 96, 512), (33, 130, 300)])
+def test_gemm_reference_equals_float64_on_dequantised_inputs(M, N, K):
+    a8, sa = fp8.quantize_tiles(_normal(4, (M, K), 3.0))
+    b8, sb = fp8.quantize_tiles(_normal(5, (N, K), 0.1))
+    ref64 = (np.asarray(fp8.dequantize_tiles(a8, sa), np.float64)
+             @ np.asarray(fp8.dequantize_tiles(b8, sb), np.float64).T)
+    out = fp8.scaled_matmul_reference(a8, sa, b8, sb)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), ref64, rtol=2e-5,
+                               atol=1e-6 * np.abs(ref64).max())
+    xla = fp8.scaled_matmul(a8, sa, b8, sb, backend="xla")
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(out), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- FP8 linear
+
+
+def _exact_pieces(x, w, dy):
+    """float64 GEMMs on exactly the FP8 operands the recipe uses (fp8.py design note)."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    dq_tiles = lambda a, axis: f64(fp8.dequantize_tiles(*fp8.quantize_tiles(a, axis=axis),  # noqa: E731
+                                                        axis=axis))
+    w_dq = f64(fp8.dequantize_blocks(*fp8.quantize_blocks(w)))
+    y = dq_tiles(x, -1) @ w_dq
+    dx = dq_tiles(dy, -1) @ w_dq.T
+    dw = dq_tiles(x, 0).T @ dq_tiles(dy, 0)  # Wgrad: both re-tiled along tokens
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("M,K,N", [(256, 384, 256), (100, 200, 72)])
+def test_fp8_linear_fprop_dgrad_wgrad(M, K, N):
+    x, w, dy = _normal(6, (M, K)), _normal(7, (K, N), 0.05), _normal(8, (M, N), 1e-3)
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w), x, w)
+    dx, dw = vjp(dy)
+    for got, want in zip((y, dx, dw), _exact_pieces(x, w, dy), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+                                   atol=1e-5 * np.abs(want).max())
+    # Against a float32 linear on the unquantised values: within FP8 precision.
+    y32, vjp32 = jax.vjp(lambda x, w: x @ w, x, w)
+    for got, want in zip((y, dx, dw), (y32, *vjp32(dy)), strict=True):
+        assert _rel(got, want) < 0.05
+
+
+def test_fp8_linear_keeps_dtypes_and_leading_axes():
+    x = _normal(9, (2, 3, 130)).astype(jnp.bfloat16)
+    w = _normal(10, (130, 40), 0.05)
+    y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w), x, w)
+    dx, dw = vjp(jnp.ones_like(y))
+    assert (y.shape, y.dtype, dx.dtype, dw.dtype) == ((2, 3, 40), jnp.bfloat16, jnp.bfloat16,
+                                                      jnp.float32)
+    assert _rel(y.astype(jnp.float32), x.astype(jnp.float32) @ w) < 0.05
+
+
+def test_pallas_backend_equals_xla_backend():
+    x, w = _normal(11, (130, 256)), _normal(12, (256, 136), 0.05)
+    f = lambda b: jax.value_and_grad(  # noqa: E731
+        lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=b) ** 2), (0, 1))(x, w)
+    (vx, gx), (vp, gp) = f("xla"), f("pallas")
+    np.testing.assert_allclose(vp, vx, rtol=1e-5)
+    for a, b in zip(gp, gx, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- experts
+
+
+# Same FP8 operands, different FP32 summation order: an intermediate (the SwiGLU hidden)
+# sitting on an E4M3 rounding boundary may flip by one ulp; orientation bugs give ~1e-1.
+FLIPS = 5e-3
+
+
+def _expert_weights(E, D, F, seed=13):
+    return (_normal(seed, (E, D, F), 0.05), _normal(seed + 1, (E, D, F), 0.05),
+            _normal(seed + 2, (E, F, D), 0.05))
+
+
+def test_expert_ffn_is_each_experts_fp8_swiglu():
+    E, C, D, F = 3, 40, 128, 96
+    x, ws = _normal(16, (E, C, D)), _expert_weights(E, D, F)
+    f = lambda x, *ws: jnp.sum(fp8.fp8_expert_ffn(x, *ws) ** 2)  # noqa: E731
+    g = lambda x, *ws: sum(jnp.sum(fp8.fp8_swiglu(x[e], *(w[e] for w in ws)) ** 2)  # noqa: E731
+                           for e in range(E))
+    for a, b in zip(jax.grad(f, (0, 1, 2, 3))(x, *ws), jax.grad(g, (0, 1, 2, 3))(x, *ws),
+                    strict=True):
+        assert _rel(a, b) < FLIPS
+
+
+@pytest.mark.parametrize("sizes", [(0, 130, 5, 121), (256, 0, 0, 1)])
+def test_grouped_ffn_matches_per_expert_fp8(sizes):
+    E, D, F = len(sizes), 128, 64
+    A = sum(sizes)
+    x, ws = _normal(19, (A, D)), _expert_weights(E, D, F, seed=20)
+    gs = jnp.array(sizes, jnp.int32)
+    bounds = np.cumsum((0, *sizes))
+
+    def per_expert(x, *ws):
+        return jnp.concatenate([fp8.fp8_swiglu(x[bounds[e] : bounds[e + 1]],
+                                               *(w[e] for w in ws)) for e in range(E)])
+
+    grouped = lambda x, *ws: fp8.fp8_grouped_ffn(x, gs, *ws)  # noqa: E731
+    assert _rel(grouped(x, *ws), per_expert(x, *ws)) < FLIPS
+    loss = lambda f: jax.jit(lambda *a: jnp.sum(jnp.sin(f(*a))))  # noqa: E731
+    for a, b in zip(jax.grad(loss(grouped), (0, 1, 2, 3))(x, *ws),
+                    jax.grad(loss(per_expert), (0, 1, 2, 3))(x, *ws), strict=True):
+        assert _rel(a, b) < FLIPS
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+def test_config_switch_puts_the_large_linears_in_fp8():
+    from flax import nnx
+
+    from deepseek_jax.model import Transformer
+
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 256
+    outs = {}
+    for flag in (False, True):
+        cfg = get_preset("tiny", [f"fp8={flag}"])
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        jaxpr = str(jax.make_jaxpr(lambda m: m(ids).logits_BTV)(model))
+        outs[flag] = (model(ids).logits_BTV, jaxpr.count("f8_e4m3fn"))
+    assert outs[False][1] == 0 and outs[True][1] > 0
+    assert _rel(outs[True][0], outs[False][0]) < 0.05
