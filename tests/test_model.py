@@ -22,7 +22,7 @@ def _ids(b=4, t=16, seed=0, vocab=CFG.vocab_size):
 
 def test_forward_shapes_and_stats():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
-    out = model(_ids())
+    out = nnx.jit(lambda m, x: m(x))(model, _ids())
     chex.assert_shape(out.logits_BTV, (4, 16, CFG.vocab_size))
     chex.assert_shape(out.mtp_logits_KBTV, (1, 4, 16, CFG.vocab_size))
     chex.assert_shape(out.moe_stats.load_LE, (CFG.num_moe_layers, CFG.n_routed_experts))
@@ -54,32 +54,33 @@ def test_born_sharded_and_sharded_forward_equals_single_device():
     chex.assert_trees_all_close(jax.device_get(out), jax.device_get(ref), atol=2e-5, rtol=2e-5)
 
 
-def _grad_wrt_table(model, ids, fn):
-    """d fn(outputs) / d embedding table: row r is nonzero iff fn depends on token r."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def test_causality_through_gradients():
+    """Main logits at t see tokens <= t; MTP depth-k logits at t see tokens <= t + k.
 
-    def f(params):
-        m = nnx.merge(graphdef, params, rest, copy=True)
-        return fn(m(ids))
-
-    g = jax.grad(f)(params)
-    return np.abs(np.asarray(g["embed_tokens"]["embedding"][...])).sum(-1)
-
-
-@pytest.mark.parametrize("t", [3, 7])
-def test_causality_through_gradients(t):
-    """Main logits at t see tokens <= t; MTP depth-1 logits at t see tokens <= t + 1."""
+    With distinct tokens, embedding-table row r's gradient is nonzero iff the output
+    depends on the position holding token r.
+    """
     cfg = get_preset("tiny", ["num_nextn_predict_layers=2"])
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     T = 12
-    ids = jnp.arange(T)[None] + 10  # distinct tokens: embedding row <-> position
+    ids = jnp.arange(T)[None] + 10
     rows = np.arange(T) + 10
-    g = _grad_wrt_table(model, ids, lambda o: o.logits_BTV[0, t].sum())
-    assert (g[rows[t + 1:]] == 0).all() and (g[rows[: t + 1]] > 0).all()
-    for k in (1, 2):
-        g = _grad_wrt_table(model, ids, lambda o, k=k: o.mtp_logits_KBTV[k - 1, 0, t].sum())
-        assert (g[rows[t + k + 1:]] == 0).all(), f"MTP depth {k} sees the future"
-        assert (g[rows[: t + k + 1]] > 0).all()
+
+    @jax.jit
+    def dependence(params, t):  # [1 + MTP depth, V]: |d logits[t] / d table row|
+        def head(params, k):
+            out = nnx.merge(graphdef, params, rest, copy=True)(ids)
+            logits = out.logits_BTV if k == 0 else out.mtp_logits_KBTV[k - 1]
+            return jax.lax.dynamic_index_in_dim(logits[0], t, keepdims=False).sum()
+
+        grads = [jax.grad(head)(params, k) for k in range(3)]
+        return jnp.stack([jnp.abs(g["embed_tokens"]["embedding"][...]).sum(-1) for g in grads])
+
+    for t in (3, 7):
+        g = np.asarray(dependence(params, t))
+        for k in range(3):  # k = 0: the main head
+            assert (g[k, rows[t + k + 1:]] == 0).all(), f"depth {k} at {t} sees the future"
+            assert (g[k, rows[: t + k + 1]] > 0).all(), f"depth {k} at {t} misses a past token"
 
 
 def test_remat_changes_nothing():
@@ -87,8 +88,8 @@ def test_remat_changes_nothing():
     loss = lambda m: m(ids).logits_BTV.astype(jnp.float32).std()  # noqa: E731
     m0 = Transformer(CFG, rngs=nnx.Rngs(0))
     m1 = Transformer(CFG, rngs=nnx.Rngs(0), remat="full")
-    g0 = nnx.grad(loss)(m0)
-    g1 = nnx.grad(loss)(m1)
+    g0 = nnx.jit(nnx.grad(loss))(m0)
+    g1 = nnx.jit(nnx.grad(loss))(m1)
     chex.assert_trees_all_close(g0, g1, atol=1e-6, rtol=1e-5)
 
 
