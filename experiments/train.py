@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--remat", default=d.remat, choices=REMATS,
                     help="rematerialisation policy of each block")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                    help="compute dtype (default: the preset's, float32)")
+                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--sample-tokens", type=int, default=64,
                     help="tokens generated at the end (0: none)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -61,7 +61,8 @@ def _build(args: argparse.Namespace) -> Setup:
     from deepseek_jax.train.data import DataConfig, load_corpus
 
     try:
-        overrides = list(args.overrides) + ([f"dtype={args.dtype}"] if args.dtype else [])
+        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else None)
+        overrides = list(args.overrides) + ([f"dtype={dtype}"] if dtype else [])
         resumed = _resumed_model(args)
         if resumed is not None:  # a converted or earlier run: its model, unless --preset says
             cfg = resumed.with_overrides(overrides) if overrides else resumed
