@@ -35,6 +35,9 @@ train: setup
 
 bench: setup
 	$(PY) -m experiments.bench_moe
+	$(PY) -m experiments.bench_ep
+	$(PY) -m experiments.fp8_parity
+	$(PY) -m experiments.bench_generate
 
 params: setup
 	$(PY) -m experiments.params --preset v3-671b

@@ -67,6 +67,7 @@ class StackStats(NamedTuple):
 
     load_LE: Float[Array, "L E"]
     balance_loss_L: Float[Array, " L"]
+    dropped_L: Int[Array, " L"]  # noqa: N815 - assignments dropped by full EP buffers
 
 
 def stacked_blocks(cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs) -> Block:
@@ -103,7 +104,7 @@ def scan_blocks(
     x_BTD, stats = run(x_BTD, blocks)
     if stats is None:
         return x_BTD, None
-    return x_BTD, StackStats(stats.load_E, stats.balance_loss)
+    return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped)
 
 
 def scan_blocks_decode(

@@ -17,6 +17,8 @@ ScoringFunc = Literal["sigmoid", "softmax"]
 TopkMethod = Literal["noaux_tc", "group_limited_greedy", "greedy"]
 DType = Literal["float32", "bfloat16", "float16"]
 Fp8Backend = Literal["xla", "pallas"]
+EPDispatch = Literal["two_hop", "flat"]
+KernelBackend = Literal["xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,11 @@ class ModelConfig:
     dtype: DType = "float32"
     fp8: bool = False  # DeepSeek-V3 FP8 recipe for the large linears (fp8.py)
     fp8_backend: Fp8Backend = "xla"  # "xla" (reference GEMM) or "pallas" (our kernel)
+    # Expert parallelism on a multi-device mesh (moe/dispatch.py).
+    ep_dispatch: EPDispatch = "two_hop"  # "two_hop" (node, then gpu) or "flat" (one hop)
+    ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
+    ep_fp8_dispatch: bool = False  # dispatch payload E4M3 with 1x128 scales (V3TR 3.3.2)
+    ep_kernel: KernelBackend = "xla"  # permute/combine: "xla" (jnp) or "pallas" (our kernel)
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -143,7 +150,11 @@ class ModelConfig:
         _require("tie_word_embeddings", not self.tie_word_embeddings,
                  "DeepSeek-V3 has an untied head; tied embeddings are not supported",
                  self.tie_word_embeddings)
-        for name in ("scoring_func", "topk_method", "dtype", "fp8_backend"):
+        if self.ep_capacity_factor is not None:
+            _require("ep_capacity_factor", self.ep_capacity_factor > 0,
+                     "must be positive, or None for dropless buffers", self.ep_capacity_factor)
+        for name in ("scoring_func", "topk_method", "dtype", "fp8_backend", "ep_dispatch",
+                     "ep_kernel"):
             allowed = typing.get_args(_field_types()[name])
             _require(name, getattr(self, name) in allowed, f"must be one of {allowed}",
                      getattr(self, name))
@@ -218,7 +229,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` contents for this config."""
         d = dataclasses.asdict(self)
-        for ours in ("dtype", "fp8", "fp8_backend"):
+        for ours in ("dtype", "fp8", "fp8_backend", "ep_dispatch", "ep_capacity_factor",
+                     "ep_fp8_dispatch", "ep_kernel"):
             d.pop(ours)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],

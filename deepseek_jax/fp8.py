@@ -50,6 +50,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import fp8_vjp
@@ -240,6 +241,20 @@ def grouped_scaled_matmul(
 # ------------------------------------------------------------------------ FP8 layers
 
 
+def _auto_sharded(fn, x: Array):
+    """``fn`` with XLA-chosen shardings inside when an Explicit mesh is set.
+
+    Tiling reshapes sharded axes (tokens into 128-blocks), which Explicit mode refuses;
+    the output keeps x's sharding on its leading axes, the last axis replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn
+    spec = tuple(jax.typeof(x).sharding.spec)
+    spec = spec + (None,) * (x.ndim - len(spec))
+    return jax.sharding.auto_axes(fn, out_sharding=P(*spec[:-1], None))
+
+
 def fp8_mode(cfg) -> Backend | None:
     """The FP8 backend a config asks for, or None when ``cfg.fp8`` is off."""
     return cfg.fp8_backend if cfg.fp8 else None
@@ -258,9 +273,12 @@ def fp8_linear(
     Returns:
       y in x's dtype; gradients: dx in x's dtype, dW in w's dtype (FP32).
     """
-    lead, K = x.shape[:-1], x.shape[-1]
-    y = fp8_vjp.fp8_dot(x.reshape(1, math.prod(lead), K), w_KN[None], backend, pow2)
-    return y.reshape(*lead, w_KN.shape[-1])
+    def linear(x, w_KN):
+        lead, K = x.shape[:-1], x.shape[-1]
+        y = fp8_vjp.fp8_dot(x.reshape(1, math.prod(lead), K), w_KN[None], backend, pow2)
+        return y.reshape(*lead, w_KN.shape[-1])
+
+    return _auto_sharded(linear, x)(x, w_KN)
 
 
 def fp8_swiglu(
@@ -281,9 +299,12 @@ def fp8_expert_ffn(
     Each expert is one batch entry of the block-scaled GEMM: its own 128x128 weight blocks,
     its own 1x128 token tiles, and for Wgrad its own 128x1 tiles over its C slots.
     """
-    lin = lambda h, w: fp8_vjp.fp8_dot(h, w, backend, False)  # noqa: E731
-    h_ECF = jax.nn.silu(lin(x_ECD, w_gate_EDF)) * lin(x_ECD, w_up_EDF)
-    return lin(h_ECF, w_down_EFD)
+    def ffn(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
+        lin = lambda h, w: fp8_vjp.fp8_dot(h, w, backend, False)  # noqa: E731
+        h_ECF = jax.nn.silu(lin(x_ECD, w_gate_EDF)) * lin(x_ECD, w_up_EDF)
+        return lin(h_ECF, w_down_EFD)
+
+    return _auto_sharded(ffn, x_ECD)(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def fp8_grouped_ffn(
@@ -296,14 +317,18 @@ def fp8_grouped_ffn(
     of 128, DeepGEMM's layout) so every 128-row block belongs to one expert; Fprop and
     Dgrad run the grouped kernel, Wgrad sums per-block FP8 products per expert.
     """
-    A = x_AD.shape[0]
-    row_P, group_ids_B = contiguous_layout(group_sizes_E, A)
-    x_PD = jnp.take(x_AD, row_P, axis=0, mode="fill", fill_value=0)
-    lin = lambda h, w: fp8_vjp.fp8_grouped_dot(h, w, group_ids_B, backend)  # noqa: E731
-    h_PF = jax.nn.silu(lin(x_PD, w_gate_EDF)) * lin(x_PD, w_up_EDF)
-    y_PD = lin(h_PF, w_down_EFD)
-    # Each row A sits at one padded position; padding rows (row_P == A) are dropped.
-    return jnp.zeros((A + 1, y_PD.shape[1]), y_PD.dtype).at[row_P].set(y_PD)[:A]
+
+    def ffn(x_AD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+        A = x_AD.shape[0]
+        row_P, group_ids_B = contiguous_layout(group_sizes_E, A)
+        x_PD = jnp.take(x_AD, row_P, axis=0, mode="fill", fill_value=0)
+        lin = lambda h, w: fp8_vjp.fp8_grouped_dot(h, w, group_ids_B, backend)  # noqa: E731
+        h_PF = jax.nn.silu(lin(x_PD, w_gate_EDF)) * lin(x_PD, w_up_EDF)
+        y_PD = lin(h_PF, w_down_EFD)
+        # Each row sits at one padded position; padding positions (row_P == A) are dropped.
+        return jnp.zeros((A + 1, y_PD.shape[1]), y_PD.dtype).at[row_P].set(y_PD)[:A]
+
+    return _auto_sharded(ffn, x_AD)(x_AD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def contiguous_layout(

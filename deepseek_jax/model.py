@@ -139,7 +139,7 @@ class Transformer(nnx.Module):
         normed output (as transformers' ``MtpModel`` and vLLM feed the released weights)."""
         if not len(self.mtp):
             return None, None
-        logits, loads, losses = [], [], []
+        logits, loads, losses, dropped = [], [], [], []
         with jax.named_scope("mtp"):
             for k, module in enumerate(self.mtp, start=1):
                 emb_BTD = self.embed_tokens(shift_left(ids_BT, k))
@@ -147,4 +147,6 @@ class Transformer(nnx.Module):
                 logits.append(self.head(h_BTD))
                 loads.append(st.load_E)
                 losses.append(st.balance_loss)
-        return jnp.stack(logits), StackStats(jnp.stack(loads), jnp.stack(losses))
+                dropped.append(st.dropped)
+        return jnp.stack(logits), StackStats(jnp.stack(loads), jnp.stack(losses),
+                                             jnp.stack(dropped))

@@ -33,11 +33,12 @@ def _within_e4m3(x, dq, s_full):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_tile_round_trip_within_e4m3(shape, axis, pow2):
     x = _normal(0, shape) * jnp.exp(_normal(1, shape, 2.0))  # a wide dynamic range
-    q, s = fp8.quantize_tiles(x, axis=axis, pow2=pow2)
+    q, s = jax.jit(fp8.quantize_tiles, static_argnames=("axis", "pow2"))(x, axis=axis,
+                                                                         pow2=pow2)
     assert q.dtype == fp8.E4M3 and q.shape == x.shape and s.dtype == jnp.float32
     n = shape[axis]
     assert s.shape[axis] == -(-n // 128)
-    dq = fp8.dequantize_tiles(q, s, axis=axis)
+    dq = jax.jit(fp8.dequantize_tiles, static_argnames="axis")(q, s, axis=axis)
     s_full = jnp.moveaxis(jnp.repeat(jnp.moveaxis(s, axis, -1), 128, -1)[..., :n], -1, axis)
     _within_e4m3(x, dq, s_full)
     assert float(jnp.max(jnp.abs(q.astype(jnp.float32)))) <= 448.0
@@ -87,47 +88,55 @@ def test_gemm_reference_equals_float64_on_dequantised_inputs(M, N, K):
     b8, sb = fp8.quantize_tiles(_normal(5, (N, K), 0.1))
     ref64 = (np.asarray(fp8.dequantize_tiles(a8, sa), np.float64)
              @ np.asarray(fp8.dequantize_tiles(b8, sb), np.float64).T)
-    out = fp8.scaled_matmul_reference(a8, sa, b8, sb)
+    out = jax.jit(fp8.scaled_matmul_reference)(a8, sa, b8, sb)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref64, rtol=2e-5,
                                atol=1e-6 * np.abs(ref64).max())
-    xla = fp8.scaled_matmul(a8, sa, b8, sb, backend="xla")
+    xla = jax.jit(fp8.scaled_matmul)(a8, sa, b8, sb)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(out), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- FP8 linear
 
 
-def _exact_pieces(x, w, dy):
-    """float64 GEMMs on exactly the FP8 operands the recipe uses (fp8.py design note)."""
-    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    dq_tiles = lambda a, axis: f64(fp8.dequantize_tiles(*fp8.quantize_tiles(a, axis=axis),  # noqa: E731
-                                                        axis=axis))
-    w_dq = f64(fp8.dequantize_blocks(*fp8.quantize_blocks(w)))
-    y = dq_tiles(x, -1) @ w_dq
-    dx = dq_tiles(dy, -1) @ w_dq.T
-    dw = dq_tiles(x, 0).T @ dq_tiles(dy, 0)  # Wgrad: both re-tiled along tokens
-    return y, dx, dw
+@jax.jit
+def _dequantised_operands(x, w, dy):
+    """Exactly the FP8 operands the recipe feeds its three GEMMs (fp8.py design note)."""
+
+    def dq_tiles(a, axis):
+        return fp8.dequantize_tiles(*fp8.quantize_tiles(a, axis=axis), axis=axis)
+
+    w_dq = fp8.dequantize_blocks(*fp8.quantize_blocks(w))
+    return dq_tiles(x, -1), dq_tiles(dy, -1), w_dq, dq_tiles(x, 0), dq_tiles(dy, 0)
 
 
-@pytest.mark.parametrize("M,K,N", [(256, 384, 256), (100, 200, 72)])
-def test_fp8_linear_fprop_dgrad_wgrad(M, K, N):
-    x, w, dy = _normal(6, (M, K)), _normal(7, (K, N), 0.05), _normal(8, (M, N), 1e-3)
+@jax.jit
+def _linear_and_vjp(x, w, dy):
     y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w), x, w)
-    dx, dw = vjp(dy)
-    for got, want in zip((y, dx, dw), _exact_pieces(x, w, dy), strict=True):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+    y32, vjp32 = jax.vjp(lambda x, w: x @ w, x, w)
+    return (y, *vjp(dy)), (y32, *vjp32(dy))
+
+
+def test_fp8_linear_fprop_dgrad_wgrad():
+    M, K, N = 200, 300, 136  # no dimension a multiple of 128
+    x, w, dy = _normal(6, (M, K)), _normal(7, (K, N), 0.05), _normal(8, (M, N), 1e-3)
+    got, f32 = _linear_and_vjp(x, w, dy)
+    x_k, dy_n, w_dq, x_t, dy_t = (np.asarray(a, np.float64)
+                                  for a in _dequantised_operands(x, w, dy))
+    # Fprop x(1x128) W(128x128); Dgrad dy(1x128 along N) W^T; Wgrad x, dy re-tiled 128x1.
+    exact = (x_k @ w_dq, dy_n @ w_dq.T, x_t.T @ dy_t)
+    for g, want in zip(got, exact, strict=True):
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4,
                                    atol=1e-5 * np.abs(want).max())
     # Against a float32 linear on the unquantised values: within FP8 precision.
-    y32, vjp32 = jax.vjp(lambda x, w: x @ w, x, w)
-    for got, want in zip((y, dx, dw), (y32, *vjp32(dy)), strict=True):
-        assert _rel(got, want) < 0.05
+    for g, want in zip(got, f32, strict=True):
+        assert _rel(g, want) < 0.05
 
 
 def test_fp8_linear_keeps_dtypes_and_leading_axes():
     x = _normal(9, (2, 3, 130)).astype(jnp.bfloat16)
     w = _normal(10, (130, 40), 0.05)
-    y, vjp = jax.vjp(lambda x, w: fp8.fp8_linear(x, w), x, w)
+    y, vjp = jax.vjp(jax.jit(lambda x, w: fp8.fp8_linear(x, w)), x, w)
     dx, dw = vjp(jnp.ones_like(y))
     assert (y.shape, y.dtype, dx.dtype, dw.dtype) == ((2, 3, 40), jnp.bfloat16, jnp.bfloat16,
                                                       jnp.float32)
@@ -136,8 +145,8 @@ def test_fp8_linear_keeps_dtypes_and_leading_axes():
 
 def test_pallas_backend_equals_xla_backend():
     x, w = _normal(11, (130, 256)), _normal(12, (256, 136), 0.05)
-    f = lambda b: jax.value_and_grad(  # noqa: E731
-        lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=b) ** 2), (0, 1))(x, w)
+    f = lambda b: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=b) ** 2), (0, 1)))(x, w)
     (vx, gx), (vp, gp) = f("xla"), f("pallas")
     np.testing.assert_allclose(vp, vx, rtol=1e-5)
     for a, b in zip(gp, gx, strict=True):
@@ -160,16 +169,19 @@ def _expert_weights(E, D, F, seed=13):
 def test_expert_ffn_is_each_experts_fp8_swiglu():
     E, C, D, F = 3, 40, 128, 96
     x, ws = _normal(16, (E, C, D)), _expert_weights(E, D, F)
-    f = lambda x, *ws: jnp.sum(fp8.fp8_expert_ffn(x, *ws) ** 2)  # noqa: E731
-    g = lambda x, *ws: sum(jnp.sum(fp8.fp8_swiglu(x[e], *(w[e] for w in ws)) ** 2)  # noqa: E731
-                           for e in range(E))
-    for a, b in zip(jax.grad(f, (0, 1, 2, 3))(x, *ws), jax.grad(g, (0, 1, 2, 3))(x, *ws),
-                    strict=True):
+    def f(x, *ws):
+        return jnp.sum(fp8.fp8_expert_ffn(x, *ws) ** 2)
+
+    def g(x, *ws):
+        return sum(jnp.sum(fp8.fp8_swiglu(x[e], *(w[e] for w in ws)) ** 2) for e in range(E))
+
+    for a, b in zip(jax.jit(jax.grad(f, (0, 1, 2, 3)))(x, *ws),
+                    jax.jit(jax.grad(g, (0, 1, 2, 3)))(x, *ws), strict=True):
         assert _rel(a, b) < FLIPS
 
 
-@pytest.mark.parametrize("sizes", [(0, 130, 5, 121), (256, 0, 0, 1)])
-def test_grouped_ffn_matches_per_expert_fp8(sizes):
+def test_grouped_ffn_matches_per_expert_fp8():
+    sizes = (0, 130, 5, 121)  # an empty expert, one over a block, ragged edges
     E, D, F = len(sizes), 128, 64
     A = sum(sizes)
     x, ws = _normal(19, (A, D)), _expert_weights(E, D, F, seed=20)
@@ -181,10 +193,12 @@ def test_grouped_ffn_matches_per_expert_fp8(sizes):
                                                *(w[e] for w in ws)) for e in range(E)])
 
     grouped = lambda x, *ws: fp8.fp8_grouped_ffn(x, gs, *ws)  # noqa: E731
-    assert _rel(grouped(x, *ws), per_expert(x, *ws)) < FLIPS
-    loss = lambda f: jax.jit(lambda *a: jnp.sum(jnp.sin(f(*a))))  # noqa: E731
-    for a, b in zip(jax.grad(loss(grouped), (0, 1, 2, 3))(x, *ws),
-                    jax.grad(loss(per_expert), (0, 1, 2, 3))(x, *ws), strict=True):
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    value_grad = lambda f: jax.jit(jax.value_and_grad(loss(f), (0, 1, 2, 3)))  # noqa: E731
+    (vg, gg), (vp, gp) = value_grad(grouped)(x, *ws), value_grad(per_expert)(x, *ws)
+    assert abs(float(vg - vp)) < FLIPS * abs(float(vp))
+    assert _rel(jax.jit(grouped)(x, *ws), jax.jit(per_expert)(x, *ws)) < FLIPS
+    for a, b in zip(gg, gp, strict=True):
         assert _rel(a, b) < FLIPS
 
 
@@ -197,11 +211,45 @@ def test_config_switch_puts_the_large_linears_in_fp8():
     from deepseek_jax.model import Transformer
 
     ids = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 256
+    logits = lambda m: m(ids).logits_BTV  # noqa: E731
     outs = {}
     for flag in (False, True):
-        cfg = get_preset("tiny", [f"fp8={flag}"])
-        model = Transformer(cfg, rngs=nnx.Rngs(0))
-        jaxpr = str(jax.make_jaxpr(lambda m: m(ids).logits_BTV)(model))
-        outs[flag] = (model(ids).logits_BTV, jaxpr.count("f8_e4m3fn"))
-    assert outs[False][1] == 0 and outs[True][1] > 0
-    assert _rel(outs[True][0], outs[False][0]) < 0.05
+        model = Transformer(get_preset("tiny", [f"fp8={flag}"]), rngs=nnx.Rngs(0))
+        outs[flag] = (nnx.jit(logits)(model), str(jax.make_jaxpr(logits)(model)))
+    assert "f8_e4m3fn" not in outs[False][1] and "f8_e4m3fn" in outs[True][1]
+    # The router sees FP8-perturbed inputs and may pick other experts for a few tokens.
+    assert _rel(outs[True][0], outs[False][0]) < 0.15
+
+
+def test_fp8_training_steps_lower_the_loss():
+    import optax
+    from flax import nnx
+
+    from deepseek_jax.model import Transformer
+
+    cfg = get_preset("tiny", ["fp8=true", "dtype=bfloat16", "num_nextn_predict_layers=0"])
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    ids = jax.random.randint(jax.random.key(0), (4, 33), 0, 64)  # a learnable batch
+
+    @nnx.jit
+    def step(model, opt):
+        def loss_fn(model):
+            logits = model(ids[:, :-1]).logits_BTV.astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.slow
+def test_short_fp8_training_run_lowers_the_loss(tmp_path):
+    """Through the trainer on the 8-device test mesh (Explicit sharding)."""
+    from experiments.fp8_parity import train_ce
+
+    r = train_ce("tiny", ["fp8=true"], steps=8, batch=8, seq=32, seed=0, out=tmp_path)
+    assert r["last10_ce"] < r["first_ce"] - 0.3 and r["eval_ce"] < r["first_ce"]

@@ -303,3 +303,39 @@ def test_every_leaf_has_a_name():
         cfg = get_preset(preset)
         for path, _ in _leaves(nnx.state(abstract_model(cfg))):
             hf_names.leaf_map(path, cfg)
+
+
+# ------------------------------------------------------------------------ Orbax runs
+
+
+def test_convert_to_training_run_and_back(models, tmp_path, capsys):
+    from experiments.convert import main
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["hf-to-run", os.path.join(HF, "v3_fp8"), str(run)]) == 0
+    assert (run / "checkpoints" / "0").exists()
+    assert main(["hf-to-run", os.path.join(HF, "v3_fp8"), str(run)]) == 2  # never overwrites
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["run-to-hf", str(run), str(out)]) == 0
+    jax.tree.map(np.testing.assert_array_equal,
+                 _state(deepseek_jax.from_pretrained(out)), _state(models("v3_fp8")))
+
+
+@pytest.mark.slow
+def test_converted_model_fine_tunes_and_exports(tmp_path):
+    """experiments.train resumes a converted run with its own model config."""
+    from experiments.convert import main as convert
+    from experiments.train import main as train
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    assert convert(["hf-to-run", os.path.join(HF, "v3_group"), str(run)]) == 0
+    assert train(["--out", str(run), "--steps", "2", "--batch-size", "8", "--seq-len", "16",
+                  "--no-progress", "--sample-tokens", "0", "--eval-every", "1000",
+                  "--data", str(data)]) == 0
+    assert convert(["run-to-hf", str(run), str(out)]) == 0
+    tuned = deepseek_jax.from_pretrained(out)
+    before = deepseek_jax.from_pretrained(os.path.join(HF, "v3_group"))
+    assert tuned.cfg == before.cfg
+    assert not np.array_equal(np.asarray(tuned.lm_head[...]), np.asarray(before.lm_head[...]))

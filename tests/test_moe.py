@@ -13,7 +13,7 @@ from deepseek_jax import sharding
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.moe import dispatch, experts
-from deepseek_jax.moe.dispatch import SlotSizes
+from deepseek_jax.moe.dispatch import EPOptions, SlotSizes
 from deepseek_jax.moe.layer import MoE, RoutingBias
 from tests.reference.moe_reference import moe_reference
 
@@ -110,6 +110,7 @@ def test_gradients_finite_and_bias_not_a_param():
         ("skewed", None),
         ("skewed", SlotSizes(1, 1)),
         ("repeated", SlotSizes(4, 16)),
+        ("none", SlotSizes(4, 2)),  # id E = no expert (expert-parallel padding rows)
     ],
 )
 def test_routed_ffn_and_its_vjp_match_reference(routing, sizes):
@@ -121,6 +122,7 @@ def test_routed_ffn_and_its_vjp_match_reference(routing, sizes):
         "random": jnp.argsort(jax.random.uniform(jax.random.key(2), (T, E)), -1)[:, :K],
         "skewed": jnp.broadcast_to(jnp.array([3, 5], jnp.int32), (T, K)),
         "repeated": jnp.zeros((T, K), jnp.int32),  # not from route(); must still be exact
+        "none": jax.random.randint(jax.random.key(2), (T, K), 0, E + 1),
     }[routing]
     fast = jax.jit(lambda *a: experts.routed_ffn(a[0], idx, *a[1:], sizes=sizes))
     slow = lambda *a: experts.routed_ffn_reference(a[0], idx, *a[1:])  # noqa: E731
@@ -166,7 +168,9 @@ def test_spill_blocks_cover_exactly_the_overflow():
 
 
 def test_sharded_equals_unsharded():
-    model, x = make_moe(bias=np.linspace(-0.5, 0.5, 8)), inputs(B=8, T=8)
+    # Skewed routing would overflow capacity-factor buffers: use the dropless mode.
+    model = make_moe(bias=np.linspace(-0.5, 0.5, 8), ep=EPOptions(capacity_factor=None))
+    x = inputs(B=8, T=8)
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     y0, stats0 = forward(state, x)
@@ -178,4 +182,5 @@ def test_sharded_equals_unsharded():
         assert y1.sharding.spec == P(("node", "gpu"), None, None)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats1.load_E), np.asarray(stats0.load_E))
+    assert int(stats1.dropped) == 0
     np.testing.assert_allclose(float(stats1.balance_loss), float(stats0.balance_loss), rtol=1e-6)

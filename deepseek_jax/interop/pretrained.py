@@ -363,10 +363,33 @@ def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
 
 
 def _fetch(arr: jax.Array, m: hn.LeafMap, i: int, j: int | None) -> np.ndarray:
-    x = arr[i] if m.stacked else arr
-    if j is not None:
-        x = x[j]
-    return hn.to_hf(m, np.asarray(jax.device_get(x), np.float32))
+    lead = ((i,) if m.stacked else ()) + (() if j is None else (j,))
+    return hn.to_hf(m, host_slice(arr, lead))
+
+
+def host_slice(arr: jax.Array, lead: tuple[int, ...]) -> np.ndarray:
+    """``arr[lead]`` as float32 on the host, read from the device shards that hold it.
+
+    Only those blocks travel (one copy of each, whatever the replication); no collective
+    runs, so it works for any sharding, Explicit mesh axes included.
+    """
+    n = len(lead)
+    out = np.empty(arr.shape[n:], np.float32)
+    done = set()
+    for shard in arr.addressable_shards:
+        idx = shard.index
+        lo = [sl.start or 0 for sl in idx[:n]]
+        if not all(a <= k < (sl.stop if sl.stop is not None else dim)
+                   for a, k, sl, dim in zip(lo, lead, idx[:n], arr.shape[:n], strict=True)):
+            continue
+        rest = tuple(idx[n:])
+        key = tuple((sl.start, sl.stop) for sl in rest)
+        if key in done:
+            continue
+        done.add(key)
+        local = tuple(k - a for k, a in zip(lead, lo, strict=True))
+        out[rest] = np.asarray(shard.data[local], np.float32)
+    return out
 
 
 def _order(name: str) -> tuple:

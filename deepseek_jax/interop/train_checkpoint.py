@@ -8,6 +8,7 @@ routing biases, fresh AdamW moments in the ZeRO-1 layout) and the meta the train
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -58,22 +59,35 @@ def hf_to_run(hf_dir: str, run_dir: str, *, mesh: jax.sharding.Mesh | None = Non
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def run_to_hf(run_dir: str, hf_dir: str, *, step: int | None = None, dtype: str = "float32",
-              mesh: jax.sharding.Mesh | None = None) -> int:
-    """Exports step ``step`` (default: the latest) of a run as a HF directory; returns it."""
-    mesh = mesh or make_mesh()
+def load_run(run_dir: str, *, step: int | None = None,
+             mesh: jax.sharding.Mesh | None = None):
+    """(``Transformer`` of step ``step`` (default: the latest) of a run, that step).
+
+    On ``mesh`` the state is restored with the training layout; without one, as plain
+    arrays on the default device.
+    """
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise CheckpointError(f"{ckpt.directory}: no checkpoint to export")
+            raise CheckpointError(f"{ckpt.directory}: no checkpoint")
         meta = latest_meta(ckpt.directory, step=step)
         cfg = model_config_from_dict(meta["model_config"])
-        graphdef, abs_state, layout, _ = plan(cfg, TrainConfig(), mesh)
-        with jax.set_mesh(mesh):
+        graphdef, abs_state, layout, _ = plan(cfg, TrainConfig(), mesh or make_mesh())
+        if mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            layout = layout.replace(state=jax.tree.map(lambda _: one, layout.state))
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             state = ckpt.restore(step, abstract_state(abs_state, layout),
                                  {"model_config": meta["model_config"]})
     finally:
         ckpt.close()
-    save_pretrained(nnx.merge(graphdef, state.params, state.rest), hf_dir, dtype=dtype)
+    return nnx.merge(graphdef, state.params, state.rest), step
+
+
+def run_to_hf(run_dir: str, hf_dir: str, *, step: int | None = None, dtype: str = "float32",
+              mesh: jax.sharding.Mesh | None = None) -> int:
+    """Exports step ``step`` (default: the latest) of a run as a HF directory; returns it."""
+    model, step = load_run(run_dir, step=step, mesh=mesh or make_mesh())
+    save_pretrained(model, hf_dir, dtype=dtype)
     return step

@@ -3,7 +3,7 @@
 Two backends, both exact for any routing:
 - ``"einsum"`` (default): dense capacity slots ``[E, C, D]`` as one batched einsum per
   matrix (each expert's weights read once), plus a loop over the spill blocks that are
-  in use (see ``dispatch.py``). Cost follows T*K, not E: E*C is about T*K plus a slack of
+  in use (see ``permute.py``). Cost follows T*K, not E: E*C is about T*K plus a slack of
   ~2 sqrt(T*K/E) rows per expert, and spilling costs per used block. A custom VJP runs
   the same loop backwards and accumulates into the einsum's weight gradients in place,
   so no full-size weight gradient is ever added twice.
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax.layers import swiglu
-from deepseek_jax.moe import dispatch
-from deepseek_jax.moe.dispatch import Dispatch, SlotSizes
+from deepseek_jax.moe import permute as perm
+from deepseek_jax.moe.permute import Dispatch, SlotSizes
 
 Backend = Literal["einsum", "ragged_dot"]
 
@@ -75,11 +75,11 @@ def routed_ffn(
     T, K = idx_TK.shape
     E = w_gate_EDF.shape[0]
     sizes = sizes or SlotSizes.for_shapes(T, K, E)
-    d = dispatch.sort_assignments(idx_TK, E, sizes)
+    d = perm.sort_assignments(idx_TK, E, sizes)
     ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
     if backend == "ragged_dot":
-        y_AD = grouped_ffn_ragged(dispatch.permute_sorted(x_TD, d), d.counts_E, *ws)
-        return dispatch.unpermute_sorted(y_AD, weight_TK, d)
+        y_AD = grouped_ffn_ragged(perm.permute_sorted(x_TD, d), d.counts_E, *ws)
+        return perm.unpermute_sorted(y_AD, weight_TK, d)
     if backend != "einsum":
         raise ValueError(f"routed_ffn: unknown backend {backend!r}; use 'einsum' or 'ragged_dot'")
     return _slots_and_spill(x_TD, weight_TK, *ws, d)
@@ -100,8 +100,8 @@ def routed_ffn_reference(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_E
 
 def _dense(x_TD, weight_TK, w_gate, w_up, w_down, d: Dispatch):
     """The slotted assignments: gather into slots, batched FFN, weighted combine."""
-    y_ECD = expert_ffn(dispatch.gather_slots(x_TD, d), w_gate, w_up, w_down)
-    return dispatch.unpermute(y_ECD, weight_TK, d)
+    y_ECD = expert_ffn(perm.gather_slots(x_TD, d), w_gate, w_up, w_down)
+    return perm.unpermute(y_ECD, weight_TK, d)
 
 
 def _block(d: Dispatch, j, weight_A):

@@ -1,7 +1,14 @@
-"""The DeepSeekMoE layer: router, routed experts and shared experts (V3TR 2.1.2)."""
+"""The DeepSeekMoE layer: router, routed experts and shared experts (V3TR 2.1.2).
+
+On a mesh of more than one device whose ``batch`` and ``expert`` axes are both (node, gpu)
+the router and routed experts run inside ``shard_map``, exchanging tokens with
+``dispatch.exchange`` (two-hop or flat, ``EPOptions``); otherwise, or when the batch does
+not split over the devices, XLA partitions the single-device computation.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -9,12 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, param
-from deepseek_jax.moe import routing
+from deepseek_jax.mesh import GPU, NODE
+from deepseek_jax.moe import dispatch, routing
+from deepseek_jax.moe.dispatch import EPOptions, SlotSizes, Topology
 from deepseek_jax.moe.experts import Backend, routed_ffn
+from deepseek_jax.sharding import logical_to_spec
 
 
 class RoutingBias(nnx.Variable):
@@ -22,18 +32,31 @@ class RoutingBias(nnx.Variable):
 
 
 class MoEStats(NamedTuple):
-    load_E: Float[Array, " E"]  # noqa: N815 - assignments per expert in this call
+    load_E: Float[Array, " E"]  # noqa: N815 - assignments per expert in this call (all devices)
     balance_loss: Float[Array, ""]  # sequence-wise balance loss, before its weight alpha
+    dropped: Int[Array, ""]  # assignments dropped by full expert-parallel buffers
+    internode: Int[Array, ""]  # token copies sent to another node (dispatch)
+    intranode: Int[Array, ""]  # token copies sent to another GPU of the node (dispatch)
 
 
 class MoE(nnx.Module):
     """y = shared(x) + sum_k g_k FFN_{e_k}(x), with the experts chosen by ``routing.route``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, backend: Backend = "einsum"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        backend: Backend = "einsum",
+        ep: EPOptions | None = None,
+    ):
+        """backend: the local expert compute (``experts.routed_ffn``). ep: the expert-parallel
+        exchange on a multi-device mesh; default from ``cfg.ep_*``."""
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         std, dtype = cfg.initializer_range, jnp.dtype(cfg.dtype)
         self.cfg = cfg
         self.backend = backend
+        self.ep = ep or EPOptions.from_config(cfg)
         self.gate = param(rngs, (D, E), ("embed", None), std=std)
         self.e_score_correction_bias = (
             RoutingBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,), eager_sharding=False)
@@ -64,27 +87,138 @@ class MoE(nnx.Module):
             self.w_up[...],
             self.w_down[...],
         )
-        fn = lambda *a: _routed(*a, cfg=self.cfg, backend=self.backend)  # noqa: E731
-        y_BTD, load_E, loss = _partitioned(fn, args)
+        mesh = _mesh_of(args)
+        if _expert_parallel_fits(mesh, x_BTD.shape[0]):
+            y_BTD, stats = _expert_parallel(
+                *args, cfg=self.cfg, backend=self.backend, opts=self.ep, mesh=mesh
+            )
+        else:
+            fn = lambda *a: _routed(*a, cfg=self.cfg, backend=self.backend)  # noqa: E731
+            y_BTD, load_E, loss = _partitioned(fn, args, mesh)
+            zero = jnp.zeros((), jnp.int32)
+            stats = MoEStats(load_E, loss, zero, zero, zero)
         if self.shared_experts is not None:
             with jax.named_scope("shared_experts"):
                 y_BTD = y_BTD + self.shared_experts(x_BTD)
-        return y_BTD, MoEStats(load_E, loss)
+        return y_BTD, stats
 
 
-def _partitioned(fn, args):
-    """Runs ``fn`` with the Explicit mesh axes made Auto, so that XLA partitions the expert
-    layout (batch-sharded tokens meet expert-sharded weights). ``fn`` returns (y laid out
-    like ``args[0]``, a replicated value, a replicated value).
-
-    The mesh is the context mesh, else the one the arguments' types carry (a jit over
-    sharded arrays without ``set_mesh``); with neither, or no Explicit axis, ``fn`` runs
-    as is.
-    """
+def _mesh_of(args):
+    """The context mesh, else the one the arguments' types carry (a jit over sharded arrays
+    without ``set_mesh``); possibly empty."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         meshes = [jax.typeof(a).sharding.mesh for a in jax.tree.leaves(args)]
         mesh = next((m for m in meshes if not m.empty), mesh)
+    return mesh
+
+
+def _expert_parallel_fits(mesh, batch: int) -> bool:
+    """Explicit node and gpu axes, more than one device, tokens and experts both laid out
+    over (node, gpu), and a batch that splits over them."""
+    if mesh.empty or NODE not in mesh.axis_names or GPU not in mesh.axis_names:
+        return False
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in (NODE, GPU)):
+        return False
+    devices = mesh.shape[NODE] * mesh.shape[GPU]
+    spec = lambda name: logical_to_spec((name,), mesh_axes=mesh.axis_names)[0]  # noqa: E731
+    return devices > 1 and batch % devices == 0 and spec("batch") == spec("expert") == (NODE, GPU)
+
+
+def _expert_parallel(
+    x_BTD,
+    gate_DE,
+    bias_E,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    *,
+    cfg: ModelConfig,
+    backend: Backend,
+    opts: EPOptions,
+    mesh,
+):
+    """Router and routed experts in ``shard_map`` over (node, gpu): (y_BTD, MoEStats)."""
+    topo = Topology.for_mesh(cfg, mesh, opts.path)
+    data = logical_to_spec(("batch", None, None), mesh_axes=mesh.axis_names)
+    experts = logical_to_spec(("expert", None, None), mesh_axes=mesh.axis_names)
+    rep = P()
+    args = [
+        _laid_out(a, s, mesh)
+        for a, s in (
+            (x_BTD, data),
+            (gate_DE, rep),
+            (w_gate_EDF, experts),
+            (w_up_EDF, experts),
+            (w_down_EFD, experts),
+        )
+    ]
+    bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32) if bias_E is None else bias_E
+    args.insert(2, _laid_out(bias, rep, mesh))
+    local = functools.partial(
+        _routed_local, cfg=cfg, backend=backend, opts=opts, topo=topo, has_bias=bias_E is not None
+    )
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(data, rep, rep, experts, experts, experts),
+        out_specs=(data, MoEStats(rep, rep, rep, rep, rep)),
+        axis_names={NODE, GPU},
+        check_vma=opts.kernel != "pallas",
+    )
+    return fn(*args)
+
+
+def _laid_out(x, spec: P, mesh):
+    """x resharded to ``spec`` unless its type already says so (shard_map does not reshard)."""
+    have = tuple(jax.typeof(x).sharding.spec)
+    want = tuple(spec)
+    pad = lambda s: s + (None,) * (x.ndim - len(s))  # noqa: E731
+    if pad(have) == pad(want):
+        return x
+    return jax.reshard(x, NamedSharding(mesh, spec))
+
+
+def _routed_local(
+    x_BTD,
+    gate_DE,
+    bias_E,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    *,
+    cfg: ModelConfig,
+    backend: Backend,
+    opts: EPOptions,
+    topo: Topology,
+    has_bias: bool,
+):
+    """One device's share: x[B_(node,gpu), T, D] tokens, w_*[E_(node,gpu), ...] experts."""
+    assert w_gate_EDF.shape[0] == topo.experts_per_device, (w_gate_EDF.shape, topo)
+    B, T, D = x_BTD.shape
+    x_TD = x_BTD.reshape(B * T, D)
+    idx_TK, weight_TK, load_E, loss = _router(x_TD, gate_DE, bias_E if has_bias else None, cfg, B)
+    ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+    K, El = cfg.num_experts_per_tok, topo.experts_per_device
+
+    def experts(x_RD, expert_RK, weight_RK):
+        sizes = SlotSizes.for_shapes(B * T, K, El, max_capacity=x_RD.shape[0])
+        return routed_ffn(x_RD, expert_RK, weight_RK, *ws, backend=backend, sizes=sizes)
+
+    with jax.named_scope("routed_experts"):
+        y_TD, st = dispatch.exchange(x_TD, idx_TK, weight_TK, experts, topo, opts)
+    axes = (NODE, GPU)
+    stats = MoEStats(jax.lax.psum(load_E, axes), jax.lax.pmean(loss, axes), *st)
+    return y_TD.astype(x_BTD.dtype).reshape(B, T, D), stats
+
+
+def _partitioned(fn, args, mesh):
+    """Runs ``fn`` with the Explicit mesh axes made Auto, so that XLA partitions the expert
+    layout (batch-sharded tokens meet expert-sharded weights). ``fn`` returns (y laid out
+    like ``args[0]``, a replicated value, a replicated value). With no mesh, or no Explicit
+    axis, ``fn`` runs as is.
+    """
     explicit = tuple(
         a
         for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
@@ -102,17 +236,23 @@ def _routed(
 ):
     """Router and routed experts: (y_BTD in x's dtype, load_E, balance loss)."""
     B, T, D = x_BTD.shape
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     x_TD = x_BTD.reshape(B * T, D)
+    idx_TK, weight_TK, load_E, loss = _router(x_TD, gate_DE, bias_E, cfg, B)
+    with jax.named_scope("routed_experts"):
+        ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+        y_TD = routed_ffn(x_TD, idx_TK, weight_TK, *ws, backend=backend)
+    return y_TD.astype(x_BTD.dtype).reshape(B, T, D), load_E, loss
+
+
+def _router(x_TD, gate_DE, bias_E, cfg: ModelConfig, batch: int):
+    """(idx_TK, weight_TK, load_E, balance loss) of B = ``batch`` sequences in x_TD."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     with jax.named_scope("router"):
         logits_TE = x_TD.astype(jnp.float32) @ gate_DE.astype(jnp.float32)
         scores_TE = routing.gate_scores(logits_TE, cfg)
         idx_TK, weight_TK = routing.route(scores_TE, bias_E, cfg)
         load_E = routing.expert_load(idx_TK, E)
         loss = routing.sequence_balance_loss(
-            scores_TE.reshape(B, T, E), idx_TK.reshape(B, T, K), cfg
+            scores_TE.reshape(batch, -1, E), idx_TK.reshape(batch, -1, K), cfg
         )
-    with jax.named_scope("routed_experts"):
-        ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
-        y_TD = routed_ffn(x_TD, idx_TK, weight_TK, *ws, backend=backend)
-    return y_TD.astype(x_BTD.dtype).reshape(B, T, D), load_E, loss
+    return idx_TK, weight_TK, load_E, loss

@@ -1,14 +1,7 @@
-"""Dispatch and combine: moving (token, expert) assignments into expert order and back.
+"""Local permutation: (token, expert) assignments into expert order on one device, and back.
 
-Design note.
-*What DeepSeek-V3 does* (V3TR 3.2.2, DESIGN.md "One MoE layer"): each token is sent to
-its K experts across the expert-parallel devices (two hops, IB then NVLink), every GPU
-sorts what it receives by local expert and runs a grouped GEMM, and the outputs travel
-back to be summed with the gate weights. No token is ever dropped.
-
-*What we do here* (the local part; the two-hop exchange will sit beside it): sort the
-T*K assignments by expert (stable, so each expert sees its tokens in order), then lay
-them out for the expert compute in one of two ways:
+Sort the T*K assignments by expert (stable, so each expert sees its tokens in order),
+then lay them out for the expert compute in one of two ways:
 - ``permute_sorted``: rows sorted by expert plus group sizes, the input of a grouped GEMM
   (``jax.lax.ragged_dot`` on GPU);
 - ``permute``: dense capacity slots ``x[E, C, D]``, so the experts are one batched
@@ -20,9 +13,10 @@ them out for the expert compute in one of two ways:
   blocks actually used. C is sized from the static shapes so that balanced routing
   spills little; skewed routing stays exact, only slower.
 Both return a handle (``Dispatch``) that combine reuses, as DeepEP's dispatch does.
-
-*What we simplify*: no FP8 payload and no communication yet; sizes are static, so a
-handle describes the worst case and the used part is read from its counts.
+An expert id equal to the number of experts means "no expert": such an assignment gets
+no slot and no row of output (the expert-parallel exchange pads with it, ``dispatch.py``).
+Sizes are static, so a handle describes the worst case and the used part is read from its
+counts.
 """
 
 from __future__ import annotations
@@ -56,15 +50,18 @@ class SlotSizes:
         slack_sigmas: float = 2.0,
         multiple: int = 8,
         spill_block: int = 16,
+        max_capacity: int | None = None,
     ) -> SlotSizes:
-        """C = mean load + ``slack_sigmas`` x sqrt(mean load), rounded up, capped at T.
+        """C = mean load + ``slack_sigmas`` x sqrt(mean load), rounded up, capped at
+        ``max_capacity`` (default T: an expert gets each row once).
 
         The square root is the spread of a balanced (binomial) load: relative slack is
         large for many small experts and small for few large ones, so both spill little.
         """
         mean = tokens * k / experts
         c = math.ceil((mean + slack_sigmas * math.sqrt(mean)) / multiple) * multiple
-        return cls(capacity=min(c, tokens), spill_block=spill_block)
+        cap = tokens if max_capacity is None else max_capacity
+        return cls(capacity=max(1, min(c, cap)), spill_block=spill_block)
 
 
 class Dispatch(NamedTuple):
@@ -100,8 +97,9 @@ def sort_assignments(idx_TK: Int[Array, "T K"], num_experts: int, sizes: SlotSiz
     pos_A = jnp.zeros(A, jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
     counts_E = jnp.bincount(e_A, length=num_experts).astype(jnp.int32)
     starts_E = jnp.cumsum(counts_E) - counts_E
-    rank_A = pos_A - starts_E[e_A]
-    slot_A = jnp.where(rank_A < C, e_A * C + rank_A, num_experts * C)
+    rank_A = pos_A - starts_E[jnp.minimum(e_A, num_experts - 1)]
+    slotted_A = (rank_A < C) & (e_A < num_experts)  # "no expert" ids sort last, get no slot
+    slot_A = jnp.where(slotted_A, e_A * C + rank_A, num_experts * C)
     c_C = jnp.arange(C, dtype=jnp.int32)
     in_EC = c_C[None, :] < counts_E[:, None]
     sorted_EC = jnp.minimum(starts_E[:, None] + c_C[None, :], A - 1)
@@ -161,10 +159,12 @@ def unpermute(
     Spilled assignments contribute nothing here; the spill loop adds them.
     """
     E, C, D = y_ECD.shape
-    return _weighted_rows(y_ECD.reshape(E * C, D), d.slot_TK, weight_TK)
+    return weighted_rows(y_ECD.reshape(E * C, D), d.slot_TK, weight_TK)
 
 
-def _weighted_rows(y_RD, row_TK, weight_TK) -> Float[Array, "T D"]:
+def weighted_rows(
+    y_RD: Float[Array, "R D"], row_TK: Int[Array, "T K"], weight_TK: Float[Array, "T K"]
+) -> Float[Array, "T D"]:
     """sum_k weight[t, k] * y[row[t, k]] (0 for an out-of-range row), in float32.
 
     One [T, D] gather per k, each fused with its multiply-add: on XLA:CPU about 10x
@@ -187,4 +187,4 @@ def unpermute_sorted(
     y_AD: Float[Array, "A D"], weight_TK: Float[Array, "T K"], d: Dispatch
 ) -> Float[Array, "T D"]:
     """Inverse of ``permute_sorted``, weighted by the gates and summed per token (float32)."""
-    return _weighted_rows(y_AD, d.pos_TK, weight_TK)
+    return weighted_rows(y_AD, d.pos_TK, weight_TK)

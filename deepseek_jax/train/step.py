@@ -23,13 +23,16 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def _balance(out: ModelOutput) -> dict[str, Array]:
-    """Expert load max / mean per MoE layer (1.0 = perfectly balanced)."""
-    loads = [s.load_LE for s in (out.moe_stats, out.mtp_stats) if s is not None]
-    if not loads:
+    """Expert load max / mean per MoE layer (1.0 = perfectly balanced), and the share of
+    (token, expert) assignments dropped by full expert-parallel buffers."""
+    stats = [s for s in (out.moe_stats, out.mtp_stats) if s is not None]
+    if not stats:
         return {}
-    load_LE = jnp.concatenate(loads)
+    load_LE = jnp.concatenate([s.load_LE for s in stats])
     ratio_L = load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9)
-    return {"balance_L": ratio_L, "balance": ratio_L.mean()}
+    dropped = sum(jnp.sum(s.dropped_L) for s in stats).astype(jnp.float32)
+    return {"balance_L": ratio_L, "balance": ratio_L.mean(),
+            "moe_dropped": dropped / jnp.maximum(load_LE.sum(), 1.0)}
 
 
 def train_step(
