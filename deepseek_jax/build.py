@@ -38,6 +38,7 @@ def init_model(
 
 def count_params(state: nnx.State) -> int:
     """Number of parameter scalars (Params only; routing biases excluded)."""
-    leaves = jax.tree.leaves(nnx.state(state, nnx.Param) if not isinstance(state, nnx.State)
-                             else state.filter(nnx.Param))
+    leaves = jax.tree.leaves(
+        nnx.state(state, nnx.Param) if not isinstance(state, nnx.State) else state.filter(nnx.Param)
+    )
     return int(sum(np.prod(x.shape) for x in leaves))

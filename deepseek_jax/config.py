@@ -116,48 +116,103 @@ class ModelConfig:
         for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
             _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
         if self.q_lora_rank is not None:
-            _require("q_lora_rank", self.q_lora_rank > 0, "must be positive or None",
-                     self.q_lora_rank)
-        _require("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0,
-                 "must be even (RoPE rotates pairs)", self.qk_rope_head_dim)
-        _require("first_k_dense_replace", self.first_k_dense_replace <= self.num_hidden_layers,
-                 f"must be <= num_hidden_layers ({self.num_hidden_layers})",
-                 self.first_k_dense_replace)
-        _require("n_routed_experts", self.n_routed_experts % self.n_group == 0,
-                 f"must be divisible by n_group ({self.n_group})", self.n_routed_experts)
-        _require("topk_group", self.topk_group <= self.n_group,
-                 f"must be <= n_group ({self.n_group})", self.topk_group)
-        _require("num_experts_per_tok", self.num_experts_per_tok <= self.n_routed_experts,
-                 f"must be <= n_routed_experts ({self.n_routed_experts})",
-                 self.num_experts_per_tok)
+            _require(
+                "q_lora_rank", self.q_lora_rank > 0, "must be positive or None", self.q_lora_rank
+            )
+        _require(
+            "qk_rope_head_dim",
+            self.qk_rope_head_dim % 2 == 0,
+            "must be even (RoPE rotates pairs)",
+            self.qk_rope_head_dim,
+        )
+        _require(
+            "first_k_dense_replace",
+            self.first_k_dense_replace <= self.num_hidden_layers,
+            f"must be <= num_hidden_layers ({self.num_hidden_layers})",
+            self.first_k_dense_replace,
+        )
+        _require(
+            "n_routed_experts",
+            self.n_routed_experts % self.n_group == 0,
+            f"must be divisible by n_group ({self.n_group})",
+            self.n_routed_experts,
+        )
+        _require(
+            "topk_group",
+            self.topk_group <= self.n_group,
+            f"must be <= n_group ({self.n_group})",
+            self.topk_group,
+        )
+        _require(
+            "num_experts_per_tok",
+            self.num_experts_per_tok <= self.n_routed_experts,
+            f"must be <= n_routed_experts ({self.n_routed_experts})",
+            self.num_experts_per_tok,
+        )
         kept = self.topk_group * self.experts_per_group
-        _require("num_experts_per_tok", self.num_experts_per_tok <= kept,
-                 f"must be <= topk_group x experts per group = {self.topk_group} x "
-                 f"{self.experts_per_group} = {kept} (the experts left after group masking)",
-                 self.num_experts_per_tok)
+        _require(
+            "num_experts_per_tok",
+            self.num_experts_per_tok <= kept,
+            f"must be <= topk_group x experts per group = {self.topk_group} x "
+            f"{self.experts_per_group} = {kept} (the experts left after group masking)",
+            self.num_experts_per_tok,
+        )
         if self.topk_method == "noaux_tc":
-            _require("scoring_func", self.scoring_func == "sigmoid",
-                     "topk_method 'noaux_tc' needs scoring_func 'sigmoid'", self.scoring_func)
-            _require("n_routed_experts", self.experts_per_group >= 2,
-                     "noaux_tc scores each group by its top-2 experts: need >= 2 experts per "
-                     "group (n_routed_experts / n_group)", self.n_routed_experts)
-        _require("routed_scaling_factor", self.routed_scaling_factor > 0, "must be positive",
-                 self.routed_scaling_factor)
+            _require(
+                "scoring_func",
+                self.scoring_func == "sigmoid",
+                "topk_method 'noaux_tc' needs scoring_func 'sigmoid'",
+                self.scoring_func,
+            )
+            _require(
+                "n_routed_experts",
+                self.experts_per_group >= 2,
+                "noaux_tc scores each group by its top-2 experts: need >= 2 experts per "
+                "group (n_routed_experts / n_group)",
+                self.n_routed_experts,
+            )
+        _require(
+            "routed_scaling_factor",
+            self.routed_scaling_factor > 0,
+            "must be positive",
+            self.routed_scaling_factor,
+        )
         _require("rms_norm_eps", self.rms_norm_eps > 0, "must be positive", self.rms_norm_eps)
         _require("rope_theta", self.rope_theta > 0, "must be positive", self.rope_theta)
-        _require("initializer_range", self.initializer_range > 0, "must be positive",
-                 self.initializer_range)
-        _require("tie_word_embeddings", not self.tie_word_embeddings,
-                 "DeepSeek-V3 has an untied head; tied embeddings are not supported",
-                 self.tie_word_embeddings)
+        _require(
+            "initializer_range",
+            self.initializer_range > 0,
+            "must be positive",
+            self.initializer_range,
+        )
+        _require(
+            "tie_word_embeddings",
+            not self.tie_word_embeddings,
+            "DeepSeek-V3 has an untied head; tied embeddings are not supported",
+            self.tie_word_embeddings,
+        )
         if self.ep_capacity_factor is not None:
-            _require("ep_capacity_factor", self.ep_capacity_factor > 0,
-                     "must be positive, or None for dropless buffers", self.ep_capacity_factor)
-        for name in ("scoring_func", "topk_method", "dtype", "fp8_backend", "ep_dispatch",
-                     "ep_kernel"):
+            _require(
+                "ep_capacity_factor",
+                self.ep_capacity_factor > 0,
+                "must be positive, or None for dropless buffers",
+                self.ep_capacity_factor,
+            )
+        for name in (
+            "scoring_func",
+            "topk_method",
+            "dtype",
+            "fp8_backend",
+            "ep_dispatch",
+            "ep_kernel",
+        ):
             allowed = typing.get_args(_field_types()[name])
-            _require(name, getattr(self, name) in allowed, f"must be one of {allowed}",
-                     getattr(self, name))
+            _require(
+                name,
+                getattr(self, name) in allowed,
+                f"must be one of {allowed}",
+                getattr(self, name),
+            )
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -197,13 +252,17 @@ class ModelConfig:
             with open(path) as f:
                 raw = json.load(f)
         fields = _field_types()
-        kwargs: dict[str, Any] = {k: v for k, v in raw.items() if k in fields and k != "rope_scaling"}
+        kwargs: dict[str, Any] = {
+            k: v for k, v in raw.items() if k in fields and k != "rope_scaling"
+        }
         rope = raw.get("rope_scaling") or raw.get("rope_parameters")
         kwargs["rope_scaling"] = RopeScaling.from_dict(rope)
         if rope and "rope_theta" in rope:  # transformers >= 5 keeps theta in rope_parameters
             kwargs["rope_theta"] = rope["rope_theta"]
-        if "scoring_func" not in raw and raw.get("topk_method") in ("greedy",
-                                                                     "group_limited_greedy"):
+        if "scoring_func" not in raw and raw.get("topk_method") in (
+            "greedy",
+            "group_limited_greedy",
+        ):
             kwargs["scoring_func"] = "softmax"
         if raw.get("topk_method") == "greedy":  # V2-Lite: no groups
             kwargs.setdefault("n_group", 1)
@@ -215,9 +274,13 @@ class ModelConfig:
             raise ValueError("config.json: dense models (n_routed_experts null) are not supported")
         return cls(**{k: _coerce(k, v, fields[k]) for k, v in kwargs.items()})
 
-    def with_overrides(self, overrides: dict[str, str] | list[str] | tuple[str, ...]) -> ModelConfig:
+    def with_overrides(
+        self, overrides: dict[str, str] | list[str] | tuple[str, ...]
+    ) -> ModelConfig:
         """Applies ``key=value`` strings (or a dict of strings), converting by field type."""
-        pairs = dict(_split_kv(o) for o in overrides) if not isinstance(overrides, dict) else overrides
+        pairs = (
+            dict(_split_kv(o) for o in overrides) if not isinstance(overrides, dict) else overrides
+        )
         fields = _field_types()
         changes = {}
         for key, text in pairs.items():
@@ -229,13 +292,25 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` contents for this config."""
         d = dataclasses.asdict(self)
-        for ours in ("dtype", "fp8", "fp8_backend", "ep_dispatch", "ep_capacity_factor",
-                     "ep_fp8_dispatch", "ep_kernel"):
+        for ours in (
+            "dtype",
+            "fp8",
+            "fp8_backend",
+            "ep_dispatch",
+            "ep_capacity_factor",
+            "ep_fp8_dispatch",
+            "ep_kernel",
+        ):
             d.pop(ours)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
-        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
-                 num_key_value_heads=self.num_attention_heads, hidden_act="silu",
-                 moe_layer_freq=1, attention_bias=False)
+        d.update(
+            model_type="deepseek_v3",
+            architectures=["DeepseekV3ForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,
+            hidden_act="silu",
+            moe_layer_freq=1,
+            attention_bias=False,
+        )
         return d
 
 
@@ -294,7 +369,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     args = typing.get_args(tp)
     if value is None and (type(None) in args):
         return None
-    if isinstance(value, RopeScaling) or (tp is RopeScaling or RopeScaling in args) and value is None:
+    if (
+        isinstance(value, RopeScaling)
+        or (tp is RopeScaling or RopeScaling in args)
+        and value is None
+    ):
         return value
     base = next((a for a in args if a is not type(None)), tp) if type(None) in args else tp
     if typing.get_origin(base) is Literal:
@@ -314,42 +393,107 @@ V3_671B = ModelConfig()
 
 V2_236B = dataclasses.replace(
     V3_671B,
-    vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-    num_hidden_layers=60, first_k_dense_replace=1, n_routed_experts=160, n_shared_experts=2,
-    num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-    norm_topk_prob=False, scoring_func="softmax", topk_method="group_limited_greedy",
-    num_nextn_predict_layers=0, initializer_range=0.02,
-    rope_scaling=RopeScaling(factor=40.0, original_max_position_embeddings=4096,
-                             beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
+    vocab_size=102400,
+    hidden_size=5120,
+    intermediate_size=12288,
+    moe_intermediate_size=1536,
+    num_hidden_layers=60,
+    first_k_dense_replace=1,
+    n_routed_experts=160,
+    n_shared_experts=2,
+    num_experts_per_tok=6,
+    n_group=8,
+    topk_group=3,
+    routed_scaling_factor=16.0,
+    norm_topk_prob=False,
+    scoring_func="softmax",
+    topk_method="group_limited_greedy",
+    num_nextn_predict_layers=0,
+    initializer_range=0.02,
+    rope_scaling=RopeScaling(
+        factor=40.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=0.707,
+        mscale_all_dim=0.707,
+    ),
 )
 
 BENCH_SMALL = dataclasses.replace(
     V3_671B,
-    vocab_size=4096, hidden_size=512, num_hidden_layers=6, first_k_dense_replace=1,
-    num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_rope_head_dim=32,
-    qk_nope_head_dim=64, v_head_dim=64, intermediate_size=1408, moe_intermediate_size=256,
-    n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-    routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=4096,
-    rope_scaling=None, initializer_range=0.02,
+    vocab_size=4096,
+    hidden_size=512,
+    num_hidden_layers=6,
+    first_k_dense_replace=1,
+    num_attention_heads=8,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_rope_head_dim=32,
+    qk_nope_head_dim=64,
+    v_head_dim=64,
+    intermediate_size=1408,
+    moe_intermediate_size=256,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=4096,
+    rope_scaling=None,
+    initializer_range=0.02,
 )
 
 SMALL = dataclasses.replace(
     V3_671B,
-    vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1,
-    num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16,
-    qk_nope_head_dim=32, v_head_dim=32, intermediate_size=704, moe_intermediate_size=128,
-    n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-    routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=2048,
-    rope_scaling=None, initializer_range=0.02,
+    vocab_size=4096,
+    hidden_size=256,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    q_lora_rank=96,
+    kv_lora_rank=64,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    intermediate_size=704,
+    moe_intermediate_size=128,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=2048,
+    rope_scaling=None,
+    initializer_range=0.02,
 )
 
 TINY = dataclasses.replace(
     V3_671B,
-    vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1,
-    num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-    qk_nope_head_dim=16, v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
-    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-    routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=512,
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=512,
     rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=128),
     initializer_range=0.02,
 )
@@ -363,7 +507,9 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def get_preset(name: str, overrides: dict[str, str] | list[str] | tuple[str, ...] = ()) -> ModelConfig:
+def get_preset(
+    name: str, overrides: dict[str, str] | list[str] | tuple[str, ...] = ()
+) -> ModelConfig:
     """Returns preset ``name`` with ``key=value`` overrides applied."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -53,10 +53,12 @@ def make_mesh(
     grid = np.array(devices, dtype=object).reshape(stage, node, gpu)
     _check_hosts(grid)
     if stage == 1:
-        return jax.make_mesh((node, gpu), (NODE, GPU), (AxisType.Explicit,) * 2,
-                             devices=grid.reshape(-1))
-    return jax.make_mesh((stage, node, gpu), (STAGE, NODE, GPU), (AxisType.Explicit,) * 3,
-                         devices=grid.reshape(-1))
+        return jax.make_mesh(
+            (node, gpu), (NODE, GPU), (AxisType.Explicit,) * 2, devices=grid.reshape(-1)
+        )
+    return jax.make_mesh(
+        (stage, node, gpu), (STAGE, NODE, GPU), (AxisType.Explicit,) * 3, devices=grid.reshape(-1)
+    )
 
 
 def _check_hosts(grid: np.ndarray) -> None:

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.mesh import GPU, NODE, STAGE
 
@@ -123,7 +124,7 @@ def zero1_sharding(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
         size *= s.mesh.shape[a]
     if size == 1:
         return s
-    for i, (e, n) in enumerate(zip(spec, shape)):
+    for i, (e, n) in enumerate(zip(spec, shape, strict=True)):
         if e is None and n % size == 0:
             spec[i] = free if len(free) > 1 else free[0]
             return NamedSharding(s.mesh, P(*spec))

@@ -43,8 +43,9 @@ def _time(fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="bench-small", choices=sorted(PRESETS))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -54,14 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.preset, ["dtype=float32", *args.overrides])
-    tcfg = TrainConfig(steps=1000, batch_size=args.batch_size, seq_len=args.seq_len,
-                       remat=args.remat)
+    tcfg = TrainConfig(
+        steps=1000, batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat
+    )
     mesh = make_mesh()
     graphdef, state, layout, tx = init_state(cfg, tcfg, mesh)
     step = jit_train_step(graphdef, tx, tcfg, layout, mesh)
     rng = np.random.default_rng(0)
-    batches = [rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
-               for _ in range(args.steps + 2)]
+    batches = [
+        rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
+        for _ in range(args.steps + 2)
+    ]
     for ids in batches[:2]:
         state, m = step(state, ids)
     jax.block_until_ready(m)
@@ -74,16 +78,27 @@ def main(argv: list[str] | None = None) -> dict:
     flops_per_token = training_flops_per_token(cfg, seq_len=args.seq_len, causal=True)
     peak = matmul_peak_flops()
     mfu = flops_per_token * tokens_per_s / peak
-    rows = [("step time", f"{dt * 1e3:.0f} ms"), ("tokens/s", f"{tokens_per_s:,.0f}"),
-            ("model GFLOPs/token", f"{flops_per_token / 1e9:.3f}"),
-            ("achieved GFLOP/s", f"{flops_per_token * tokens_per_s / 1e9:.1f}"),
-            ("f32 matmul peak GFLOP/s (measured)", f"{peak / 1e9:.1f}"), ("MFU", f"{mfu:.1%}")]
-    print(f"{args.preset}, batch {args.batch_size} x {args.seq_len}, float32, "
-          f"{jax.device_count()} {jax.default_backend()} device(s)")
+    rows = [
+        ("step time", f"{dt * 1e3:.0f} ms"),
+        ("tokens/s", f"{tokens_per_s:,.0f}"),
+        ("model GFLOPs/token", f"{flops_per_token / 1e9:.3f}"),
+        ("achieved GFLOP/s", f"{flops_per_token * tokens_per_s / 1e9:.1f}"),
+        ("f32 matmul peak GFLOP/s (measured)", f"{peak / 1e9:.1f}"),
+        ("MFU", f"{mfu:.1%}"),
+    ]
+    print(
+        f"{args.preset}, batch {args.batch_size} x {args.seq_len}, float32, "
+        f"{jax.device_count()} {jax.default_backend()} device(s)"
+    )
     for k, v in rows:
         print(f"  {k:<36} {v:>12}")
-    out = {"preset": args.preset, "tokens_per_s": tokens_per_s,
-           "model_flops_per_token": flops_per_token, "peak_flops": peak, "mfu": mfu}
+    out = {
+        "preset": args.preset,
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops_per_token,
+        "peak_flops": peak,
+        "mfu": mfu,
+    }
     print(json.dumps(out))
     return out
 

@@ -28,11 +28,21 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = get_preset(args.preset, args.overrides)
     rep = abstract_report(cfg)
     kv = mla_kv_bytes_per_token(cfg)
-    print(f"preset {args.preset}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})")
+    print(
+        f"preset {args.preset}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})"
+    )
     rows = [
-        ("total parameters (main model)", f"{rep.total_params:,}", f"{rep.total_params / 1e9:.2f} B"),
-        ("activated per token", f"{rep.activated_params:,.0f}", f"{rep.activated_params / 1e9:.2f} B"),
+        (
+            "total parameters (main model)",
+            f"{rep.total_params:,}",
+            f"{rep.total_params / 1e9:.2f} B",
+        ),
+        (
+            "activated per token",
+            f"{rep.activated_params:,.0f}",
+            f"{rep.activated_params / 1e9:.2f} B",
+        ),
         ("MTP module (own)", f"{rep.mtp_params:,}", f"{rep.mtp_params / 1e9:.2f} B"),
         ("KV cache per token (BF16)", f"{kv:,} B", f"{kv / 1024:.1f} KiB"),
     ]

@@ -22,44 +22,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deepseek_jax.train.config import REMATS, TrainConfig
 
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="model config overrides (Hugging Face field names), e.g. n_group=2")
-    ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                    help="model size (default: the model of the run in --out when resuming, "
-                         "e.g. one made by experiments.convert; else small, ~10 M parameters)")
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="model config overrides (Hugging Face field names), e.g. n_group=2",
+    )
+    ap.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="model size (default: the model of the run in --out when resuming, "
+        "e.g. one made by experiments.convert; else small, ~10 M parameters)",
+    )
     ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in total")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size,
-                    help="global batch in sequences (divisible by node x gpu)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch in sequences (divisible by node x gpu)",
+    )
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up")
-    ap.add_argument("--mesh", default=None,
-                    help="device mesh as node=N,gpu=G (default: one node per process)")
-    ap.add_argument("--out", default="runs/default",
-                    help="output directory: checkpoints, metrics, plot (resumes if present)")
-    ap.add_argument("--data", default=None,
-                    help="text file, folder, or JSON lines with a 'text' field "
-                         "(default: this Python's standard library sources)")
+    ap.add_argument(
+        "--mesh", default=None, help="device mesh as node=N,gpu=G (default: one node per process)"
+    )
+    ap.add_argument(
+        "--out",
+        default="runs/default",
+        help="output directory: checkpoints, metrics, plot (resumes if present)",
+    )
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="text file, folder, or JSON lines with a 'text' field "
+        "(default: this Python's standard library sources)",
+    )
     ap.add_argument("--seed", type=int, default=d.seed, help="init and data seed")
-    ap.add_argument("--eval-every", type=int, default=d.eval_every,
-                    help="steps between held-out evaluations")
-    ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                    help="steps between checkpoints (one is always written at the end)")
+    ap.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations"
+    )
+    ap.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=d.ckpt_every,
+        help="steps between checkpoints (one is always written at the end)",
+    )
     ap.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    ap.add_argument("--remat", default=d.remat, choices=REMATS,
-                    help="rematerialisation policy of each block")
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--sample-tokens", type=int, default=64,
-                    help="tokens generated at the end (0: none)")
+    ap.add_argument(
+        "--remat", default=d.remat, choices=REMATS, help="rematerialisation policy of each block"
+    )
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    ap.add_argument(
+        "--sample-tokens", type=int, default=64, help="tokens generated at the end (0: none)"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port")
     ap.add_argument("--num-processes", type=int, default=None, help="multi-host: processes")
     ap.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
-    ap.add_argument("--cpu-devices", type=int, default=None,
-                    help="simulate this many CPU devices per process (testing)")
+    ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="simulate this many CPU devices per process (testing)",
+    )
     return ap.parse_args(argv)
 
 

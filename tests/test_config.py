@@ -17,7 +17,11 @@ def test_presets_validate(name):
 def test_bench_small_is_exact():
     c = get_preset("bench-small")
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.first_k_dense_replace) == (
-        4096, 512, 6, 1)
+        4096,
+        512,
+        6,
+        1,
+    )
     assert (c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank) == (8, 192, 128)
     assert (c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (32, 64, 64)
     assert (c.intermediate_size, c.moe_intermediate_size) == (1408, 256)
@@ -55,8 +59,16 @@ def test_bad_values_name_field_and_rule(overrides, field, rule):
 
 
 def test_override_types():
-    c = get_preset("tiny", ["hidden_size=32", "norm_topk_prob=false", "routed_scaling_factor=1",
-                            "q_lora_rank=none", "rope_scaling=none"])
+    c = get_preset(
+        "tiny",
+        [
+            "hidden_size=32",
+            "norm_topk_prob=false",
+            "routed_scaling_factor=1",
+            "q_lora_rank=none",
+            "rope_scaling=none",
+        ],
+    )
     assert c.hidden_size == 32 and c.norm_topk_prob is False and c.q_lora_rank is None
     assert isinstance(c.routed_scaling_factor, float) and c.rope_scaling is None
     with pytest.raises(ValueError, match="hidden_size: expected int"):
@@ -71,22 +83,55 @@ def test_override_types():
 
 # A released DeepSeek-V3 config.json (the fields that matter; extra keys are ignored).
 V3_JSON = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
-    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
-    "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
-    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-    "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-    "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-06, "rope_theta": 10000,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
-                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
-                     "type": "yarn"},
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                            "quant_method": "fp8", "weight_block_size": [128, 128]},
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "ep_size": 1,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "hidden_act": "silu",
+    "max_position_embeddings": 163840,
+    "initializer_range": 0.02,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
 }
 
 
@@ -100,11 +145,23 @@ def test_from_hf_config_v3(tmp_path):
 def test_from_hf_config_rope_parameters_and_v2():
     d = dict(V3_JSON)
     d.pop("rope_scaling")
-    d["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e4,
-                            "original_max_position_embeddings": 1024, "beta_fast": 32,
-                            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
-    d.update(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
-             n_group=8, topk_group=3)
+    d["rope_parameters"] = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "rope_theta": 5e4,
+        "original_max_position_embeddings": 1024,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+    }
+    d.update(
+        scoring_func="softmax",
+        topk_method="group_limited_greedy",
+        norm_topk_prob=False,
+        n_group=8,
+        topk_group=3,
+    )
     c = ModelConfig.from_hf_config(d)
     assert c.rope_scaling.factor == 4.0 and c.rope_theta == 5e4
     assert c.rope_scaling.mscale == pytest.approx(0.707)

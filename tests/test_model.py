@@ -48,8 +48,9 @@ def test_born_sharded_and_sharded_forward_equals_single_device():
 
     ref_model = init_model(CFG, single_device_mesh(), seed=1)
     # the same seed gives the same parameters whatever the mesh
-    chex.assert_trees_all_equal(jax.device_get(nnx.state(model, nnx.Param)),
-                                jax.device_get(nnx.state(ref_model, nnx.Param)))
+    chex.assert_trees_all_equal(
+        jax.device_get(nnx.state(model, nnx.Param)), jax.device_get(nnx.state(ref_model, nnx.Param))
+    )
     ref = nnx.jit(lambda m, x: m(x))(ref_model, ids)
     chex.assert_trees_all_close(jax.device_get(out), jax.device_get(ref), atol=2e-5, rtol=2e-5)
 
@@ -79,7 +80,7 @@ def test_causality_through_gradients():
     for t in (3, 7):
         g = np.asarray(dependence(params, t))
         for k in range(3):  # k = 0: the main head
-            assert (g[k, rows[t + k + 1:]] == 0).all(), f"depth {k} at {t} sees the future"
+            assert (g[k, rows[t + k + 1 :]] == 0).all(), f"depth {k} at {t} sees the future"
             assert (g[k, rows[: t + k + 1]] > 0).all(), f"depth {k} at {t} misses a past token"
 
 
@@ -96,5 +97,3 @@ def test_remat_changes_nothing():
 def test_bad_remat_policy():
     with pytest.raises(ValueError, match="remat"):
         Transformer(CFG, rngs=nnx.Rngs(0), remat="sometimes")
-
-

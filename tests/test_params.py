@@ -17,8 +17,9 @@ DENSE = 3 * 7168 * 18432
 def test_v3_param_counts():
     rep = abstract_report(get_preset("v3-671b"))
     assert rep.total_params == 61 * MLA + 3 * DENSE + 58 * (257 * EXPERT + GATE) + 2 * EMB
-    assert rep.activated_params == pytest.approx(61 * MLA + 3 * DENSE + 58 * (9 * EXPERT + GATE)
-                                                 + 2 * EMB)
+    assert rep.activated_params == pytest.approx(
+        61 * MLA + 3 * DENSE + 58 * (9 * EXPERT + GATE) + 2 * EMB
+    )
     assert rep.mtp_params == MLA + 257 * EXPERT + GATE + 2 * 7168 * 7168
     assert round(rep.total_params / 1e9, 2) == 671.03
     assert round(rep.activated_params / 1e9, 2) == 37.55

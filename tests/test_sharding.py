@@ -25,9 +25,12 @@ def test_mesh_size_mismatch(node, gpu, stage):
 
 def test_rules():
     axes = ("node", "gpu")
-    assert logical_to_spec(("batch", None, "embed"), mesh_axes=axes) == P(("node", "gpu"), None, None)
+    assert logical_to_spec(("batch", None, "embed"), mesh_axes=axes) == P(
+        ("node", "gpu"), None, None
+    )
     assert logical_to_spec(("layers", "expert", "embed", "mlp"), mesh_axes=axes) == P(
-        None, ("node", "gpu"), None, None)
+        None, ("node", "gpu"), None, None
+    )
     assert logical_to_spec(("layers", "embed"), mesh_axes=("stage",) + axes) == P("stage", None)
 
 

@@ -22,23 +22,41 @@ from deepseek_jax.train.state import abstract_state, init_state, plan
 from experiments.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "16", "--no-progress",
-        "--sample-tokens", "0", "--eval-every", "1000"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "16",
+    "--no-progress",
+    "--sample-tokens",
+    "0",
+    "--eval-every",
+    "1000",
+]
 
 
 def _env(devices: int | None = 8) -> dict[str, str]:
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0" + (
-        f" --xla_force_host_platform_device_count={devices}" if devices else "")
+        f" --xla_force_host_platform_device_count={devices}" if devices else ""
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
     return env
 
 
 def _spawn(args: list[str], env=None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
-                            env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _losses(out: Path) -> dict[int, list[float]]:
@@ -121,9 +139,22 @@ def test_two_processes_equal_one(tmp_path):
     one = _spawn(common + ["--out", str(tmp_path / "one")])
     port = _free_port()
     procs = [
-        _spawn(common + ["--out", str(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}",
-                         "--num-processes", "2", "--process-id", str(i), "--cpu-devices", "4"],
-               env=_env(None))
+        _spawn(
+            common
+            + [
+                "--out",
+                str(tmp_path / "two"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--cpu-devices",
+                "4",
+            ],
+            env=_env(None),
+        )
         for i in range(2)
     ]
     for p in [one, *procs]:
@@ -184,8 +215,21 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path, capsys):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "o"
-    rc = main(TINY + ["--steps", "6", "--ckpt-every", "1", "--lr", "1e30", "--warmup-steps", "0",
-                      "--out", str(out)])
+    rc = main(
+        TINY
+        + [
+            "--steps",
+            "6",
+            "--ckpt-every",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "loss is nan" in err.lower() or "loss is inf" in err.lower(), err
     assert "last good checkpoint is step" in err

@@ -50,5 +50,3 @@ def abstract_report(cfg: ModelConfig) -> ParamReport:
     from deepseek_jax.build import abstract_model
 
     return param_report(abstract_model(cfg), cfg)
-
-

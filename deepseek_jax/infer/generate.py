@@ -41,8 +41,9 @@ class UnrolledDecoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list[LatentCache]:
         return [LatentCache.init(batch, max_len, self.cfg, self.dtype) for _ in self.layers]
 
-    def decode(self, ids_BT: Int[Array, "B T"], cache: list[LatentCache],
-               cache_index: Int[Array, ""]) -> tuple[Float[Array, "B T V"], list[LatentCache]]:
+    def decode(
+        self, ids_BT: Int[Array, "B T"], cache: list[LatentCache], cache_index: Int[Array, ""]
+    ) -> tuple[Float[Array, "B T V"], list[LatentCache]]:
         positions_BT = cache_index + jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         x_BTD = self.embed_tokens(ids_BT)
         new = []
@@ -50,8 +51,12 @@ class UnrolledDecoder(nnx.Module):
             x_BTD, c = layer.decode(x_BTD, positions_BT, c, cache_index)
             new.append(c)
         x_BTD = self.norm(x_BTD).astype(self.dtype)
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, self.lm_head[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BTV = jnp.einsum(
+            "btd,dv->btv",
+            x_BTD,
+            self.lm_head[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
         return logits_BTV, new
 
 
@@ -87,8 +92,9 @@ def _pick(logits_BV, key, temperature: float, top_k: int, top_p: float):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k", "top_p"))
-def _prefill(graphdef, state, prompt_BT, key, *, max_len: int, temperature: float, top_k: int,
-             top_p: float):
+def _prefill(
+    graphdef, state, prompt_BT, key, *, max_len: int, temperature: float, top_k: int, top_p: float
+):
     """Prompt -> (first new token, cache holding the prompt, key)."""
     dec = nnx.merge(graphdef, state)
     cache = dec.init_cache(prompt_BT.shape[0], max_len)
@@ -98,8 +104,19 @@ def _prefill(graphdef, state, prompt_BT, key, *, max_len: int, temperature: floa
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p"))
-def _decode(graphdef, state, first_B, cache, key, start, *, steps: int, temperature: float,
-            top_k: int, top_p: float):
+def _decode(
+    graphdef,
+    state,
+    first_B,
+    cache,
+    key,
+    start,
+    *,
+    steps: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+):
     """``steps`` tokens after ``first_B`` (which sits at position ``start``): [B, steps]."""
 
     def step(carry, i):
@@ -124,15 +141,24 @@ class Generation:
 
     def rates(self, prompt_len: int) -> dict[str, float]:
         B, N = self.tokens.shape
-        return {"prefill_tokens_per_s": B * prompt_len / self.prefill_s,
-                "decode_tokens_per_s": B * (N - 1) / self.decode_s if N > 1 else float("nan")}
+        return {
+            "prefill_tokens_per_s": B * prompt_len / self.prefill_s,
+            "decode_tokens_per_s": B * (N - 1) / self.decode_s if N > 1 else float("nan"),
+        }
 
 
 class Generator:
     """Prefill and decode compiled ahead of time per (batch, prompt length, new tokens)."""
 
-    def __init__(self, model: Transformer, *, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, unroll: bool | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        unroll: bool | None = None,
+    ):
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0 or temperature < 0:
@@ -157,20 +183,25 @@ class Generator:
         pre = _prefill.lower(g, st, *pre_args, max_len=prompt_len + new_tokens, **kw).compile()
         first, cache, key = jax.eval_shape(
             lambda s, p, k: _prefill(g, s, p, k, max_len=prompt_len + new_tokens, **kw),
-            st, *pre_args)
+            st,
+            *pre_args,
+        )
         start = jax.ShapeDtypeStruct((), jnp.int32)
         dec = _decode.lower(g, st, first, cache, key, start, steps=new_tokens - 1, **kw).compile()
         self._programs[shape] = (pre, dec)
         return time.perf_counter() - t0
 
-    def __call__(self, prompt_BT: Int[Array, "B T"], new_tokens: int, *,
-                 seed: int = 0) -> Generation:
+    def __call__(
+        self, prompt_BT: Int[Array, "B T"], new_tokens: int, *, seed: int = 0
+    ) -> Generation:
         B, T = prompt_BT.shape
         if new_tokens < 1:
             raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
         if T + new_tokens > self.cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({T}) + new tokens ({new_tokens}) exceed "
-                             f"max_position_embeddings ({self.cfg.max_position_embeddings})")
+            raise ValueError(
+                f"prompt ({T}) + new tokens ({new_tokens}) exceed "
+                f"max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
         compile_s = self.compile(B, T, new_tokens)
         prefill, decode = self._programs[(B, T, new_tokens)]
         prompt_BT = jax.block_until_ready(jnp.asarray(prompt_BT, jnp.int32))

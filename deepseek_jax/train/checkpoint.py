@@ -24,8 +24,9 @@ class CheckpointError(ValueError):
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                            enable_async_checkpointing=async_save)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=opts)
         except Exception as e:  # unreadable metadata, a file where the directory should be
@@ -36,8 +37,13 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
         """Starts an async save of ``state`` (returns before the write ends)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, target: TrainState, expect: dict[str, Any]) -> TrainState:
         """Restores step ``step`` onto the shardings of ``target`` (any mesh).
@@ -46,18 +52,21 @@ class Checkpointer:
         """
         where = os.path.join(self.directory, str(step))
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
         except Exception as e:
             raise CheckpointError(f"corrupt checkpoint at {where}: {_first_line(e)}") from e
         for key, want in expect.items():
             _check_same(key, meta.get(key), want, where)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))["state"]
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )["state"]
         except Exception as e:
             raise CheckpointError(
-                f"corrupt or incompatible checkpoint at {where}: {_first_line(e)}") from e
+                f"corrupt or incompatible checkpoint at {where}: {_first_line(e)}"
+            ) from e
         return restored
 
     def wait(self) -> None:
@@ -81,8 +90,10 @@ def _check_same(key: str, saved: Any, want: Any, where: str) -> None:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {want.get(k)!r}" for k in diff[:3])
     else:
         detail = f"saved {saved!r}, now {want!r}"
-    raise CheckpointError(f"incompatible checkpoint at {where}: {key} differs ({detail}); "
-                          f"use another --out directory or the same settings")
+    raise CheckpointError(
+        f"incompatible checkpoint at {where}: {key} differs ({detail}); "
+        f"use another --out directory or the same settings"
+    )
 
 
 def latest_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any] | None:
@@ -95,8 +106,9 @@ def latest_meta(directory: str | os.PathLike, step: int | None = None) -> dict[s
         step = ckpt.latest_step() if step is None else step
         if step is None:
             return None
-        return ckpt.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        return ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint meta in {directory}: {_first_line(e)}") from e
     finally:

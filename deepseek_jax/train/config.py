@@ -31,8 +31,15 @@ class TrainConfig:
     keep: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "ckpt_every", "keep",
-                     "eval_batches"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "eval_every",
+            "ckpt_every",
+            "keep",
+            "eval_batches",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: must be positive")
         for name in ("lr", "clip_norm", "eps"):

@@ -21,8 +21,16 @@ from deepseek_jax.train.step import batch_sharding, jit_eval_step, jit_train_ste
 
 
 class Trainer:
-    def __init__(self, cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, corpus,
-                 *, out_dir: str, progress: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tcfg: TrainConfig,
+        mesh: jax.sharding.Mesh,
+        corpus,
+        *,
+        out_dir: str,
+        progress: bool = True,
+    ):
         from deepseek_jax.train.runner import UserError
 
         self.cfg, self.tcfg, self.mesh, self.corpus = cfg, tcfg, mesh, corpus
@@ -34,8 +42,12 @@ class Trainer:
         except ValueError as e:
             raise UserError(str(e)) from None
         os.makedirs(out_dir, exist_ok=True)
-        self.meta = {"model_config": config_dict(cfg), "seed": tcfg.seed,
-                     "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len}
+        self.meta = {
+            "model_config": config_dict(cfg),
+            "seed": tcfg.seed,
+            "batch_size": tcfg.batch_size,
+            "seq_len": tcfg.seq_len,
+        }
         try:
             self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep)
             self.graphdef, self.state, self.layout, tx = self._restore_or_init()
@@ -45,9 +57,14 @@ class Trainer:
         self.eval_step = jit_eval_step(self.graphdef, tcfg, self.layout, mesh)
         self.batch_sharding = batch_sharding(mesh)
         self.log = MetricsLogger(out_dir, enabled=self.lead)
-        self.log.write({"kind": "run", "step": int(jax.device_get(self.state.step)),
-                        "num_moe_layers": cfg.num_moe_layers,
-                        "unigram_entropy": corpus.unigram_entropy()})
+        self.log.write(
+            {
+                "kind": "run",
+                "step": int(jax.device_get(self.state.step)),
+                "num_moe_layers": cfg.num_moe_layers,
+                "unigram_entropy": corpus.unigram_entropy(),
+            }
+        )
         self.history: list[dict[str, Any]] = []
 
     def _restore_or_init(self):
@@ -56,8 +73,11 @@ class Trainer:
             return init_state(self.cfg, self.tcfg, self.mesh)
         graphdef, abs_state, layout, tx = plan(self.cfg, self.tcfg, self.mesh)
         with jax.set_mesh(self.mesh):
-            state = self.ckpt.restore(latest, abstract_state(abs_state, layout),
-                                      {"model_config": self.meta["model_config"]})
+            state = self.ckpt.restore(
+                latest,
+                abstract_state(abs_state, layout),
+                {"model_config": self.meta["model_config"]},
+            )
         if self.lead:
             print(f"resumed from {self.ckpt.directory}/{latest}")
         return graphdef, state, layout, tx
@@ -69,12 +89,17 @@ class Trainer:
         if n == 0:
             return {}
         sums: dict[str, float] = {}
-        batches = self.corpus.eval_batches(t.batch_size, t.seq_len, max_batches=n,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+        batches = self.corpus.eval_batches(
+            t.batch_size,
+            t.seq_len,
+            max_batches=n,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         for rows in batches:
             ids = jax.make_array_from_process_local_data(
-                self.batch_sharding, np.asarray(rows, np.int32), (t.batch_size, t.seq_len + 1))
+                self.batch_sharding, np.asarray(rows, np.int32), (t.batch_size, t.seq_len + 1)
+            )
             for k, v in jax.device_get(self.eval_step(self.state, ids)).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / n
         rec = {"kind": "eval", "step": step, **sums}
@@ -88,21 +113,30 @@ class Trainer:
         now = time.perf_counter()
         done = step + 1 - self._clock[0]
         tokens = self.tcfg.batch_size * self.tcfg.seq_len * done
-        rec = {"kind": "train", "step": step, **{k: np.asarray(v).tolist() for k, v in m.items()},
-               "tokens_per_s": tokens / max(now - self._clock[1], 1e-9)}
+        rec = {
+            "kind": "train",
+            "step": step,
+            **{k: np.asarray(v).tolist() for k, v in m.items()},
+            "tokens_per_s": tokens / max(now - self._clock[1], 1e-9),
+        }
         self._clock = (step + 1, now)
         if not math.isfinite(rec["loss"]):
             from deepseek_jax.train.runner import UserError
 
             self.ckpt.close()  # let in-flight saves of good states commit
             last = self.ckpt.latest_step()
-            raise UserError(f"loss is {rec['loss']} at step {step}: training stopped; the last "
-                            f"good checkpoint is step {last} in {self.ckpt.directory}")
+            raise UserError(
+                f"loss is {rec['loss']} at step {step}: training stopped; the last "
+                f"good checkpoint is step {last} in {self.ckpt.directory}"
+            )
         self.log.write(rec)
         self.history.append(rec)
         if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            balance=f"{rec.get('balance', 1.0):.2f}")
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3f}",
+                tok_s=f"{rec['tokens_per_s']:.0f}",
+                balance=f"{rec.get('balance', 1.0):.2f}",
+            )
         return rec
 
     def _save(self, step: int) -> None:
@@ -113,8 +147,17 @@ class Trainer:
         t = self.tcfg
         start = int(jax.device_get(self.state.step))
         self._clock = (start, time.perf_counter())
-        bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step",
-                   dynamic_ncols=True) if self.progress else None
+        bar = (
+            tqdm(
+                total=t.steps,
+                initial=start,
+                disable=not self.progress,
+                unit="step",
+                dynamic_ncols=True,
+            )
+            if self.progress
+            else None
+        )
         pending, saved = None, start
         for step in range(start, t.steps):
             ids = global_batch(self.corpus, t.seed, step, t, self.batch_sharding)
@@ -154,14 +197,21 @@ class Trainer:
         evals = [r for r in self.history if r["kind"] == "eval" and r["step"] == end]
         ev = evals[-1] if evals else (self._eval(end) if end > 0 else {})
         train = [r for r in self.history if r["kind"] == "train"]
-        summary.update(unigram_entropy=self.corpus.unigram_entropy(),
-                       eval_ce=ev.get("ce"))
+        summary.update(unigram_entropy=self.corpus.unigram_entropy(), eval_ce=ev.get("ce"))
         if train:
-            summary.update(first_loss=train[0]["ce"], last_loss=train[-1]["ce"],
-                           first_balance=train[0].get("balance"),
-                           last_balance=train[-1].get("balance"))
-        self.log.write({"kind": "summary", "step": end, **{k: v for k, v in summary.items()
-                                                           if isinstance(v, (int, float))}})
+            summary.update(
+                first_loss=train[0]["ce"],
+                last_loss=train[-1]["ce"],
+                first_balance=train[0].get("balance"),
+                last_balance=train[-1].get("balance"),
+            )
+        self.log.write(
+            {
+                "kind": "summary",
+                "step": end,
+                **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+            }
+        )
         self.log.close()
         self.ckpt.close()
         if not self.lead:
@@ -176,15 +226,23 @@ class Trainer:
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"steps {s['start_step']} -> {s['end_step']}"
-              + (" (interrupted; checkpoint saved)" if s["interrupted"] else ""))
-        print(f"train loss (CE, nats/token): first {f(s.get('first_loss'))}, "
-              f"last {f(s.get('last_loss'))}")
-        print(f"held-out loss: {f(s.get('eval_ce'))}   unigram-entropy baseline: "
-              f"{f(s['unigram_entropy'])}")
+        print(
+            f"steps {s['start_step']} -> {s['end_step']}"
+            + (" (interrupted; checkpoint saved)" if s["interrupted"] else "")
+        )
+        print(
+            f"train loss (CE, nats/token): first {f(s.get('first_loss'))}, "
+            f"last {f(s.get('last_loss'))}"
+        )
+        print(
+            f"held-out loss: {f(s.get('eval_ce'))}   unigram-entropy baseline: "
+            f"{f(s['unigram_entropy'])}"
+        )
         if s.get("first_balance") is not None:
-            print(f"expert load max/mean (mean over MoE layers): first "
-                  f"{f(s['first_balance'])}, last {f(s['last_balance'])}")
+            print(
+                f"expert load max/mean (mean over MoE layers): first "
+                f"{f(s['first_balance'])}, last {f(s['last_balance'])}"
+            )
 
     def _sample(self, n: int) -> None:
         from deepseek_jax.infer.generate import generate

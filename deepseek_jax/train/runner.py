@@ -28,8 +28,11 @@ def _setup_runtime(args: argparse.Namespace) -> None:
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.coordinator or (args.num_processes or 0) > 1:
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
@@ -68,25 +71,41 @@ def _build(args: argparse.Namespace) -> Setup:
             cfg = resumed.with_overrides(overrides) if overrides else resumed
         else:
             cfg = get_preset(args.preset or "small", overrides)
-        tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                           lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-                           eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                           keep=args.keep, remat=args.remat)
+        tcfg = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            ckpt_every=args.ckpt_every,
+            keep=args.keep,
+            remat=args.remat,
+        )
         mesh = make_mesh(**_parse_mesh(args.mesh))
     except ValueError as e:
         raise UserError(str(e)) from None
     dp = math.prod(mesh.shape.values())
     if tcfg.batch_size % dp:
-        raise UserError(f"--batch-size {tcfg.batch_size} is not divisible by the data-parallel "
-                        f"size {dp} (mesh {dict(mesh.shape)})")
+        raise UserError(
+            f"--batch-size {tcfg.batch_size} is not divisible by the data-parallel "
+            f"size {dp} (mesh {dict(mesh.shape)})"
+        )
     if tcfg.seq_len > cfg.max_position_embeddings:
-        raise UserError(f"--seq-len {tcfg.seq_len} exceeds max_position_embeddings "
-                        f"{cfg.max_position_embeddings} of "
-                        + (f"preset {args.preset or 'small'!r}" if resumed is None
-                           else f"the model in {args.out}"))
+        raise UserError(
+            f"--seq-len {tcfg.seq_len} exceeds max_position_embeddings "
+            f"{cfg.max_position_embeddings} of "
+            + (
+                f"preset {args.preset or 'small'!r}"
+                if resumed is None
+                else f"the model in {args.out}"
+            )
+        )
     try:
-        corpus = load_corpus(DataConfig(path=args.data, vocab_size=cfg.vocab_size,
-                                        byte_level=cfg.vocab_size <= 256))
+        corpus = load_corpus(
+            DataConfig(path=args.data, vocab_size=cfg.vocab_size, byte_level=cfg.vocab_size <= 256)
+        )
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     return Setup(cfg, tcfg, mesh, corpus)
@@ -131,8 +150,9 @@ class _Stop:
 
 def _global_batch(corpus, seed: int, step: int, tcfg, sharding) -> jax.Array:
     """This process's rows of the step's batch, assembled into one global array."""
-    rows = corpus.process_batch(seed, step, tcfg.batch_size, tcfg.seq_len,
-                                jax.process_index(), jax.process_count())
+    rows = corpus.process_batch(
+        seed, step, tcfg.batch_size, tcfg.seq_len, jax.process_index(), jax.process_count()
+    )
     shape = (tcfg.batch_size, tcfg.seq_len + 1)
     return jax.make_array_from_process_local_data(sharding, np.asarray(rows, np.int32), shape)
 
@@ -142,8 +162,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from deepseek_jax.train.loop import Trainer
 
     setup = _build(args)
-    trainer = Trainer(setup.cfg, setup.tcfg, setup.mesh, setup.corpus, out_dir=args.out,
-                      progress=not args.no_progress)
+    trainer = Trainer(
+        setup.cfg,
+        setup.tcfg,
+        setup.mesh,
+        setup.corpus,
+        out_dir=args.out,
+        progress=not args.no_progress,
+    )
     t0 = time.time()
     with _Stop() as stop:
         summary = trainer.fit(stop, _global_batch)

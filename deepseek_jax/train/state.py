@@ -35,21 +35,32 @@ class TrainState:
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio)
+        0.0,
+        cfg.lr,
+        max(cfg.warmup_steps, 1),
+        max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; weight decay on matrices only (no norms, biases)."""
 
     def decay_mask(params):
-        return jax.tree.map(lambda v: is_matrix(v), params,
-                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return jax.tree.map(
+            lambda v: is_matrix(v), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
 
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(lr_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(
+            lr_schedule(cfg),
+            cfg.b1,
+            cfg.b2,
+            cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
     )
 
 
@@ -76,8 +87,9 @@ def plan(
     cfg: ModelConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh
 ) -> tuple[nnx.GraphDef, TrainState, Layout, optax.GradientTransformation]:
     """Abstract train state and its shardings; nothing is allocated."""
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model(cfg, remat=tcfg.remat),
-                                               nnx.Param, ...)
+    graphdef, abs_params, abs_rest = nnx.split(
+        abstract_model(cfg, remat=tcfg.remat), nnx.Param, ...
+    )
     p_sh = state_shardings(abs_params, mesh)
     r_sh = state_shardings(abs_rest, mesh)
     pz_sh = jax.tree.map(lambda s, a: zero1_sharding(s, a.shape), p_sh, abs_params)
@@ -86,8 +98,13 @@ def plan(
         abs_opt = jax.eval_shape(tx.init, _with(abs_params, pz_sh))
     scalar = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     o_sh = jax.tree.map(  # concrete-mesh shardings (eval_shape yields abstract-mesh ones)
-        lambda a: jax.sharding.NamedSharding(mesh, a.sharding.spec)
-        if isinstance(a.sharding, jax.sharding.NamedSharding) else scalar, abs_opt)
+        lambda a: (
+            jax.sharding.NamedSharding(mesh, a.sharding.spec)
+            if isinstance(a.sharding, jax.sharding.NamedSharding)
+            else scalar
+        ),
+        abs_opt,
+    )
     abs_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abs_params, abs_rest, abs_opt)
     layout = Layout(TrainState(scalar, p_sh, r_sh, o_sh), pz_sh)
     return graphdef, abs_state, layout, tx

@@ -31,8 +31,11 @@ def _balance(out: ModelOutput) -> dict[str, Array]:
     load_LE = jnp.concatenate([s.load_LE for s in stats])
     ratio_L = load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9)
     dropped = sum(jnp.sum(s.dropped_L) for s in stats).astype(jnp.float32)
-    return {"balance_L": ratio_L, "balance": ratio_L.mean(),
-            "moe_dropped": dropped / jnp.maximum(load_LE.sum(), 1.0)}
+    return {
+        "balance_L": ratio_L,
+        "balance": ratio_L.mean(),
+        "moe_dropped": dropped / jnp.maximum(load_LE.sum(), 1.0),
+    }
 
 
 def train_step(
@@ -64,8 +67,12 @@ def train_step(
     model = nnx.merge(graphdef, params, state.rest)
     model.update_routing_bias(out.moe_stats, out.mtp_stats, cfg.bias_gamma)
     rest = nnx.split(model, nnx.Param, ...)[2]
-    metrics = {**terms, **_balance(out), "grad_norm": optax.tree.norm(grads),
-               "lr": lr_schedule(cfg)(state.step)}
+    metrics = {
+        **terms,
+        **_balance(out),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": lr_schedule(cfg)(state.step),
+    }
     return TrainState(state.step + 1, params, rest, opt_state), metrics
 
 
@@ -78,8 +85,12 @@ def jit_train_step(
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Array]]]:
     """``train_step`` jitted once: explicit in/out shardings, the state donated."""
     fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids)  # noqa: E731
-    jitted = jax.jit(fn, in_shardings=(layout.state, batch_sharding(mesh)),
-                     out_shardings=(layout.state, None), donate_argnums=0)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(layout.state, batch_sharding(mesh)),
+        out_shardings=(layout.state, None),
+        donate_argnums=0,
+    )
 
     def run(state, ids):
         with jax.set_mesh(mesh):
@@ -88,8 +99,9 @@ def jit_train_step(
     return run
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, layout: Layout,
-                  mesh: jax.sharding.Mesh) -> Callable[[TrainState, jax.Array], dict[str, Array]]:
+def jit_eval_step(
+    graphdef: nnx.GraphDef, cfg: TrainConfig, layout: Layout, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, jax.Array], dict[str, Array]]:
     """Held-out loss terms of one batch (no update)."""
 
     def fn(state, ids_BT1):
