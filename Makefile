@@ -35,6 +35,7 @@ train: setup
 
 bench: setup
 	$(PY) -m experiments.bench_moe
+	$(PY) -m experiments.bench_train
 	$(PY) -m experiments.bench_ep
 	$(PY) -m experiments.fp8_parity
 	$(PY) -m experiments.bench_generate
@@ -46,8 +47,10 @@ lint: setup
 	$(PY) -m ruff check deepseek_jax pallas_kernels experiments tests
 	$(PY) -m ruff format --check deepseek_jax pallas_kernels experiments tests
 
-gpu-check: setup
-	$(PY) -m experiments.gpu_check
+# On a GPU machine with JAX preinstalled and no registry access, run without the venv.
+gpu-check:
+	@if [ -x $(PY) ]; then $(PY) -m experiments.gpu_check; \
+	else PYTHONPATH=. python3 -m experiments.gpu_check; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
