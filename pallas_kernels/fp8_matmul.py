@@ -33,7 +33,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-F8 = jnp.float8_e4m3fn
 SLICE = 128  # promotion interval along K (N_C) and the grouped row alignment
 _WG_ROWS = 64  # rows per compute warpgroup (one wgmma M)
 _SMEM_BYTES = 220 * 1024  # of Hopper's 227 KiB per block, leaving room for barriers
