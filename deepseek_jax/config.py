@@ -103,6 +103,7 @@ class ModelConfig:
     ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
     ep_fp8_dispatch: bool = False  # dispatch payload E4M3 with 1x128 scales (V3TR 3.3.2)
     ep_kernel: KernelBackend = "xla"  # permute/combine: "xla" (jnp) or "pallas" (our kernel)
+    ep_logfmt_bits: int = 0  # dispatch payload in LogFMT-n (ISCA 3.2), n in 4..16; 0: off
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -198,6 +199,18 @@ class ModelConfig:
                 "must be positive, or None for dropless buffers",
                 self.ep_capacity_factor,
             )
+        _require(
+            "ep_logfmt_bits",
+            self.ep_logfmt_bits == 0 or 4 <= self.ep_logfmt_bits <= 16,
+            "must be 0 (off) or in [4, 16]",
+            self.ep_logfmt_bits,
+        )
+        _require(
+            "ep_logfmt_bits",
+            not (self.ep_logfmt_bits and self.ep_fp8_dispatch),
+            "choose one dispatch codec: LogFMT or ep_fp8_dispatch, not both",
+            self.ep_logfmt_bits,
+        )
         for name in (
             "scoring_func",
             "topk_method",
@@ -300,6 +313,7 @@ class ModelConfig:
             "ep_capacity_factor",
             "ep_fp8_dispatch",
             "ep_kernel",
+            "ep_logfmt_bits",
         ):
             d.pop(ours)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None

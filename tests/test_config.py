@@ -50,6 +50,8 @@ def test_v3_preset_matches_reference():
         (["scoring_func=softmax"], "scoring_func", "noaux_tc"),
         (["dtype=int8"], "dtype", "one of"),
         (["kv_lora_rank=-1"], "kv_lora_rank", "positive"),
+        (["ep_logfmt_bits=3"], "ep_logfmt_bits", "[4, 16]"),
+        (["ep_logfmt_bits=8", "ep_fp8_dispatch=true"], "ep_logfmt_bits", "one dispatch codec"),
     ],
 )
 def test_bad_values_name_field_and_rule(overrides, field, rule):

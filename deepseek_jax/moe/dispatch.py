@@ -96,6 +96,7 @@ class EPOptions:
     capacity_factor: per-peer buffers = factor x balanced load (capped at the worst case);
       None sizes every buffer for the worst case: dropless.
     fp8_dispatch: the dispatch payload is E4M3 with one FP32 scale per 1x128 tile.
+    logfmt_bits: the dispatch payload is LogFMT-n (ISCA 3.2, ``deepseek_jax.logfmt``); 0: off.
     combine_dtype: the combine payload; None: the compute dtype.
     kernel: "pallas" runs our permute/combine kernels (interpreted off-GPU), "xla" their
       jnp twins. The Pallas interpreter does not track varying mesh axes, so a shard_map
@@ -105,6 +106,7 @@ class EPOptions:
     path: Path = "two_hop"
     capacity_factor: float | None = 3.0
     fp8_dispatch: bool = False
+    logfmt_bits: int = 0
     combine_dtype: str | None = None
     kernel: Kernel = "xla"
 
@@ -114,6 +116,7 @@ class EPOptions:
             path=cfg.ep_dispatch,
             capacity_factor=cfg.ep_capacity_factor,
             fp8_dispatch=cfg.ep_fp8_dispatch,
+            logfmt_bits=cfg.ep_logfmt_bits,
             kernel=cfg.ep_kernel,
         )
 
@@ -271,7 +274,14 @@ def flat_dispatch(
     dev_A = idx_A // El
     slot_AR, src_RC, ok_AR = _slots(dev_A[:, None] == jnp.arange(R)[None, :], C)
     expert_RC = jnp.take(idx_A % El, src_RC, mode="fill", fill_value=El)
-    x_RCD = send(x_TD, src_RC // K, (NODE, GPU), fp8=opts.fp8_dispatch, kernel=opts.kernel)
+    x_RCD = send(
+        x_TD,
+        src_RC // K,
+        (NODE, GPU),
+        fp8=opts.fp8_dispatch,
+        kernel=opts.kernel,
+        logfmt_bits=opts.logfmt_bits,
+    )
     expert_RC = all_to_all(expert_RC, (NODE, GPU))
     me_node, me_gpu = jax.lax.axis_index(NODE), jax.lax.axis_index(GPU)
     sent_A = jnp.any(ok_AR, axis=1)
@@ -310,7 +320,9 @@ def two_hop_dispatch(
     to_TNK = node_TK[:, None, :] == jnp.arange(N)[None, :, None]
     row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
     e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
-    x1_NCD = send(x_TD, src1_NC, NODE, fp8=opts.fp8_dispatch, kernel=opts.kernel)
+    x1_NCD = send(
+        x_TD, src1_NC, NODE, fp8=opts.fp8_dispatch, kernel=opts.kernel, logfmt_bits=opts.logfmt_bits
+    )
     e1_UK = all_to_all(e1_NCK, NODE).reshape(-1, K)  # U = N C1 received rows
     w1_UK = all_to_all(w1_NCK, NODE).reshape(-1, K)
     # hop 2: each received row to the GPUs of its experts on this node
@@ -318,7 +330,12 @@ def two_hop_dispatch(
     row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
     e2_GCK, w2_GCK = _blank_others(e1_UK, w1_UK, src2_GC, El)
     x2_GCD = send(
-        x1_NCD.reshape(-1, x_TD.shape[1]), src2_GC, GPU, fp8=opts.fp8_dispatch, kernel=opts.kernel
+        x1_NCD.reshape(-1, x_TD.shape[1]),
+        src2_GC,
+        GPU,
+        fp8=opts.fp8_dispatch,
+        kernel=opts.kernel,
+        logfmt_bits=opts.logfmt_bits,
     )
     e2_GCK = all_to_all(e2_GCK, GPU)
     w2_GCK = all_to_all(w2_GCK, GPU)

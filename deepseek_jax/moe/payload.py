@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from deepseek_jax import logfmt
 from pallas_kernels import dispatch as kernels
 
 Kernel = Literal["xla", "pallas"]
@@ -27,10 +28,14 @@ def all_to_all(x_P, axis):
     return jax.lax.all_to_all(x_P, axis, 0, 0, tiled=True)
 
 
-def send(x_SD, src_PC, axis, *, fp8: bool, kernel: Kernel) -> Float[Array, "P C D"]:
+def send(
+    x_SD, src_PC, axis, *, fp8: bool, kernel: Kernel, logfmt_bits: int = 0
+) -> Float[Array, "P C D"]:
     """The rows ``x[src]`` (zero where ``src`` is out of range) sent to their peers: row block
     p of the [P, C] buffer goes to peer p. Returns what arrives, in x's dtype."""
     P, C = src_PC.shape
+    if logfmt_bits:
+        return _send_logfmt(x_SD, src_PC, axis, logfmt_bits)
     if fp8:
         return _send_fp8(x_SD, src_PC, axis, kernel)
     x_PCD = _gather(x_SD, src_PC.reshape(-1), kernel).reshape(P, C, -1)
@@ -87,13 +92,35 @@ def _send_fp8_fwd(x_SD, src_PC, axis, kernel):
     return _send_fp8(x_SD, src_PC, axis, kernel), (src_PC, x_SD.shape[0])
 
 
-def _send_fp8_bwd(axis, kernel, res, g_PCD):
+def _send_bwd(axis, _codec, res, g_PCD):
+    """Straight-through: the cotangent goes back in the compute dtype, scattered to rows."""
     src_PC, rows = res
     g_RD = all_to_all(g_PCD, axis).reshape(-1, g_PCD.shape[-1])
     return _scatter_add(g_RD, src_PC.reshape(-1), rows), None
 
 
-_send_fp8.defvjp(_send_fp8_fwd, _send_fp8_bwd)
+_send_fp8.defvjp(_send_fp8_fwd, _send_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _send_logfmt(x_SD, src_PC, axis, n_bits: int):
+    """LogFMT-n dispatch: gather, encode 1x128 tiles (codes + per-tile log range), all_to_all,
+    decode. Rows are zero-padded to whole tiles (zeros encode exactly). Straight-through
+    backward, as the FP8 send."""
+    P, C = src_PC.shape
+    D = x_SD.shape[1]
+    x_RD = kernels.permute_quantize_reference(x_SD, src_PC.reshape(-1), quantize=False)
+    x_RD = jnp.pad(x_RD, ((0, 0), (0, -D % logfmt.TILE)))
+    enc = logfmt.logfmt_encode(x_RD, n_bits)
+    moved = logfmt.LogFMTTiles(*(all_to_all(a.reshape(P, C, -1), axis) for a in enc))
+    return logfmt.logfmt_decode(moved, n_bits, x_SD.dtype)[..., :D]
+
+
+def _send_logfmt_fwd(x_SD, src_PC, axis, n_bits):
+    return _send_logfmt(x_SD, src_PC, axis, n_bits), (src_PC, x_SD.shape[0])
+
+
+_send_logfmt.defvjp(_send_logfmt_fwd, _send_bwd)
 
 
 def combine_rows(y_SD, row_TJ, w_TJ, kernel: Kernel) -> Float[Array, "T D"]:
