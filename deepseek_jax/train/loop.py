@@ -205,6 +205,11 @@ class Trainer:
                 first_balance=train[0].get("balance"),
                 last_balance=train[-1].get("balance"),
             )
+            if "balance" in train[0]:  # one step is noisy: also the first and last tenth
+                n = max(1, len(train) // 10)
+                mean = lambda rs: float(np.mean([r["balance"] for r in rs]))  # noqa: E731
+                summary.update(first_tenth_balance=mean(train[:n]),
+                               last_tenth_balance=mean(train[-n:]))
         self.log.write(
             {
                 "kind": "summary",
@@ -241,7 +246,9 @@ class Trainer:
         if s.get("first_balance") is not None:
             print(
                 f"expert load max/mean (mean over MoE layers): first "
-                f"{f(s['first_balance'])}, last {f(s['last_balance'])}"
+                f"{f(s['first_balance'])}, last {f(s['last_balance'])}; mean over the first "
+                f"tenth of the steps {f(s['first_tenth_balance'])}, last tenth "
+                f"{f(s['last_tenth_balance'])}"
             )
 
     def _sample(self, n: int) -> None:
