@@ -253,3 +253,61 @@ def test_short_fp8_training_run_lowers_the_loss(tmp_path):
 
     r = train_ce("tiny", ["fp8=true"], steps=8, batch=8, seq=32, seed=0, out=tmp_path)
     assert r["last10_ce"] < r["first_ce"] - 0.3 and r["eval_ce"] < r["first_ce"]
+
+
+@pytest.mark.parametrize("backend", ["einsum", "ragged_dot"])
+def test_routed_experts_run_in_fp8_and_match_per_expert_fp8(backend):
+    """Slots, spill blocks and the grouped path all give each expert's FP8 SwiGLU.
+
+    Fprop and Dgrad tile each row 1x128, so any row layout quantises alike (only the FP32
+    summation order differs). Wgrad tiles run over tokens (128x1): the layout changes
+    which rows share a scale, so there we ask for FP8 tolerance, and not float32.
+    """
+    from deepseek_jax.moe import experts
+    from deepseek_jax.moe.permute import SlotSizes
+
+    T, K, E, D, F = 64, 3, 4, 128, 96
+    x = _normal(30, (T, D))
+    ws = _expert_weights(E, D, F, seed=31)
+    idx = jax.random.randint(jax.random.key(32), (T, K), 0, E)
+    w = jax.nn.softmax(_normal(33, (T, K)), axis=-1)
+    sizes = SlotSizes(capacity=24, spill_block=8)  # mean load 48: most rows spill
+
+    def loss(f):
+        return lambda x, w, *ws: jnp.sum(jnp.sin(f(x, idx, w, *ws)))
+
+    ours = lambda *a: experts.routed_ffn(*a, backend=backend, sizes=sizes, fp8="xla")  # noqa: E731
+    ref = lambda *a: experts.routed_ffn_reference(*a, fp8="xla")  # noqa: E731
+    f32 = lambda *a: experts.routed_ffn_reference(*a)  # noqa: E731
+    grads = {
+        name: jax.jit(jax.value_and_grad(loss(f), tuple(range(5))))(x, w, *ws)
+        for name, f in (("ours", ours), ("ref", ref), ("f32", f32))
+    }
+    y = {name: jax.jit(f)(x, idx, w, *ws) for name, f in (("ours", ours), ("ref", ref))}
+    assert "f8_e4m3fn" in str(jax.make_jaxpr(ours)(x, idx, w, *ws))
+    assert _rel(y["ours"], y["ref"]) < 1e-5
+    (_, g_ours), (_, g_ref), (_, g_f32) = grads["ours"], grads["ref"], grads["f32"]
+    for a in (0, 1):  # Dgrad and the gate weights: per-token tiles, layout-independent
+        assert _rel(g_ours[a], g_ref[a]) < 1e-5
+    for a in (2, 3, 4):  # Wgrad: FP8 (not the float32 gradient), within FP8 tolerance
+        assert _rel(g_ours[a], g_ref[a]) < 0.1
+        assert _rel(g_ours[a], g_f32[a]) > 1e-3
+
+
+def test_moe_layer_in_fp8_is_shared_plus_routed_fp8_experts():
+    from flax import nnx
+
+    from deepseek_jax.layers import MLP
+    from deepseek_jax.moe import experts
+    from deepseek_jax.moe.layer import MoE, _router
+
+    cfg = get_preset("tiny", ["fp8=true"])
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    assert isinstance(moe.shared_experts, MLP) and moe.shared_experts.fp8 == "xla"
+    x_BTD = _normal(40, (2, 16, cfg.hidden_size))
+    y_BTD, _ = moe(x_BTD)
+    x_TD = x_BTD.reshape(-1, cfg.hidden_size)
+    idx, w, _, _ = _router(x_TD, moe.gate[...], moe.e_score_correction_bias[...], cfg, 2)
+    ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
+    want = experts.routed_ffn_reference(x_TD, idx, w, *ws, fp8="xla") + moe.shared_experts(x_TD)
+    assert _rel(y_BTD.reshape(want.shape), want) < 1e-4  # FP32 summation order only

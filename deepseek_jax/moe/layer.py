@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, param
 from deepseek_jax.mesh import GPU, NODE
 from deepseek_jax.moe import dispatch, routing
@@ -67,7 +68,7 @@ class MoE(nnx.Module):
         self.w_up = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std=std)
         self.w_down = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std=std)
         self.shared_experts = (
-            MLP(D, cfg.n_shared_experts * F, std=std, dtype=dtype, rngs=rngs)
+            MLP(D, cfg.n_shared_experts * F, std=std, dtype=dtype, rngs=rngs, fp8=fp8_mode(cfg))
             if cfg.n_shared_experts
             else None
         )
@@ -199,12 +200,14 @@ def _routed_local(
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     idx_TK, weight_TK, load_E, loss = _router(x_TD, gate_DE, bias_E if has_bias else None, cfg, B)
-    ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
+    ws = _expert_weights(cfg, x_TD.dtype, w_gate_EDF, w_up_EDF, w_down_EFD)
     K, El = cfg.num_experts_per_tok, topo.experts_per_device
 
     def experts(x_RD, expert_RK, weight_RK):
         sizes = SlotSizes.for_shapes(B * T, K, El, max_capacity=x_RD.shape[0])
-        return routed_ffn(x_RD, expert_RK, weight_RK, *ws, backend=backend, sizes=sizes)
+        return routed_ffn(
+            x_RD, expert_RK, weight_RK, *ws, backend=backend, sizes=sizes, fp8=fp8_mode(cfg)
+        )
 
     with jax.named_scope("routed_experts"):
         y_TD, st = dispatch.exchange(x_TD, idx_TK, weight_TK, experts, topo, opts)
@@ -239,9 +242,15 @@ def _routed(
     x_TD = x_BTD.reshape(B * T, D)
     idx_TK, weight_TK, load_E, loss = _router(x_TD, gate_DE, bias_E, cfg, B)
     with jax.named_scope("routed_experts"):
-        ws = [w.astype(x_TD.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)]
-        y_TD = routed_ffn(x_TD, idx_TK, weight_TK, *ws, backend=backend)
+        ws = _expert_weights(cfg, x_TD.dtype, w_gate_EDF, w_up_EDF, w_down_EFD)
+        y_TD = routed_ffn(x_TD, idx_TK, weight_TK, *ws, backend=backend, fp8=fp8_mode(cfg))
     return y_TD.astype(x_BTD.dtype).reshape(B, T, D), load_E, loss
+
+
+def _expert_weights(cfg: ModelConfig, dtype, *ws):
+    """The expert weights as the GEMMs take them: the FP32 masters under FP8 (quantised
+    per 128x128 block inside), else cast to the compute dtype."""
+    return list(ws) if cfg.fp8 else [w.astype(dtype) for w in ws]
 
 
 def _router(x_TD, gate_DE, bias_E, cfg: ModelConfig, batch: int):
