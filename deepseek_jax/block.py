@@ -28,8 +28,14 @@ class Block(nnx.Module):
         if moe:
             self.mlp = MoE(cfg, rngs=rngs)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
-                           dtype=jnp.dtype(cfg.dtype), rngs=rngs, fp8=fp8_mode(cfg))
+            self.mlp = MLP(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                std=cfg.initializer_range,
+                dtype=jnp.dtype(cfg.dtype),
+                rngs=rngs,
+                fp8=fp8_mode(cfg),
+            )
 
     def __call__(
         self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]
@@ -54,8 +60,9 @@ class Block(nnx.Module):
         cache_index: Int[Array, ""],
     ) -> tuple[Float[Array, "B T D"], LatentCache]:
         """The block over a latent cache (absorbed MLA); T new tokens at ``cache_index``."""
-        a_BTD, cache = self.self_attn.decode(self.input_layernorm(x_BTD), positions_BT, cache,
-                                             cache_index)
+        a_BTD, cache = self.self_attn.decode(
+            self.input_layernorm(x_BTD), positions_BT, cache, cache_index
+        )
         x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attention_layernorm(x_BTD)
         h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
@@ -96,8 +103,11 @@ def scan_blocks(
     if remat:
         body = nnx.remat(body, policy=remat_policy, prevent_cse=False)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
     def run(x, block):
         return body(x, block)
 
@@ -116,8 +126,11 @@ def scan_blocks_decode(
 ) -> tuple[Float[Array, "B T D"], LatentCache]:
     """Stacked blocks over their stacked caches (leading axis L)."""
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0, 0),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
     def run(x, block, cache):
         return block.decode(x, positions_BT, cache, cache_index)
 

@@ -190,7 +190,12 @@ def _scaled_matmul_xla(a8, sa, b8, sb, out_dtype):
 
 
 def scaled_matmul(
-    a8: Array, sa: Array, b8: Array, sb: Array, *, backend: Backend = "xla",
+    a8: Array,
+    sa: Array,
+    b8: Array,
+    sb: Array,
+    *,
+    backend: Backend = "xla",
     out_dtype=jnp.float32,
 ) -> Array:
     """The NT block-scaled GEMM on either backend, batched over an optional leading axis.
@@ -214,8 +219,14 @@ def scaled_matmul(
 
 
 def grouped_scaled_matmul(
-    a8_MK: Array, sa_MG: Array, b8_ENK: Array, sb_ENG: Array, group_ids_B: Int[Array, " B"],
-    *, backend: Backend = "xla", out_dtype=jnp.float32,
+    a8_MK: Array,
+    sa_MG: Array,
+    b8_ENK: Array,
+    sb_ENG: Array,
+    group_ids_B: Int[Array, " B"],
+    *,
+    backend: Backend = "xla",
+    out_dtype=jnp.float32,
 ) -> Array:
     """m-grouped contiguous NT GEMM: 128-row block b of ``a`` uses expert group_ids[b].
 
@@ -226,8 +237,9 @@ def grouped_scaled_matmul(
       group_ids_B: the expert of each 128-row block.
     """
     if backend == "pallas":
-        return kernels.fp8_grouped_matmul(a8_MK, sa_MG, b8_ENK, sb_ENG, group_ids_B,
-                                          out_dtype=out_dtype)
+        return kernels.fp8_grouped_matmul(
+            a8_MK, sa_MG, b8_ENK, sb_ENG, group_ids_B, out_dtype=out_dtype
+        )
     if backend != "xla":
         raise ValueError(f"fp8 backend must be 'xla' or 'pallas', got {backend!r}")
     B = group_ids_B.shape[0]
@@ -261,7 +273,10 @@ def fp8_mode(cfg) -> Backend | None:
 
 
 def fp8_linear(
-    x: Float[Array, "... K"], w_KN: Float[Array, "K N"], *, backend: Backend = "xla",
+    x: Float[Array, "... K"],
+    w_KN: Float[Array, "K N"],
+    *,
+    backend: Backend = "xla",
     pow2: bool = False,
 ) -> Float[Array, "... N"]:
     """y = x W with FP8 Fprop, Dgrad and Wgrad (custom VJP in ``fp8_vjp.py``).
@@ -273,6 +288,7 @@ def fp8_linear(
     Returns:
       y in x's dtype; gradients: dx in x's dtype, dW in w's dtype (FP32).
     """
+
     def linear(x, w_KN):
         lead, K = x.shape[:-1], x.shape[-1]
         y = fp8_vjp.fp8_dot(x.reshape(1, math.prod(lead), K), w_KN[None], backend, pow2)
@@ -282,7 +298,11 @@ def fp8_linear(
 
 
 def fp8_swiglu(
-    x: Float[Array, "... D"], w_gate_DF: Array, w_up_DF: Array, w_down_FD: Array, *,
+    x: Float[Array, "... D"],
+    w_gate_DF: Array,
+    w_up_DF: Array,
+    w_down_FD: Array,
+    *,
     backend: Backend = "xla",
 ) -> Float[Array, "... D"]:
     """SwiGLU with its three GEMMs in FP8 (drop-in for ``layers.swiglu``)."""
@@ -291,7 +311,11 @@ def fp8_swiglu(
 
 
 def fp8_expert_ffn(
-    x_ECD: Float[Array, "E C D"], w_gate_EDF: Array, w_up_EDF: Array, w_down_EFD: Array, *,
+    x_ECD: Float[Array, "E C D"],
+    w_gate_EDF: Array,
+    w_up_EDF: Array,
+    w_down_EFD: Array,
+    *,
     backend: Backend = "xla",
 ) -> Float[Array, "E C D"]:
     """Every expert's SwiGLU over its slots in FP8 (drop-in for ``moe.experts.expert_ffn``).
@@ -299,6 +323,7 @@ def fp8_expert_ffn(
     Each expert is one batch entry of the block-scaled GEMM: its own 128x128 weight blocks,
     its own 1x128 token tiles, and for Wgrad its own 128x1 tiles over its C slots.
     """
+
     def ffn(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
         lin = lambda h, w: fp8_vjp.fp8_dot(h, w, backend, False)  # noqa: E731
         h_ECF = jax.nn.silu(lin(x_ECD, w_gate_EDF)) * lin(x_ECD, w_up_EDF)
@@ -308,8 +333,13 @@ def fp8_expert_ffn(
 
 
 def fp8_grouped_ffn(
-    x_AD: Float[Array, "A D"], group_sizes_E: Int[Array, " E"], w_gate_EDF: Array,
-    w_up_EDF: Array, w_down_EFD: Array, *, backend: Backend = "xla",
+    x_AD: Float[Array, "A D"],
+    group_sizes_E: Int[Array, " E"],
+    w_gate_EDF: Array,
+    w_up_EDF: Array,
+    w_down_EFD: Array,
+    *,
+    backend: Backend = "xla",
 ) -> Float[Array, "A D"]:
     """SwiGLU over rows sorted by expert in FP8 (drop-in for ``grouped_ffn_ragged``).
 

@@ -51,8 +51,7 @@ def _dot_bwd(backend, pow2, res, dy_BMN):
     dyq, sdy = fp8.quantize_tiles(dy_BMN, axis=-1, pow2=pow2)  # Dgrad: 1x128 along N
     dx = fp8.scaled_matmul(dyq, sdy, *w_kn, backend=backend, out_dtype=x_dtype.dtype)
     dyq_t, sdy_t = _tokens_major(dy_BMN, pow2)  # Wgrad: along tokens
-    dw = fp8.scaled_matmul(xq_BKM, sx_BKG, dyq_t, sdy_t, backend=backend,
-                           out_dtype=w_BKN.dtype)
+    dw = fp8.scaled_matmul(xq_BKM, sx_BKG, dyq_t, sdy_t, backend=backend, out_dtype=w_BKN.dtype)
     return dx, dw
 
 
@@ -71,8 +70,7 @@ def fp8_grouped_dot(x_PK, w_EKN, group_ids_B, backend):
 def _grouped_fwd(x_PK, w_EKN, group_ids_B, backend):
     xq, sx = fp8.quantize_tiles(x_PK, axis=-1)
     w_nt, _ = _quantize_weight(w_EKN, False)
-    y = fp8.grouped_scaled_matmul(xq, sx, *w_nt, group_ids_B, backend=backend,
-                                  out_dtype=x_PK.dtype)
+    y = fp8.grouped_scaled_matmul(xq, sx, *w_nt, group_ids_B, backend=backend, out_dtype=x_PK.dtype)
     xt = _tokens_major(x_PK[None], False)
     return y, (xt, w_EKN, group_ids_B, jnp.zeros((0,), x_PK.dtype))
 
@@ -81,10 +79,17 @@ def _grouped_bwd(backend, res, dy_PN):
     (xq_1KP, sx_1KB), w_EKN, group_ids_B, x_dtype = res
     _, w_kn = _quantize_weight(w_EKN, False)
     dyq, sdy = fp8.quantize_tiles(dy_PN, axis=-1)
-    dx = fp8.grouped_scaled_matmul(dyq, sdy, *w_kn, group_ids_B, backend=backend,
-                                   out_dtype=x_dtype.dtype)
-    dw = _k_grouped_wgrad(xq_1KP[0], sx_1KB[0], *_tokens_major(dy_PN[None], False),
-                          group_ids_B, w_EKN.shape[0], backend)
+    dx = fp8.grouped_scaled_matmul(
+        dyq, sdy, *w_kn, group_ids_B, backend=backend, out_dtype=x_dtype.dtype
+    )
+    dw = _k_grouped_wgrad(
+        xq_1KP[0],
+        sx_1KB[0],
+        *_tokens_major(dy_PN[None], False),
+        group_ids_B,
+        w_EKN.shape[0],
+        backend,
+    )
     return dx, dw.astype(w_EKN.dtype), None
 
 

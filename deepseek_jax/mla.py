@@ -70,8 +70,9 @@ class LatentCache:
     NAMES = {"ckv_BSC": ("batch", "seq", "kv_lora"), "krope_BSR": ("batch", "seq", "head_dim")}
 
     @classmethod
-    def init(cls, batch: int, max_len: int, cfg: ModelConfig,
-             dtype: jnp.dtype = jnp.float32) -> LatentCache:
+    def init(
+        cls, batch: int, max_len: int, cfg: ModelConfig, dtype: jnp.dtype = jnp.float32
+    ) -> LatentCache:
         """Zeros, batch-sharded when a mesh is set."""
 
         def zeros(name: str, dim: int) -> Array:
@@ -84,11 +85,16 @@ class LatentCache:
     def max_len(self) -> int:
         return self.ckv_BSC.shape[1]
 
-    def write(self, ckv_BTC: Float[Array, "B T C"], krope_BTR: Float[Array, "B T R"],
-              index: Int[Array, ""] | int) -> LatentCache:
+    def write(
+        self,
+        ckv_BTC: Float[Array, "B T C"],
+        krope_BTR: Float[Array, "B T R"],
+        index: Int[Array, ""] | int,
+    ) -> LatentCache:
         """Stores T new entries at slots ``index .. index + T - 1``."""
         put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            buf, new.astype(buf.dtype), index, axis=1)
+            buf, new.astype(buf.dtype), index, axis=1
+        )
         return LatentCache(put(self.ckv_BSC, ckv_BTC), put(self.krope_BSR, krope_BTR))
 
 
@@ -122,8 +128,9 @@ def mla_queries(
     if cfg.q_lora_rank is None:
         q_BTHK = _proj("btd,dhk->bthk", x_BTD, w, "q_proj", cfg)
     else:
-        cq_BTQ = rms_norm(_proj("btd,dq->btq", x_BTD, w, "q_a_proj", cfg), w["q_a_layernorm"],
-                          cfg.rms_norm_eps)
+        cq_BTQ = rms_norm(
+            _proj("btd,dq->btq", x_BTD, w, "q_a_proj", cfg), w["q_a_layernorm"], cfg.rms_norm_eps
+        )
         q_BTHK = _proj("btq,qhk->bthk", cq_BTQ, w, "q_b_proj", cfg)
     qnope_BTHN, qrope_BTHR = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
     return qnope_BTHN, apply_rope(qrope_BTHR, cos_BTR, sin_BTR)
@@ -133,8 +140,9 @@ def mla_latent_kv(
     w: Weights, x_BTD: Float[Array, "B T D"], cos_BTR: Array, sin_BTR: Array, cfg: ModelConfig
 ) -> tuple[Float[Array, "B T C"], Float[Array, "B T R"]]:
     """What the cache stores: normalised latent c_kv and the RoPE'd key shared by all heads."""
-    ckv_BTC, krope_BTR = jnp.split(_proj("btd,dc->btc", x_BTD, w, "kv_a_proj_with_mqa", cfg),
-                                   [cfg.kv_lora_rank], axis=-1)
+    ckv_BTC, krope_BTR = jnp.split(
+        _proj("btd,dc->btc", x_BTD, w, "kv_a_proj_with_mqa", cfg), [cfg.kv_lora_rank], axis=-1
+    )
     ckv_BTC = rms_norm(ckv_BTC, w["kv_a_layernorm"], cfg.rms_norm_eps)
     return ckv_BTC, apply_rope(krope_BTR, cos_BTR, sin_BTR)
 
@@ -145,8 +153,9 @@ def _softmax(scores_BTHS: Float[Array, "B T H S"], visible_TS: Array, dtype) -> 
     return jax.nn.softmax(scores_BTHS, axis=-1).astype(dtype)
 
 
-def _out_proj(w: Weights, out_BTHO: Float[Array, "B T H O"], cfg: ModelConfig
-              ) -> Float[Array, "B T D"]:
+def _out_proj(
+    w: Weights, out_BTHO: Float[Array, "B T H O"], cfg: ModelConfig
+) -> Float[Array, "B T D"]:
     return _proj("btho,hod->btd", out_BTHO, w, "o_proj", cfg)
 
 
@@ -243,8 +252,12 @@ class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         D, Q, C = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank
-        H, N, R, O = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                      cfg.v_head_dim)
+        H, N, R, O = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
         std = cfg.initializer_range
         if Q is None:
             self.q_proj = param(rngs, (D, H, N + R), ("embed", "heads", "head_dim"), std=std)
@@ -259,20 +272,32 @@ class MLA(nnx.Module):
 
     def weights(self) -> dict[str, Array]:
         """The float32 parameter arrays by HF name, for the pure functions."""
-        names = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
-                 "kv_a_layernorm", "kv_b_proj", "o_proj")
+        names = (
+            "q_proj",
+            "q_a_proj",
+            "q_a_layernorm",
+            "q_b_proj",
+            "kv_a_proj_with_mqa",
+            "kv_a_layernorm",
+            "kv_b_proj",
+            "o_proj",
+        )
         return {n: getattr(self, n)[...] for n in names if hasattr(self, n)}
 
-    def __call__(self, x_BTD: Float[Array, "B T D"],
-                 positions_BT: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    def __call__(
+        self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]
+    ) -> Float[Array, "B T D"]:
         """Causal attention over the T positions (training / prefill without a cache)."""
         with jax.named_scope("mla"):
             return mla_naive(self.weights(), x_BTD, positions_BT, self.cfg)
 
-    def decode(self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"],
-               cache: LatentCache, cache_index: Int[Array, ""] | int,
-               ) -> tuple[Float[Array, "B T D"], LatentCache]:
+    def decode(
+        self,
+        x_BTD: Float[Array, "B T D"],
+        positions_BT: Int[Array, "B T"],
+        cache: LatentCache,
+        cache_index: Int[Array, ""] | int,
+    ) -> tuple[Float[Array, "B T D"], LatentCache]:
         """Absorbed attention over ``cache``, writing the T new entries at ``cache_index``."""
         with jax.named_scope("mla_decode"):
-            return mla_absorbed(self.weights(), x_BTD, positions_BT, cache, cache_index,
-                                self.cfg)
+            return mla_absorbed(self.weights(), x_BTD, positions_BT, cache, cache_index, self.cfg)

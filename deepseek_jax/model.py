@@ -46,8 +46,9 @@ class Transformer(nnx.Module):
         self.remat = remat
         self.dtype = jnp.dtype(cfg.dtype)
         std = cfg.initializer_range
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=std, dtype=self.dtype,
-                                  rngs=rngs)
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, std=std, dtype=self.dtype, rngs=rngs
+        )
         k_dense, k_moe = cfg.first_k_dense_replace, cfg.num_moe_layers
         self.dense_layers = stacked_blocks(cfg, k_dense, moe=False, rngs=rngs) if k_dense else None
         self.moe_layers = stacked_blocks(cfg, k_moe, moe=True, rngs=rngs) if k_moe else None
@@ -60,8 +61,9 @@ class Transformer(nnx.Module):
     def head(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Output head, float32 logits (the softmax is always float32)."""
         w = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("btd,dv->btv", x_BTD.astype(self.dtype), w,
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,dv->btv", x_BTD.astype(self.dtype), w, preferred_element_type=jnp.float32
+        )
 
     def hidden(
         self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"]
@@ -93,6 +95,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> ModelCache:
         """Zeroed latent caches for every block: (kv_lora_rank + rope dim) values per token."""
+
         def stack(n):
             one = LatentCache.init(batch, max_len, self.cfg, self.dtype)
             return jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), one) if n else None
@@ -113,11 +116,11 @@ class Transformer(nnx.Module):
         x_BTD = self.embed_tokens(ids_BT)
         dense, moe = cache.dense, cache.moe
         if self.dense_layers is not None:
-            x_BTD, dense = scan_blocks_decode(self.dense_layers, x_BTD, positions_BT, dense,
-                                              cache_index)
+            x_BTD, dense = scan_blocks_decode(
+                self.dense_layers, x_BTD, positions_BT, dense, cache_index
+            )
         if self.moe_layers is not None:
-            x_BTD, moe = scan_blocks_decode(self.moe_layers, x_BTD, positions_BT, moe,
-                                            cache_index)
+            x_BTD, moe = scan_blocks_decode(self.moe_layers, x_BTD, positions_BT, moe, cache_index)
         return self.head(self.norm(x_BTD)), ModelCache(dense, moe)
 
     def update_routing_bias(
@@ -148,5 +151,6 @@ class Transformer(nnx.Module):
                 loads.append(st.load_E)
                 losses.append(st.balance_loss)
                 dropped.append(st.dropped)
-        return jnp.stack(logits), StackStats(jnp.stack(loads), jnp.stack(losses),
-                                             jnp.stack(dropped))
+        return jnp.stack(logits), StackStats(
+            jnp.stack(loads), jnp.stack(losses), jnp.stack(dropped)
+        )

@@ -35,6 +35,39 @@ RULES: Rules = (
 )
 
 
+def mesh_axes_of(name: str, rules: Rules = RULES) -> tuple[str, ...]:
+    """The mesh axes that logical axis ``name`` shards over, major first; () if replicated.
+
+    For code that must call collectives or read sizes along a logical axis (``psum`` over the
+    expert axes, a mesh's expert-parallel size) without spelling the physical names.
+    """
+    table = dict(rules)
+    if name not in table:
+        raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+    axes = table[name]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def _links(expert_axes: tuple[str, ...]) -> tuple[str, str]:
+    """(inter-node, intra-node) axes of expert parallelism: the rule's major axis crosses
+    hosts, its minor axis stays inside one (``make_mesh`` gives a process's devices
+    consecutive positions along the minor axis)."""
+    if len(expert_axes) != 2:
+        raise ValueError(
+            f"the 'expert' rule must name two mesh axes, inter-node first, for the two-hop "
+            f"dispatch; got {expert_axes}"
+        )
+    return expert_axes[0], expert_axes[1]
+
+
+# Expert parallelism as the MoE code sees it. The two-hop dispatch (moe/dispatch.py) must
+# know which of the expert axes is the slow inter-node link (hop 1: once per token and
+# node) and which the fast intra-node one (hop 2); these names say that by role, derived
+# from the rules table, so the MoE code never names a physical axis.
+EXPERT_AXES: tuple[str, ...] = mesh_axes_of("expert")
+INTER_NODE, INTRA_NODE = _links(EXPERT_AXES)
+
+
 def logical_to_spec(
     names: Sequence[str | None], rules: Rules = RULES, mesh_axes: Sequence[str] | None = None
 ) -> P:

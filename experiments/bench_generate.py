@@ -18,16 +18,22 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from deepseek_jax.config import PRESETS
 
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.bench_generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", default="bench-small", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--scan", action="store_true",
-                    help="decode with the scanned layer stack instead of unrolled layers")
+    ap.add_argument(
+        "--scan",
+        action="store_true",
+        help="decode with the scanned layer stack instead of unrolled layers",
+    )
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -42,22 +48,32 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = dataclasses.replace(get_preset(args.preset), dtype=args.dtype)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    prompt = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0,
-                                           cfg.vocab_size), np.int32)
+    prompt = np.asarray(
+        jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0, cfg.vocab_size),
+        np.int32,
+    )
     gen = Generator(model, unroll=not args.scan)
     compile_s = gen.compile(args.batch, args.prompt_len, args.new_tokens)
     runs = [gen(prompt, args.new_tokens) for _ in range(args.repeats)]
     rates = [r.rates(args.prompt_len) for r in runs]
     pre = [r["prefill_tokens_per_s"] for r in rates]
     dec = [r["decode_tokens_per_s"] for r in rates]
-    print(f"{args.preset}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
-          f"tokens, {cfg.dtype}, {'scanned' if args.scan else 'unrolled'} layers, "
-          f"{jax.devices()[0].platform}; compile {compile_s:.1f} s")
+    print(
+        f"{args.preset}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
+        f"tokens, {cfg.dtype}, {'scanned' if args.scan else 'unrolled'} layers, "
+        f"{jax.devices()[0].platform}; compile {compile_s:.1f} s"
+    )
     print(f"prefill tokens/s: median {np.median(pre):.0f}  best {max(pre):.0f}")
     print(f"decode tokens/s:  median {np.median(dec):.1f}  best {max(dec):.1f}")
-    print(json.dumps({"prefill_tokens_per_s": round(float(np.median(pre)), 1),
-                      "decode_tokens_per_s": round(float(np.median(dec)), 1),
-                      "cache_bytes_per_token": runs[0].cache_bytes_per_token}))
+    print(
+        json.dumps(
+            {
+                "prefill_tokens_per_s": round(float(np.median(pre)), 1),
+                "decode_tokens_per_s": round(float(np.median(dec)), 1),
+                "cache_bytes_per_token": runs[0].cache_bytes_per_token,
+            }
+        )
+    )
     return 0
 
 

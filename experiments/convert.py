@@ -13,13 +13,15 @@ step back as safetensors that transformers loads.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-run", help="HF directory -> Orbax training run (step 0)")
     a.add_argument("hf_dir")
@@ -28,11 +30,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("run_dir")
     b.add_argument("hf_dir")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="storage dtype of the exported weights")
+    b.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="storage dtype of the exported weights",
+    )
     for p in (a, b):
-        p.add_argument("--mesh", default=None,
-                       help="device mesh as node=N,gpu=G (default: all local devices)")
+        p.add_argument(
+            "--mesh", default=None, help="device mesh as node=N,gpu=G (default: all local devices)"
+        )
     return ap.parse_args(argv)
 
 
@@ -40,24 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deepseek_jax.interop.train_checkpoint import hf_to_run, run_to_hf
     from deepseek_jax.mesh import make_mesh
-    from deepseek_jax.train.runner import UserError, _parse_mesh
+    from deepseek_jax.train.runner import _parse_mesh, exit_code
 
-    try:
+    def convert():
         mesh = make_mesh(**_parse_mesh(args.mesh))
         if args.direction == "hf-to-run":
             n = hf_to_run(args.hf_dir, args.run_dir, mesh=mesh)
             print(f"{args.hf_dir} -> {args.run_dir}/checkpoints/0 ({n / 1e6:.2f} M parameters)")
             print(f"fine-tune: python -m experiments.train --out {args.run_dir}")
         else:
-            step = run_to_hf(args.run_dir, args.hf_dir, step=args.step, dtype=args.dtype,
-                             mesh=mesh)
+            step = run_to_hf(args.run_dir, args.hf_dir, step=args.step, dtype=args.dtype, mesh=mesh)
             print(f"{args.run_dir} step {step} -> {args.hf_dir}")
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if os.environ.get("DEEPSEEK_JAX_DEBUG"):
-            raise
-        return 2
-    return 0
+
+    return exit_code(convert, ValueError, FileNotFoundError)
 
 
 if __name__ == "__main__":

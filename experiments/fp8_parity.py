@@ -21,8 +21,11 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m experiments.fp8_parity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.fp8_parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -32,17 +35,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def train_ce(preset: str, overrides: list[str], steps: int, batch: int, seq: int, seed: int,
-             out: Path) -> dict[str, float]:
+def train_ce(
+    preset: str, overrides: list[str], steps: int, batch: int, seq: int, seed: int, out: Path
+) -> dict[str, float]:
     """One fresh training run through the trainer; its train and held-out CE."""
     from deepseek_jax.train.runner import run
     from experiments.train import parse_args as train_args
 
-    args = train_args(["--preset", preset, "--steps", str(steps), "--batch-size", str(batch),
-                       "--seq-len", str(seq), "--seed", str(seed), "--out", str(out),
-                       "--eval-every", str(steps), "--ckpt-every", str(steps),
-                       "--warmup-steps", str(max(1, steps // 10)), "--no-progress",
-                       "--sample-tokens", "0", "--dtype", "bfloat16", *overrides])
+    args = train_args(
+        [
+            "--preset",
+            preset,
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(batch),
+            "--seq-len",
+            str(seq),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+            "--eval-every",
+            str(steps),
+            "--ckpt-every",
+            str(steps),
+            "--warmup-steps",
+            str(max(1, steps // 10)),
+            "--no-progress",
+            "--sample-tokens",
+            "0",
+            "--dtype",
+            "bfloat16",
+            *overrides,
+        ]
+    )
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "w") as f, contextlib.redirect_stdout(f):
@@ -50,8 +77,12 @@ def train_ce(preset: str, overrides: list[str], steps: int, batch: int, seq: int
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r["ce"] for r in rows if r["kind"] == "train"]
     held_out = [r["ce"] for r in rows if r["kind"] == "eval"][-1]
-    return {"first_ce": train[0], "last10_ce": sum(train[-10:]) / len(train[-10:]),
-            "eval_ce": held_out, "wall_s": time.time() - t0}
+    return {
+        "first_ce": train[0],
+        "last10_ce": sum(train[-10:]) / len(train[-10:]),
+        "eval_ce": held_out,
+        "wall_s": time.time() - t0,
+    }
 
 
 def quantisation_errors(seed: int = 0) -> dict[str, float]:
@@ -86,23 +117,48 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out or tempfile.mkdtemp(prefix="fp8_parity_"))
     runs = {}
     for name, overrides in (("bf16", []), ("fp8", ["fp8=true", "fp8_backend=xla"])):
-        runs[name] = train_ce(args.preset, overrides, args.steps, args.batch_size,
-                              args.seq_len, args.seed, root / name)
+        runs[name] = train_ce(
+            args.preset,
+            overrides,
+            args.steps,
+            args.batch_size,
+            args.seq_len,
+            args.seed,
+            root / name,
+        )
         r = runs[name]
-        print(f"{name:5s} first CE {r['first_ce']:.4f}  last-10 train CE {r['last10_ce']:.4f}  "
-              f"held-out CE {r['eval_ce']:.4f}  ({r['wall_s']:.0f} s)", flush=True)
+        print(
+            f"{name:5s} first CE {r['first_ce']:.4f}  last-10 train CE {r['last10_ce']:.4f}  "
+            f"held-out CE {r['eval_ce']:.4f}  ({r['wall_s']:.0f} s)",
+            flush=True,
+        )
     bf16, fp8 = runs["bf16"]["eval_ce"], runs["fp8"]["eval_ce"]
     gap = (fp8 - bf16) / bf16
     train_gap = (runs["fp8"]["last10_ce"] - runs["bf16"]["last10_ce"]) / runs["bf16"]["last10_ce"]
-    print(f"relative gap, held-out CE: {100 * gap:+.3f} %   (last-10 train CE: "
-          f"{100 * train_gap:+.3f} %; V3 reports < 0.25 %)")
+    print(
+        f"relative gap, held-out CE: {100 * gap:+.3f} %   (last-10 train CE: "
+        f"{100 * train_gap:+.3f} %; V3 reports < 0.25 %)"
+    )
     errs = quantisation_errors(args.seed)
-    print("E4M3 relative error on activations with outliers: " + ", ".join(
-        f"{k[4:]} {v:.4f}" for k, v in errs.items()))
-    print(json.dumps({"bf16_loss": bf16, "fp8_loss": fp8, "relative_gap": gap,
-                      "train_relative_gap": train_gap, **errs, "preset": args.preset,
-                      "steps": args.steps, "batch_size": args.batch_size,
-                      "seq_len": args.seq_len}))
+    print(
+        "E4M3 relative error on activations with outliers: "
+        + ", ".join(f"{k[4:]} {v:.4f}" for k, v in errs.items())
+    )
+    print(
+        json.dumps(
+            {
+                "bf16_loss": bf16,
+                "fp8_loss": fp8,
+                "relative_gap": gap,
+                "train_relative_gap": train_gap,
+                **errs,
+                "preset": args.preset,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+            }
+        )
+    )
     return 0
 
 

@@ -23,8 +23,11 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deepseek_jax.config import PRESETS
 
-    ap = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face DeepseekV3/V2 directory")
     src.add_argument("--checkpoint", metavar="RUN_DIR", help="a run of experiments.train")
@@ -38,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k best (0: all)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     ap.add_argument("--seed", type=int, default=0, help="sampling (and --preset init) seed")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="compute dtype")
+    ap.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
+    )
     ap.add_argument("--step", type=int, default=None, help="--checkpoint step (default: latest)")
     return ap.parse_args(argv)
 
@@ -106,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prompt ids ({len(ids)}): {ids}")
     print(f"new ids ({len(new)}): {new}")
     rates = out.rates(len(ids))
-    print(f"prefill {rates['prefill_tokens_per_s']:.0f} tokens/s ({len(ids)} tokens), "
-          f"decode {rates['decode_tokens_per_s']:.1f} tokens/s ({len(new) - 1} steps), "
-          f"latent cache {out.cache_bytes_per_token} bytes/token, compile {out.compile_s:.1f} s")
+    print(
+        f"prefill {rates['prefill_tokens_per_s']:.0f} tokens/s ({len(ids)} tokens), "
+        f"decode {rates['decode_tokens_per_s']:.1f} tokens/s ({len(new) - 1} steps), "
+        f"latent cache {out.cache_bytes_per_token} bytes/token, compile {out.compile_s:.1f} s"
+    )
     return 0
 
 

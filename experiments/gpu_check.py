@@ -34,6 +34,11 @@ from pathlib import Path
 _LOG = []
 _DEADLINE_S = 240.0  # skip remaining timings past this, leaving time for the table
 _T0 = time.time()
+# FP32-output tolerance against the reference. Hopper's FP8 MMA keeps ~14 bits while it
+# sums one 128-wide K slice (V3TR 3.3.2; promotion to FP32 happens between slices), so a
+# correct kernel lands near 2e-4 (XLA's own FP8 dot measures 2.8e-4 on an H200); a wrong
+# scale, tile or group is off by 1e-2 or more.
+F32_TOL = 1e-3
 _DRY = {"on": False}  # --dry-run: shrink every size (a smoke test on a CPU)
 
 
@@ -154,8 +159,14 @@ def _run(rows: list[tuple]) -> None:
 
     @section("environment")
     def _():
-        log("python", sys.version.split()[0], "| jax", jax.__version__, "| backend",
-            jax.default_backend())
+        log(
+            "python",
+            sys.version.split()[0],
+            "| jax",
+            jax.__version__,
+            "| backend",
+            jax.default_backend(),
+        )
         for d in jax.devices():
             log(" ", d, "| kind:", d.device_kind, "| SMs:", getattr(d, "core_count", "?"))
 
@@ -163,21 +174,37 @@ def _run(rows: list[tuple]) -> None:
     def _():
         S, f8, f32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32
         for name, kw in CONFIGS.items():
-            f = functools.partial(fm.fp8_matmul, impl="mosaic", interpret=False,
-                                  out_dtype=jnp.bfloat16, block_sizes=fm.BlockSizes(**kw))
-            specs = (S((1, 512, 1024), f8), S((1, 512, 8), f32), S((1, 512, 1024), f8),
-                     S((1, 512, 8), f32))
+            f = functools.partial(
+                fm.fp8_matmul,
+                impl="mosaic",
+                interpret=False,
+                out_dtype=jnp.bfloat16,
+                block_sizes=fm.BlockSizes(**kw),
+            )
+            specs = (
+                S((1, 512, 1024), f8),
+                S((1, 512, 8), f32),
+                S((1, 512, 1024), f8),
+                S((1, 512, 8), f32),
+            )
             text = jax.export.export(jax.jit(f), platforms=["cuda"])(*specs).mlir_module()
             log(f"  dense {name}: lowered, mosaic_gpu custom call: {'mosaic_gpu' in text}")
         g = functools.partial(fm.fp8_grouped_matmul, impl="mosaic", interpret=False)
-        specs = (S((512, 1024), f8), S((512, 8), f32), S((4, 256, 1024), f8),
-                 S((4, 256, 8), f32), S((4,), jnp.int32))
+        specs = (
+            S((512, 1024), f8),
+            S((512, 8), f32),
+            S((4, 256, 1024), f8),
+            S((4, 256, 8), f32),
+            S((4,), jnp.int32),
+        )
         text = jax.export.export(jax.jit(g), platforms=["cuda"])(*specs).mlir_module()
         log(f"  grouped: lowered, mosaic_gpu custom call: {'mosaic_gpu' in text}")
 
     if not on_gpu and not _DRY["on"]:
-        log("\nno GPU found: only the CPU-safe sections ran (environment, lowering); "
-            "--dry-run runs the rest shrunk, in the interpreters.")
+        log(
+            "\nno GPU found: only the CPU-safe sections ran (environment, lowering); "
+            "--dry-run runs the rest shrunk, in the interpreters."
+        )
         return
 
     _correctness(fm)
@@ -192,22 +219,28 @@ def _correctness(fm) -> None:
 
     @section("correctness: compiled Mosaic kernel vs reference")
     def _():
-        cases = [((1, 256, 256, 512), jnp.float32), ((2, 384, 256, 1024), jnp.float32),
-                 ((1, 200, 136, 300), jnp.float32), ((1, 512, 2048, 7168), jnp.bfloat16)]
+        cases = [
+            ((1, 256, 256, 512), jnp.float32),
+            ((2, 384, 256, 1024), jnp.float32),
+            ((1, 200, 136, 300), jnp.float32),
+            ((1, 512, 2048, 7168), jnp.bfloat16),
+        ]
         cases = [((Bt, *dims(M, N, K)), od) for (Bt, M, N, K), od in cases]
         for name, kw in CONFIGS.items():
             for (Bt, M, N, K), od in cases:
                 try:
                     a8, sa, b8, sb = _operands(0, (Bt, M, K), (Bt, N, K))
-                    out = fm.fp8_matmul(a8, sa, b8, sb, out_dtype=od, impl="mosaic",
-                                        block_sizes=fm.BlockSizes(**kw))
+                    out = fm.fp8_matmul(
+                        a8, sa, b8, sb, out_dtype=od, impl="mosaic", block_sizes=fm.BlockSizes(**kw)
+                    )
                     e = _err(out, fm.fp8_matmul_reference(a8, sa, b8, sb))
-                    tol = 1e-5 if od == jnp.float32 else 8e-3
-                    log(f"  {name} {Bt}x{M}x{N}x{K} -> {jnp.dtype(od).name}: max rel err "
-                        f"{e:.2e} {'OK' if e < tol else 'FAIL'}")
+                    tol = F32_TOL if od == jnp.float32 else 8e-3
+                    log(
+                        f"  {name} {Bt}x{M}x{N}x{K} -> {jnp.dtype(od).name}: max rel err "
+                        f"{e:.2e} {'OK' if e < tol else 'FAIL'}"
+                    )
                 except Exception as ex:  # noqa: BLE001
-                    log(f"  {name} {Bt}x{M}x{N}x{K}: ERROR {type(ex).__name__}: "
-                        f"{str(ex)[:400]}")
+                    log(f"  {name} {Bt}x{M}x{N}x{K}: ERROR {type(ex).__name__}: {str(ex)[:400]}")
 
     @section("correctness: grouped kernel over ragged experts")
     def _():
@@ -219,18 +252,23 @@ def _correctness(fm) -> None:
         a8, sa = take(x8), take(sx)
         ref = fm.fp8_grouped_matmul_reference(a8, sa, b8, sb, gid)
         for name, kw in CONFIGS.items():
-            out = fm.fp8_grouped_matmul(a8, sa, b8, sb, gid, impl="mosaic",
-                                        block_sizes=fm.BlockSizes(**kw))
+            out = fm.fp8_grouped_matmul(
+                a8, sa, b8, sb, gid, impl="mosaic", block_sizes=fm.BlockSizes(**kw)
+            )
             e = _err(out, ref)
-            log(f"  {name} groups {sizes.tolist()}: max rel err {e:.2e} "
-                f"{'OK' if e < 1e-5 else 'FAIL'}")
+            log(
+                f"  {name} groups {sizes.tolist()}: max rel err {e:.2e} "
+                f"{'OK' if e < F32_TOL else 'FAIL'}"
+            )
 
     @section("correctness: xla backend on the GPU vs reference")
     def _():
         (M, K) = dims(512, 4096)
         a8, sa, b8, sb = _operands(2, (M, K), (M, K))
-        e = _err(fp8.scaled_matmul(a8, sa, b8, sb, backend="xla"),
-                 fp8.scaled_matmul_reference(a8, sa, b8, sb))
+        e = _err(
+            fp8.scaled_matmul(a8, sa, b8, sb, backend="xla"),
+            fp8.scaled_matmul_reference(a8, sa, b8, sb),
+        )
         log(f"  {M}x{M}x{K}: max rel err {e:.2e} (XLA's own FP8 dot accumulation)")
 
     @section("correctness: fp8_linear, pallas vs xla backend (value and grads)")
@@ -240,13 +278,16 @@ def _correctness(fm) -> None:
         w = 0.02 * jax.random.normal(k2, dims(2048, 768), jnp.float32)
 
         def vg(backend):
-            f = lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=backend).astype(  # noqa: E731
-                jnp.float32) ** 2)
+            def f(x, w):
+                return jnp.sum(fp8.fp8_linear(x, w, backend=backend).astype(jnp.float32) ** 2)
+
             return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
 
         (vx, (dx_x, dw_x)), (vp, (dx_p, dw_p)) = vg("xla"), vg("pallas")
-        log(f"  loss rel diff {abs(float(vp - vx)) / abs(float(vx)):.2e}, dx max rel err "
-            f"{_err(dx_p, dx_x):.2e}, dW max rel err {_err(dw_p, dw_x):.2e}")
+        log(
+            f"  loss rel diff {abs(float(vp - vx)) / abs(float(vx)):.2e}, dx max rel err "
+            f"{_err(dx_p, dx_x):.2e}, dW max rel err {_err(dw_p, dw_x):.2e}"
+        )
 
 
 def _throughput(fm, rows: list[tuple]) -> None:
@@ -282,14 +323,24 @@ def _throughput(fm, rows: list[tuple]) -> None:
             timed(case, shape, "bf16 jnp.dot", flops, jax.jit(jnp.dot), a16, b16)
             a8, sa, b8, sb = _operands(5, (1, M, K), (1, N, K))
             for name, kw in CONFIGS.items():
-                f = jax.jit(functools.partial(fm.fp8_matmul, out_dtype=jnp.bfloat16,
-                                              impl="mosaic", block_sizes=fm.BlockSizes(**kw)))
+                f = jax.jit(
+                    functools.partial(
+                        fm.fp8_matmul,
+                        out_dtype=jnp.bfloat16,
+                        impl="mosaic",
+                        block_sizes=fm.BlockSizes(**kw),
+                    )
+                )
                 timed(case, shape, f"fp8 ours {name}", flops, f, a8, sa, b8, sb)
-            per_tensor = jax.jit(lambda a, b: jax.lax.dot_general(
-                a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16))
+            per_tensor = jax.jit(
+                lambda a, b: jax.lax.dot_general(
+                    a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16
+                )
+            )
             timed(case, shape, "fp8 XLA per-tensor dot", flops, per_tensor, a8[0], b8[0])
-            xla = jax.jit(functools.partial(fp8.scaled_matmul, backend="xla",
-                                            out_dtype=jnp.bfloat16))
+            xla = jax.jit(
+                functools.partial(fp8.scaled_matmul, backend="xla", out_dtype=jnp.bfloat16)
+            )
             timed(case, shape, "fp8 xla backend", flops, xla, a8, sa, b8, sb)
 
     @section("throughput: grouped, 8 experts x 512 rows, K=7168, N=2048")
@@ -302,11 +353,25 @@ def _throughput(fm, rows: list[tuple]) -> None:
         ka, kb = jax.random.split(jax.random.key(7))
         a16 = jax.random.normal(ka, (M, K), jnp.bfloat16)
         b16 = jax.random.normal(kb, (E, K, N), jnp.bfloat16)
-        timed("grouped", shape, "bf16 lax.ragged_dot", flops,
-              jax.jit(lambda a, b, s: jax.lax.ragged_dot(a, b, s)), a16, b16, sizes)
+        timed(
+            "grouped",
+            shape,
+            "bf16 lax.ragged_dot",
+            flops,
+            jax.jit(lambda a, b, s: jax.lax.ragged_dot(a, b, s)),
+            a16,
+            b16,
+            sizes,
+        )
         for name, kw in CONFIGS.items():
-            f = jax.jit(functools.partial(fm.fp8_grouped_matmul, out_dtype=jnp.bfloat16,
-                                          impl="mosaic", block_sizes=fm.BlockSizes(**kw)))
+            f = jax.jit(
+                functools.partial(
+                    fm.fp8_grouped_matmul,
+                    out_dtype=jnp.bfloat16,
+                    impl="mosaic",
+                    block_sizes=fm.BlockSizes(**kw),
+                )
+            )
             timed("grouped", shape, f"fp8 ours {name}", flops, f, a8, sa, b8, sb, gid)
 
     @section("throughput: fp8_linear forward + backward, M=4096 K=7168 N=2048")
@@ -321,11 +386,25 @@ def _throughput(fm, rows: list[tuple]) -> None:
             loss = lambda x, w: jnp.sum(lin(x, w).astype(jnp.float32))  # noqa: E731
             return jax.jit(jax.grad(loss, (0, 1)))
 
-        timed("linear", shape, "bf16 linear", flops,
-              step(lambda x, w: x @ w.astype(jnp.bfloat16)), x, w)
+        timed(
+            "linear",
+            shape,
+            "bf16 linear",
+            flops,
+            step(lambda x, w: x @ w.astype(jnp.bfloat16)),
+            x,
+            w,
+        )
         for backend in ("pallas", "xla"):
-            timed("linear", shape, f"fp8_linear {backend}", flops,
-                  step(functools.partial(fp8.fp8_linear, backend=backend)), x, w)
+            timed(
+                "linear",
+                shape,
+                f"fp8_linear {backend}",
+                flops,
+                step(functools.partial(fp8.fp8_linear, backend=backend)),
+                x,
+                w,
+            )
 
 
 def _table(rows: list[tuple]) -> None:
@@ -333,8 +412,7 @@ def _table(rows: list[tuple]) -> None:
         return
     base = {r[0]: r[3] for r in rows if r[2].startswith("bf16") and r[3]}
     log("\n== table (median of 5 x 20 calls; vs bf16 = bf16 time / this time)")
-    log(f"{'case':30s} {'M x N x K':22s} {'impl':24s} {'ms':>9s} {'TFLOP/s':>8s} "
-        f"{'vs bf16':>8s}")
+    log(f"{'case':30s} {'M x N x K':22s} {'impl':24s} {'ms':>9s} {'TFLOP/s':>8s} {'vs bf16':>8s}")
     for case, shape, impl, secs, tflops in rows:
         if secs is None:
             log(f"{case:30s} {shape:22s} {impl:24s} {'error':>9s}")

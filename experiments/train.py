@@ -13,7 +13,6 @@ Multi-host: launch one process per host (SLURM is detected; or pass --coordinato
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -102,16 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from deepseek_jax.train.runner import UserError, run
+    from deepseek_jax.train.runner import exit_code, run
 
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if os.environ.get("DEEPSEEK_JAX_DEBUG"):
-            raise
-        return 2
-    return 0
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def fp8_matmul_kernel(a_ref, b_ref, sa_ref, sb_ref, o_ref, *, k_axis: int):
     acc = o_ref[...]
     for g in range(a_ref.shape[1] // SLICE):
         ks = slice(g * SLICE, (g + 1) * SLICE)
-        part = lax.dot_general(a_ref[:, ks], b_ref[:, ks], (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [BM, BN], one slice
+        part = lax.dot_general(
+            a_ref[:, ks], b_ref[:, ks], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [BM, BN], one slice
         acc = acc + part * sa_ref[:, g : g + 1] * sb_ref[:, g][None, :]  # promotion
     o_ref[...] = acc
 
@@ -208,8 +209,12 @@ def _mosaic_kernel(*refs, block_n: int, stages: int, num_slices: int, grouped: b
             compute_context=context,
         )
 
-    operands = (a_gmem.at[pl.ds(i * BM, BM)], b_gmem.at[e, pl.ds(j * BN, BN)],
-                sa_gmem.at[:, pl.ds(i * BM, BM)], sb_gmem.at[e, :, pl.ds(j * BN, BN)])
+    operands = (
+        a_gmem.at[pl.ds(i * BM, BM)],
+        b_gmem.at[e, pl.ds(j * BN, BN)],
+        sa_gmem.at[:, pl.ds(i * BM, BM)],
+        sb_gmem.at[e, :, pl.ds(j * BN, BN)],
+    )
     ignore = lambda *_, **__: None  # noqa: E731
     allocations = pipeline(ignore, ignore).get_allocations(*operands)
 
@@ -218,14 +223,14 @@ def _mosaic_kernel(*refs, block_n: int, stages: int, num_slices: int, grouped: b
             acc = run(jnp.zeros((WM, BN), jnp.float32))
             o_smem[wg] = acc.astype(o_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg],
-                                    o_gmem.at[pl.ds(i * BM + wg * WM, WM), pl.ds(j * BN, BN)])
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[wg], o_gmem.at[pl.ds(i * BM + wg * WM, WM), pl.ds(j * BN, BN)]
+            )
             plgpu.wait_smem_to_gmem(0)
 
         pipeline(step, context)(*operands, allocations=allocations)
 
-    pl.run_scoped(scope, allocations, plgpu.SMEM((2, WM, BN), o_gmem.dtype),
-                  collective_axes="wg")
+    pl.run_scoped(scope, allocations, plgpu.SMEM((2, WM, BN), o_gmem.dtype), collective_axes="wg")
 
 
 def _stages(bs: BlockSizes, out_dtype, num_slices: int) -> int:
@@ -246,8 +251,13 @@ def _mosaic(a8, sa, b8, sb, group_ids, out_dtype, bs: BlockSizes, interpret: boo
     grid, names = (M // bs.block_m, N // bs.block_n), ("m", "n")
     if not grouped:
         grid, names = (a8.shape[0], *grid), ("b", *names)
-    body = functools.partial(_mosaic_kernel, block_n=bs.block_n, num_slices=G,
-                             stages=_stages(bs, out_dtype, G), grouped=grouped)
+    body = functools.partial(
+        _mosaic_kernel,
+        block_n=bs.block_n,
+        num_slices=G,
+        stages=_stages(bs, out_dtype, G),
+        grouped=grouped,
+    )
     kw = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     kernel = plgpu.kernel(
         body,
@@ -256,8 +266,7 @@ def _mosaic(a8, sa, b8, sb, group_ids, out_dtype, bs: BlockSizes, interpret: boo
         grid_names=names,
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **kw,
     )
     args = (a8, b8, jnp.swapaxes(sa, -1, -2), jnp.swapaxes(sb, -1, -2))
@@ -289,8 +298,10 @@ def _choose(impl, interpret):
     if interpret is None:
         interpret = not (impl == "mosaic" and on_gpu)
     if impl == "pallas_call" and not interpret:
-        raise ValueError("the pallas_call kernel runs in interpret mode only; "
-                         "use impl='mosaic' for compiled Hopper code")
+        raise ValueError(
+            "the pallas_call kernel runs in interpret mode only; "
+            "use impl='mosaic' for compiled Hopper code"
+        )
     return impl, interpret
 
 
@@ -308,8 +319,9 @@ def _padded_operands(a8, sa, b8, sb, bs: BlockSizes, k_multiple: int):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "impl", "interpret"))
-def fp8_matmul(a8, sa, b8, sb, *, out_dtype=jnp.float32, block_sizes=BlockSizes(), impl=None,
-               interpret=None):
+def fp8_matmul(
+    a8, sa, b8, sb, *, out_dtype=jnp.float32, block_sizes=BlockSizes(), impl=None, interpret=None
+):
     """Block-scaled NT GEMM, batched: [Bt, M, K] x [Bt, N, K] -> [Bt, M, N].
 
     Args:
@@ -332,8 +344,18 @@ def fp8_matmul(a8, sa, b8, sb, *, out_dtype=jnp.float32, block_sizes=BlockSizes(
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "impl", "interpret"))
-def fp8_grouped_matmul(a8, sa, b8, sb, group_ids, *, out_dtype=jnp.float32,
-                       block_sizes=BlockSizes(), impl=None, interpret=None):
+def fp8_grouped_matmul(
+    a8,
+    sa,
+    b8,
+    sb,
+    group_ids,
+    *,
+    out_dtype=jnp.float32,
+    block_sizes=BlockSizes(),
+    impl=None,
+    interpret=None,
+):
     """m-grouped contiguous NT GEMM: rows [128 B, K], experts [E, N, K] -> [128 B, N].
 
     Args:

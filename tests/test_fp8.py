@@ -33,8 +33,7 @@ def _within_e4m3(x, dq, s_full):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_tile_round_trip_within_e4m3(shape, axis, pow2):
     x = _normal(0, shape) * jnp.exp(_normal(1, shape, 2.0))  # a wide dynamic range
-    q, s = jax.jit(fp8.quantize_tiles, static_argnames=("axis", "pow2"))(x, axis=axis,
-                                                                         pow2=pow2)
+    q, s = jax.jit(fp8.quantize_tiles, static_argnames=("axis", "pow2"))(x, axis=axis, pow2=pow2)
     assert q.dtype == fp8.E4M3 and q.shape == x.shape and s.dtype == jnp.float32
     n = shape[axis]
     assert s.shape[axis] == -(-n // 128)
@@ -47,8 +46,9 @@ def test_tile_round_trip_within_e4m3(shape, axis, pow2):
 
 
 def test_partial_tile_has_its_own_scale_and_zero_tiles_stay_finite():
-    x = jnp.concatenate([jnp.full((2, 128), 1000.0), jnp.full((2, 5), 0.5),
-                         jnp.zeros((2, 0))], axis=1)
+    x = jnp.concatenate(
+        [jnp.full((2, 128), 1000.0), jnp.full((2, 5), 0.5), jnp.zeros((2, 0))], axis=1
+    )
     x = x.at[1].set(0.0)
     q, s = fp8.quantize_tiles(x)
     np.testing.assert_allclose(s[0], [1000.0 / 448, 0.5 / 448], rtol=1e-6)
@@ -66,8 +66,9 @@ def test_block_round_trip_within_e4m3(shape):
     _within_e4m3(w, dq, s_full)
     # One quantised copy serves W and W^T: block quantisation commutes with transposition.
     qt, st = fp8.quantize_blocks(jnp.swapaxes(w, -1, -2))
-    np.testing.assert_array_equal(np.asarray(jnp.swapaxes(qt, -1, -2).astype(jnp.float32)),
-                                  np.asarray(q.astype(jnp.float32)))
+    np.testing.assert_array_equal(
+        np.asarray(jnp.swapaxes(qt, -1, -2).astype(jnp.float32)), np.asarray(q.astype(jnp.float32))
+    )
     np.testing.assert_array_equal(np.asarray(jnp.swapaxes(st, -1, -2)), np.asarray(s))
 
 
@@ -86,12 +87,13 @@ def test_fine_grained_tiles_beat_per_tensor_on_outliers():
 def test_gemm_reference_equals_float64_on_dequantised_inputs(M, N, K):
     a8, sa = fp8.quantize_tiles(_normal(4, (M, K), 3.0))
     b8, sb = fp8.quantize_tiles(_normal(5, (N, K), 0.1))
-    ref64 = (np.asarray(fp8.dequantize_tiles(a8, sa), np.float64)
-             @ np.asarray(fp8.dequantize_tiles(b8, sb), np.float64).T)
+    ref64 = (
+        np.asarray(fp8.dequantize_tiles(a8, sa), np.float64)
+        @ np.asarray(fp8.dequantize_tiles(b8, sb), np.float64).T
+    )
     out = jax.jit(fp8.scaled_matmul_reference)(a8, sa, b8, sb)
     assert out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), ref64, rtol=2e-5,
-                               atol=1e-6 * np.abs(ref64).max())
+    np.testing.assert_allclose(np.asarray(out), ref64, rtol=2e-5, atol=1e-6 * np.abs(ref64).max())
     xla = jax.jit(fp8.scaled_matmul)(a8, sa, b8, sb)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(out), rtol=1e-6, atol=1e-6)
 
@@ -121,13 +123,13 @@ def test_fp8_linear_fprop_dgrad_wgrad():
     M, K, N = 200, 300, 136  # no dimension a multiple of 128
     x, w, dy = _normal(6, (M, K)), _normal(7, (K, N), 0.05), _normal(8, (M, N), 1e-3)
     got, f32 = _linear_and_vjp(x, w, dy)
-    x_k, dy_n, w_dq, x_t, dy_t = (np.asarray(a, np.float64)
-                                  for a in _dequantised_operands(x, w, dy))
+    x_k, dy_n, w_dq, x_t, dy_t = (
+        np.asarray(a, np.float64) for a in _dequantised_operands(x, w, dy)
+    )
     # Fprop x(1x128) W(128x128); Dgrad dy(1x128 along N) W^T; Wgrad x, dy re-tiled 128x1.
     exact = (x_k @ w_dq, dy_n @ w_dq.T, x_t.T @ dy_t)
     for g, want in zip(got, exact, strict=True):
-        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4,
-                                   atol=1e-5 * np.abs(want).max())
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     # Against a float32 linear on the unquantised values: within FP8 precision.
     for g, want in zip(got, f32, strict=True):
         assert _rel(g, want) < 0.05
@@ -138,15 +140,23 @@ def test_fp8_linear_keeps_dtypes_and_leading_axes():
     w = _normal(10, (130, 40), 0.05)
     y, vjp = jax.vjp(jax.jit(lambda x, w: fp8.fp8_linear(x, w)), x, w)
     dx, dw = vjp(jnp.ones_like(y))
-    assert (y.shape, y.dtype, dx.dtype, dw.dtype) == ((2, 3, 40), jnp.bfloat16, jnp.bfloat16,
-                                                      jnp.float32)
+    assert (y.shape, y.dtype, dx.dtype, dw.dtype) == (
+        (2, 3, 40),
+        jnp.bfloat16,
+        jnp.bfloat16,
+        jnp.float32,
+    )
     assert _rel(y.astype(jnp.float32), x.astype(jnp.float32) @ w) < 0.05
 
 
 def test_pallas_backend_equals_xla_backend():
     x, w = _normal(11, (130, 256)), _normal(12, (256, 136), 0.05)
-    f = lambda b: jax.jit(jax.value_and_grad(  # noqa: E731
-        lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=b) ** 2), (0, 1)))(x, w)
+
+    def f(b):
+        return jax.jit(
+            jax.value_and_grad(lambda x, w: jnp.sum(fp8.fp8_linear(x, w, backend=b) ** 2), (0, 1))
+        )(x, w)
+
     (vx, gx), (vp, gp) = f("xla"), f("pallas")
     np.testing.assert_allclose(vp, vx, rtol=1e-5)
     for a, b in zip(gp, gx, strict=True):
@@ -162,21 +172,28 @@ FLIPS = 5e-3
 
 
 def _expert_weights(E, D, F, seed=13):
-    return (_normal(seed, (E, D, F), 0.05), _normal(seed + 1, (E, D, F), 0.05),
-            _normal(seed + 2, (E, F, D), 0.05))
+    return (
+        _normal(seed, (E, D, F), 0.05),
+        _normal(seed + 1, (E, D, F), 0.05),
+        _normal(seed + 2, (E, F, D), 0.05),
+    )
 
 
 def test_expert_ffn_is_each_experts_fp8_swiglu():
     E, C, D, F = 3, 40, 128, 96
     x, ws = _normal(16, (E, C, D)), _expert_weights(E, D, F)
+
     def f(x, *ws):
         return jnp.sum(fp8.fp8_expert_ffn(x, *ws) ** 2)
 
     def g(x, *ws):
         return sum(jnp.sum(fp8.fp8_swiglu(x[e], *(w[e] for w in ws)) ** 2) for e in range(E))
 
-    for a, b in zip(jax.jit(jax.grad(f, (0, 1, 2, 3)))(x, *ws),
-                    jax.jit(jax.grad(g, (0, 1, 2, 3)))(x, *ws), strict=True):
+    for a, b in zip(
+        jax.jit(jax.grad(f, (0, 1, 2, 3)))(x, *ws),
+        jax.jit(jax.grad(g, (0, 1, 2, 3)))(x, *ws),
+        strict=True,
+    ):
         assert _rel(a, b) < FLIPS
 
 
@@ -189,8 +206,9 @@ def test_grouped_ffn_matches_per_expert_fp8():
     bounds = np.cumsum((0, *sizes))
 
     def per_expert(x, *ws):
-        return jnp.concatenate([fp8.fp8_swiglu(x[bounds[e] : bounds[e + 1]],
-                                               *(w[e] for w in ws)) for e in range(E)])
+        return jnp.concatenate(
+            [fp8.fp8_swiglu(x[bounds[e] : bounds[e + 1]], *(w[e] for w in ws)) for e in range(E)]
+        )
 
     grouped = lambda x, *ws: fp8.fp8_grouped_ffn(x, gs, *ws)  # noqa: E731
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731

@@ -33,15 +33,19 @@ def _assert_close(out, ref, tol=1e-5):
 
 def test_reference_is_the_recipes_reference():
     a8, sa, b8, sb = _operands(0, (100, 300), (72, 300))
-    np.testing.assert_array_equal(fm.fp8_matmul_reference(a8, sa, b8, sb),
-                                  fp8.scaled_matmul_reference(a8, sa, b8, sb))
+    np.testing.assert_array_equal(
+        fm.fp8_matmul_reference(a8, sa, b8, sb), fp8.scaled_matmul_reference(a8, sa, b8, sb)
+    )
 
 
-@pytest.mark.parametrize("shape,bs", [
-    ((1, 128, 128, 128), fm.BlockSizes()),
-    ((2, 200, 136, 300), fm.BlockSizes(block_n=64)),
-    ((1, 64, 256, 640), fm.BlockSizes(block_k=256)),
-])
+@pytest.mark.parametrize(
+    "shape,bs",
+    [
+        ((1, 128, 128, 128), fm.BlockSizes()),
+        ((2, 200, 136, 300), fm.BlockSizes(block_n=64)),
+        ((1, 64, 256, 640), fm.BlockSizes(block_k=256)),
+    ],
+)
 def test_interpret_kernel_equals_reference(shape, bs):
     Bt, M, N, K = shape
     a8, sa, b8, sb = _operands(1, (Bt, M, K), (Bt, N, K))
@@ -101,18 +105,25 @@ def _cuda_module(f, *shapes_dtypes) -> str:
 @pytest.mark.parametrize("block_n,out_dtype", [(128, F32), (128, jnp.bfloat16), (256, F32)])
 def test_mosaic_kernel_lowers_for_cuda(block_n, out_dtype):
     M, N, K, G = 256, 512, 1024, 8
-    f = functools.partial(fm.fp8_matmul, impl="mosaic", interpret=False, out_dtype=out_dtype,
-                          block_sizes=fm.BlockSizes(block_n=block_n))
+    f = functools.partial(
+        fm.fp8_matmul,
+        impl="mosaic",
+        interpret=False,
+        out_dtype=out_dtype,
+        block_sizes=fm.BlockSizes(block_n=block_n),
+    )
     text = _cuda_module(f, ((2, M, K), F8), ((2, M, G), F32), ((2, N, K), F8), ((2, N, G), F32))
     assert "mosaic_gpu" in text
 
 
 def test_grouped_mosaic_kernel_lowers_for_cuda():
     M, N, K, G, E = 512, 256, 768, 6, 4
-    f = functools.partial(fm.fp8_grouped_matmul, impl="mosaic", interpret=False,
-                          out_dtype=jnp.bfloat16)
-    text = _cuda_module(f, ((M, K), F8), ((M, G), F32), ((E, N, K), F8), ((E, N, G), F32),
-                        ((M // 128,), jnp.int32))
+    f = functools.partial(
+        fm.fp8_grouped_matmul, impl="mosaic", interpret=False, out_dtype=jnp.bfloat16
+    )
+    text = _cuda_module(
+        f, ((M, K), F8), ((M, G), F32), ((E, N, K), F8), ((E, N, G), F32), ((M // 128,), jnp.int32)
+    )
     assert "mosaic_gpu" in text
 
 

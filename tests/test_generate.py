@@ -31,7 +31,7 @@ def test_unrolled_decode_equals_scanned_and_forward(model):
         out, cache = dec.decode(ids[:, :8], cache, jnp.int32(0))
         outs = [out]
         for t in range(8, 12):
-            out, cache = dec.decode(ids[:, t:t + 1], cache, jnp.int32(t))
+            out, cache = dec.decode(ids[:, t : t + 1], cache, jnp.int32(t))
             outs.append(out)
         return jnp.concatenate(outs, axis=1)
 
@@ -81,21 +81,39 @@ def test_generate_script(capsys):
 
     g = np.load(os.path.join(HF, "v3_yarn", "golden.npz"))
     ids = ",".join(str(i) for i in g["prompt_ids"][0])
-    assert main(["--hf", os.path.join(HF, "v3_yarn"), "--prompt-ids", ids,
-                 "--max-new-tokens", "32"]) == 0
+    assert (
+        main(["--hf", os.path.join(HF, "v3_yarn"), "--prompt-ids", ids, "--max-new-tokens", "32"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"new ids (32): {g['generated'][0].tolist()}" in out  # transformers' greedy tokens
     assert "decode" in out and "tokens/s" in out and "bytes/token" in out
-    assert main(["--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "3",
-                 "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0.8",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     assert main(["--hf", "/nonexistent", "--prompt", "x"]) == 2
 
 
 def test_bench_generate_script(capsys):
     from experiments.bench_generate import main
 
-    assert main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4",
-                 "--repeats", "1"]) == 0
+    assert (
+        main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"]) == 0
+    )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"prefill_tokens_per_s", "decode_tokens_per_s", "cache_bytes_per_token"}
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4

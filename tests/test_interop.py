@@ -74,8 +74,7 @@ def test_logits_match_transformers(models, name):
     if "logits_offset" in g:  # YaRN at positions beyond original_max_position_embeddings
         ids = g["input_ids"]
         pos = jnp.broadcast_to(jnp.arange(ids.shape[1]) + 5000, ids.shape)
-        odiff = np.abs(np.asarray(_forward(model, ids, pos).logits_BTV)
-                       - g["logits_offset"]).max()
+        odiff = np.abs(np.asarray(_forward(model, ids, pos).logits_BTV) - g["logits_offset"]).max()
         assert odiff <= TOL, f"{name}: max |logits at 5000+ - transformers| = {odiff:.3g}"
 
 
@@ -89,7 +88,10 @@ def test_greedy_generation_matches_transformers(models, name):
 def test_configs_read_as_released():
     cfg = deepseek_jax.from_pretrained(os.path.join(HF, "v2_softmax")).cfg
     assert (cfg.scoring_func, cfg.topk_method, cfg.q_lora_rank) == (
-        "softmax", "group_limited_greedy", None)
+        "softmax",
+        "group_limited_greedy",
+        None,
+    )
     assert not cfg.has_routing_bias and cfg.num_nextn_predict_layers == 0
     fp8 = json.load(open(os.path.join(HF, "v3_fp8", "config.json")))
     assert fp8["quantization_config"]["weight_block_size"] == [128, 128]
@@ -155,8 +157,9 @@ def test_bfloat16_export(models, tmp_path):
     reader = SafetensorsReader(tmp_path)
     assert reader.info("lm_head.weight").dtype == np.dtype(ml_dtypes.bfloat16)
     assert reader.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype == np.float32
-    jax.tree.map(np.testing.assert_array_equal,
-                 _state(deepseek_jax.from_pretrained(tmp_path)), _state(model))
+    jax.tree.map(
+        np.testing.assert_array_equal, _state(deepseek_jax.from_pretrained(tmp_path)), _state(model)
+    )
 
 
 def test_fused_and_per_expert_layouts_load_the_same(models, tmp_path):
@@ -174,8 +177,11 @@ def test_fused_and_per_expert_layouts_load_the_same(models, tmp_path):
             tensors[f"{prefix}{e}.down_proj.weight"] = down[e]
     save_file(tensors, tmp_path / "model.safetensors")
     shutil.copy(os.path.join(src, "config.json"), tmp_path)
-    jax.tree.map(np.testing.assert_array_equal,
-                 _state(deepseek_jax.from_pretrained(tmp_path)), _state(models("v3_yarn")))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _state(deepseek_jax.from_pretrained(tmp_path)),
+        _state(models("v3_yarn")),
+    )
 
 
 def test_half_split_rope_layout(models, tmp_path):
@@ -212,8 +218,7 @@ def test_sharded_load_reads_each_tensor_once(models, monkeypatch):
     """Born sharded on a (node=2, gpu=4) mesh, each tensor read once, same values."""
     reads = []
     real = SafetensorsReader.read
-    monkeypatch.setattr(SafetensorsReader, "read",
-                        lambda self, n: reads.append(n) or real(self, n))
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, n: reads.append(n) or real(self, n))
     model = deepseek_jax.from_pretrained(os.path.join(HF, "v3_group"), mesh=make_mesh(2, 4))
     assert reads and len(reads) == len(set(reads)), "a tensor was read twice"
     w = model.moe_layers.mlp.w_gate[...]
@@ -224,9 +229,11 @@ def test_sharded_load_reads_each_tensor_once(models, monkeypatch):
 
 def test_safetensors_io_interoperates_with_the_library(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32),
-              "b": np.arange(7, dtype=np.int64),
-              "c": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16)}
+    arrays = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": np.arange(7, dtype=np.int64),
+        "c": rng.normal(size=(4,)).astype(ml_dtypes.bfloat16),
+    }
     specs = [TensorSpec(k, v.dtype, v.shape) for k, v in arrays.items()]
     save_sharded(str(tmp_path), specs, arrays.__getitem__)
     lib = load_file(tmp_path / "model.safetensors")
@@ -270,8 +277,9 @@ def test_bad_shape_names_the_tensor(tmp_path):
     name = "model.layers.0.self_attn.kv_b_proj.weight"
     tensors[name] = tensors[name][:-1]
     save_file(tensors, d / "model.safetensors")
-    with pytest.raises(CheckpointMismatchError,
-                       match=rf"{name}: expected shape \[128, 32\], found \[127, 32\]"):
+    with pytest.raises(
+        CheckpointMismatchError, match=rf"{name}: expected shape \[128, 32\], found \[127, 32\]"
+    ):
         deepseek_jax.from_pretrained(d)
 
 
@@ -280,16 +288,20 @@ def test_missing_tensor_is_named(tmp_path):
     tensors = load_file(d / "model.safetensors")
     del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
     save_file(tensors, d / "model.safetensors")
-    with pytest.raises(CheckpointMismatchError,
-                       match="missing tensor model.layers.1.mlp.gate.e_score_correction_bias"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match="missing tensor model.layers.1.mlp.gate.e_score_correction_bias",
+    ):
         deepseek_jax.from_pretrained(d)
 
 
 def test_unknown_architecture_is_named(tmp_path):
     d = _copy("v3_yarn", tmp_path)
     cfg = json.load(open(d / "config.json"))
-    json.dump(dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama"),
-              open(d / "config.json", "w"))
+    json.dump(
+        dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama"),
+        open(d / "config.json", "w"),
+    )
     with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
         deepseek_jax.from_pretrained(d)
 
@@ -317,8 +329,11 @@ def test_convert_to_training_run_and_back(models, tmp_path, capsys):
     assert main(["hf-to-run", os.path.join(HF, "v3_fp8"), str(run)]) == 2  # never overwrites
     assert "already holds checkpoints" in capsys.readouterr().err
     assert main(["run-to-hf", str(run), str(out)]) == 0
-    jax.tree.map(np.testing.assert_array_equal,
-                 _state(deepseek_jax.from_pretrained(out)), _state(models("v3_fp8")))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _state(deepseek_jax.from_pretrained(out)),
+        _state(models("v3_fp8")),
+    )
 
 
 @pytest.mark.slow
@@ -331,9 +346,28 @@ def test_converted_model_fine_tunes_and_exports(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     assert convert(["hf-to-run", os.path.join(HF, "v3_group"), str(run)]) == 0
-    assert train(["--out", str(run), "--steps", "2", "--batch-size", "8", "--seq-len", "16",
-                  "--no-progress", "--sample-tokens", "0", "--eval-every", "1000",
-                  "--data", str(data)]) == 0
+    assert (
+        train(
+            [
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--seq-len",
+                "16",
+                "--no-progress",
+                "--sample-tokens",
+                "0",
+                "--eval-every",
+                "1000",
+                "--data",
+                str(data),
+            ]
+        )
+        == 0
+    )
     assert convert(["run-to-hf", str(run), str(out)]) == 0
     tuned = deepseek_jax.from_pretrained(out)
     before = deepseek_jax.from_pretrained(os.path.join(HF, "v3_group"))

@@ -55,7 +55,7 @@ def _decode_all(w, x, pos, cfg, prompt):
     y, cache = absorbed(w, x[:, :prompt], pos[:, :prompt], cache, jnp.int32(0), cfg=cfg)
     ys = [y]
     for t in range(prompt, x.shape[1]):
-        y, cache = absorbed(w, x[:, t:t + 1], pos[:, t:t + 1], cache, jnp.int32(t), cfg=cfg)
+        y, cache = absorbed(w, x[:, t : t + 1], pos[:, t : t + 1], cache, jnp.int32(t), cfg=cfg)
         ys.append(y)
     return jnp.concatenate(ys, axis=1), cache
 
@@ -109,7 +109,7 @@ def test_causality_through_gradients(path):
         f = lambda x: mla_absorbed(w, x, pos, cache, 0, cfg)[0]  # noqa: E731
     t = 4
     g = _grad_wrt_x(f, x, t)
-    assert np.all(np.asarray(g[:, t + 1:]) == 0.0)
+    assert np.all(np.asarray(g[:, t + 1 :]) == 0.0)
     assert np.all(np.abs(np.asarray(g[:, : t + 1])).sum(-1) > 0)
 
 

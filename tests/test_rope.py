@@ -59,8 +59,14 @@ def test_v3_frequencies_match_hf_formula():
 @pytest.mark.parametrize("cfg", [TINY, V2], ids=["tiny", "v2"])
 def test_other_configs_match_hf_formula(cfg):
     s = cfg.rope_scaling
-    ref = _hf_yarn_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, s.factor,
-                            s.original_max_position_embeddings, s.beta_fast, s.beta_slow)
+    ref = _hf_yarn_inv_freq(
+        cfg.qk_rope_head_dim,
+        cfg.rope_theta,
+        s.factor,
+        s.original_max_position_embeddings,
+        s.beta_fast,
+        s.beta_slow,
+    )
     np.testing.assert_allclose(rope.rope_frequencies(cfg), ref, rtol=1e-6)
 
 
@@ -76,8 +82,9 @@ def test_attention_factor_without_mscale_all_dim():
     assert rope.rope_attention_factor(cfg) == pytest.approx(0.1 * math.log(40) + 1)
     assert rope.softmax_scale(cfg) == pytest.approx(192**-0.5)
     cos, sin = rope.rope_cos_sin(jnp.arange(3)[None], cfg)
-    np.testing.assert_allclose(cos**2 + sin**2, np.full((1, 3, 64), (0.1 * math.log(40) + 1) ** 2),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        cos**2 + sin**2, np.full((1, 3, 64), (0.1 * math.log(40) + 1) ** 2), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -112,9 +119,11 @@ def test_apply_rope_is_official_rotation_deinterleaved():
 def test_scores_depend_on_relative_position_only():
     cfg = TINY
     q, k = jax.random.normal(jax.random.key(1), (2, cfg.qk_rope_head_dim))
+
     def score(m, n):
         cq, sq = rope.rope_cos_sin(jnp.array([m]), cfg)
         ck, sk = rope.rope_cos_sin(jnp.array([n]), cfg)
         return jnp.dot(rope.apply_rope(q[None], cq, sq)[0], rope.apply_rope(k[None], ck, sk)[0])
+
     np.testing.assert_allclose(score(3, 1), score(250, 248), rtol=1e-4)
     np.testing.assert_allclose(score(0, 0), jnp.dot(q, k), rtol=1e-5)

@@ -35,25 +35,33 @@ def _expand(scale: np.ndarray, shape: tuple[int, ...], block: tuple[int, int]) -
     return full[..., : shape[-2], : shape[-1]]
 
 
-def check_scale_shape(name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...],
-                      block: tuple[int, int]) -> None:
+def check_scale_shape(
+    name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int]
+) -> None:
     """Raises naming the tensor when ``scale_inv`` does not tile ``weight`` by ``block``."""
-    want = (*weight_shape[:-2], math.ceil(weight_shape[-2] / block[0]),
-            math.ceil(weight_shape[-1] / block[1]))
+    want = (
+        *weight_shape[:-2],
+        math.ceil(weight_shape[-2] / block[0]),
+        math.ceil(weight_shape[-1] / block[1]),
+    )
     if tuple(scale_shape) != want:
-        raise ValueError(f"tensor {name}_scale_inv: expected shape {list(want)} for a "
-                         f"{list(weight_shape)} weight in {block[0]}x{block[1]} blocks, "
-                         f"found {list(scale_shape)}")
+        raise ValueError(
+            f"tensor {name}_scale_inv: expected shape {list(want)} for a "
+            f"{list(weight_shape)} weight in {block[0]}x{block[1]} blocks, "
+            f"found {list(scale_shape)}"
+        )
 
 
-def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray,
-                      block: tuple[int, int] = (128, 128)) -> np.ndarray:
+def dequantize_blocks(
+    q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)
+) -> np.ndarray:
     """float32 weights from block-quantised ``q[..., R, C]`` and ``scale_inv[..., R/br, C/bc]``."""
     return q.astype(np.float32) * _expand(scale_inv.astype(np.float32), q.shape, block)
 
 
-def quantize_blocks(w: np.ndarray, block: tuple[int, int] = (128, 128)
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(
+    w: np.ndarray, block: tuple[int, int] = (128, 128)
+) -> tuple[np.ndarray, np.ndarray]:
     """(e4m3 values, float32 ``scale_inv``) with each block's max magnitude mapped to 448."""
     w = np.asarray(w, np.float32)
     *lead, R, C = w.shape

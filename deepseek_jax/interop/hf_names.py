@@ -70,8 +70,11 @@ _MTP: dict[tuple[str, ...], tuple[str, Kind, int]] = {
     ("eh_proj",): ("eh_proj.weight", "linear", 1),
     ("norm", "weight"): ("shared_head.norm.weight", "copy", 0),
 }
-ROPE_LEAVES = {("self_attn", "q_proj"), ("self_attn", "q_b_proj"),
-               ("self_attn", "kv_a_proj_with_mqa")}
+ROPE_LEAVES = {
+    ("self_attn", "q_proj"),
+    ("self_attn", "q_b_proj"),
+    ("self_attn", "kv_a_proj_with_mqa"),
+}
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,14 @@ class LeafMap:
         if self.kind != "expert":
             return [p + self.suffix]
         if fused:
-            return [p + ("mlp.experts.down_proj" if self.suffix == "down_proj"
-                         else "mlp.experts.gate_up_proj")]
+            return [
+                p
+                + (
+                    "mlp.experts.down_proj"
+                    if self.suffix == "down_proj"
+                    else "mlp.experts.gate_up_proj"
+                )
+            ]
         return [f"{p}mlp.experts.{j}.{self.suffix}.weight" for j in range(num_experts)]
 
     @property
@@ -132,8 +141,10 @@ def leaf_map(path: tuple[str, ...], cfg: ModelConfig) -> LeafMap:
 def mtp_extra_names(cfg: ModelConfig, depth: int) -> dict[str, tuple[str, ...]]:
     """The MTP layer's copies of the shared embedding and head: HF name -> our path."""
     p = f"model.layers.{cfg.num_hidden_layers + depth}."
-    return {p + "embed_tokens.weight": ("embed_tokens", "embedding"),
-            p + "shared_head.head.weight": ("lm_head",)}
+    return {
+        p + "embed_tokens.weight": ("embed_tokens", "embedding"),
+        p + "shared_head.head.weight": ("lm_head",),
+    }
 
 
 # ------------------------------------------------------------------------------ layouts
@@ -144,7 +155,7 @@ def hf_shape(m: LeafMap, ours: tuple[int, ...]) -> tuple[int, ...]:
     if m.kind == "copy":
         return tuple(ours)
     if m.kind == "linear":
-        return (math.prod(ours[m.n_in:]), math.prod(ours[: m.n_in]))
+        return (math.prod(ours[m.n_in :]), math.prod(ours[: m.n_in]))
     return (ours[2], ours[1])  # one expert: [E, in, out] -> [out, in]
 
 

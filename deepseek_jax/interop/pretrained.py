@@ -36,9 +36,15 @@ from deepseek_jax.interop.safetensors_io import (
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 # transformers' DeepseekV2Config defaults where they differ from ours (a terse config.json).
-_V2_DEFAULTS = {"topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
-                "first_k_dense_replace": 0, "n_shared_experts": 2, "num_nextn_predict_layers": 0,
-                "max_position_embeddings": 2048}
+_V2_DEFAULTS = {
+    "topk_method": "greedy",
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0,
+    "first_k_dense_replace": 0,
+    "n_shared_experts": 2,
+    "num_nextn_predict_layers": 0,
+    "max_position_embeddings": 2048,
+}
 _V3_DEFAULTS = {"max_position_embeddings": 4096}
 
 
@@ -65,13 +71,19 @@ def config_from_hf(raw: dict[str, Any], *, dtype: str = "float32") -> ModelConfi
     known = [a for a in archs if a in ARCHITECTURES]
     model_type = raw.get("model_type")
     if not known and model_type not in ARCHITECTURES.values():
-        raise ValueError(f"config.json: unsupported architecture {archs or model_type!r}; "
-                         f"supported: {sorted(ARCHITECTURES)}")
+        raise ValueError(
+            f"config.json: unsupported architecture {archs or model_type!r}; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
     model_type = ARCHITECTURES[known[0]] if known else model_type
     defaults = _V2_DEFAULTS if model_type == "deepseek_v2" else _V3_DEFAULTS
     raw = {**defaults, **{k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}}
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                      ("moe_layer_freq", 1)):
+    for key, want in (
+        ("hidden_act", "silu"),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("moe_layer_freq", 1),
+    ):
         if raw.get(key, want) != want:
             raise ValueError(f"config.json: {key} = {raw[key]!r} is not supported (need {want!r})")
     _fp8_block(raw)  # validates quantization_config
@@ -87,8 +99,10 @@ def _fp8_block(raw: dict[str, Any]) -> tuple[int, int] | None:
     if not q:
         return None
     if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"config.json: quantization_config {q!r} is not supported "
-                         "(only the official fp8 e4m3 block format)")
+        raise ValueError(
+            f"config.json: quantization_config {q!r} is not supported "
+            "(only the official fp8 e4m3 block format)"
+        )
     block = tuple(q.get("weight_block_size") or (128, 128))
     if len(block) != 2:
         raise ValueError(f"config.json: weight_block_size {list(block)} must have two entries")
@@ -142,18 +156,23 @@ def from_pretrained(
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     if mesh is None:  # plain arrays on the default device
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, abs_state,
-                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+        shardings = jax.tree.map(
+            lambda _: one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
     else:
         shardings = state_shardings(abs_state, mesh)
-    loader = _Loader(reader, cfg, _fp8_block(raw), raw.get("rope_interleave", True),
-                     jnp.dtype(param_dtype))
+    loader = _Loader(
+        reader, cfg, _fp8_block(raw), raw.get("rope_interleave", True), jnp.dtype(param_dtype)
+    )
     leaves = _leaves(abs_state)
     for p, v in leaves:
         loader.check(p, v.shape)
     state = jax.tree_util.tree_map_with_path(
-        lambda kp, v, s: v.replace(loader.load(_path(kp), v, s)), abs_state, shardings,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+        lambda kp, v, s: v.replace(loader.load(_path(kp), v, s)),
+        abs_state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     loader.warn_unused()
     return nnx.merge(graphdef, state)
 
@@ -164,12 +183,16 @@ def _mtp_depth(cfg: ModelConfig, reader: SafetensorsReader, wanted: bool) -> int
         return 0
     L = cfg.num_hidden_layers
     have = 0
-    while (have < cfg.num_nextn_predict_layers
-           and f"model.layers.{L + have}.eh_proj.weight" in reader):
+    while (
+        have < cfg.num_nextn_predict_layers and f"model.layers.{L + have}.eh_proj.weight" in reader
+    ):
         have += 1
     if 0 < have < cfg.num_nextn_predict_layers:
-        warnings.warn(f"{reader.directory}: config has {cfg.num_nextn_predict_layers} MTP layers, "
-                      f"the checkpoint {have}; loading {have}", stacklevel=3)
+        warnings.warn(
+            f"{reader.directory}: config has {cfg.num_nextn_predict_layers} MTP layers, "
+            f"the checkpoint {have}; loading {have}",
+            stacklevel=3,
+        )
     return have
 
 
@@ -179,7 +202,8 @@ def _path(keypath) -> tuple[str, ...]:
 
 def _leaves(state) -> list[tuple[tuple[str, ...], nnx.Variable]]:
     flat = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]
     return [(_path(kp), v) for kp, v in flat]
 
 
@@ -190,8 +214,14 @@ def _is_bias(v) -> bool:
 class _Loader:
     """Reads, checks, dequantises and lays out HF tensors for our leaves."""
 
-    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, block, interleaved: bool,
-                 param_dtype: jnp.dtype):
+    def __init__(
+        self,
+        reader: SafetensorsReader,
+        cfg: ModelConfig,
+        block,
+        interleaved: bool,
+        param_dtype: jnp.dtype,
+    ):
         self.reader, self.cfg, self.block = reader, cfg, block
         self.interleaved, self.param_dtype = interleaved, param_dtype
         self.used: set[str] = set()
@@ -201,12 +231,14 @@ class _Loader:
     def _expect(self, name: str, shape: tuple[int, ...], owner: str) -> None:
         if name not in self.reader:
             raise CheckpointMismatchError(
-                f"{self.reader.directory}: missing tensor {name} (for our {owner})")
+                f"{self.reader.directory}: missing tensor {name} (for our {owner})"
+            )
         found = self.reader.info(name).shape
         if tuple(found) != tuple(shape):
             raise CheckpointMismatchError(
                 f"tensor {name}: expected shape {list(shape)}, found {list(found)} "
-                f"(for our {owner})")
+                f"(for our {owner})"
+            )
         scale = name + "_scale_inv"
         if scale in self.reader:
             check_scale_shape(name, found, self.reader.info(scale).shape, self.block or (128, 128))
@@ -268,22 +300,27 @@ class _Loader:
         dt = jnp.float32 if _is_bias(v) else self.param_dtype
         shape = tuple(v.shape)
         if not m.stacked:
-            out = jax.make_array_from_callback(shape, sharding,
-                                               partial(self._block, m, 0, shape, dt))
+            out = jax.make_array_from_callback(
+                shape, sharding, partial(self._block, m, 0, shape, dt)
+            )
         else:
             inner = _drop_leading_axis(sharding, len(shape))
             out = _zeros(shape, dt, sharding)
             for i in range(shape[0]):
-                piece = jax.make_array_from_callback(shape[1:], inner,
-                                                     partial(self._block, m, i, shape[1:], dt))
+                piece = jax.make_array_from_callback(
+                    shape[1:], inner, partial(self._block, m, i, shape[1:], dt)
+                )
                 out = _set_slice(out, piece, i)
         self._cache = None
         return out
 
     def warn_unused(self) -> None:
         L = self.cfg.num_hidden_layers
-        extra = {n for k in range(self.cfg.num_nextn_predict_layers)
-                 for n in hn.mtp_extra_names(self.cfg, k)}
+        extra = {
+            n
+            for k in range(self.cfg.num_nextn_predict_layers)
+            for n in hn.mtp_extra_names(self.cfg, k)
+        }
         beyond = re.compile(r"model\.layers\.(\d+)\.")
         unused = []
         for name in self.reader.names():
@@ -294,8 +331,11 @@ class _Loader:
                 continue  # MTP layers we were asked not to load
             unused.append(name)
         if unused:
-            warnings.warn(f"{self.reader.directory}: {len(unused)} tensor(s) not used: "
-                          f"{', '.join(unused[:5])}", stacklevel=3)
+            warnings.warn(
+                f"{self.reader.directory}: {len(unused)} tensor(s) not used: "
+                f"{', '.join(unused[:5])}",
+                stacklevel=3,
+            )
 
 
 def _drop_leading_axis(sharding, ndim: int):
@@ -318,8 +358,9 @@ def _set_slice(full: jax.Array, piece: jax.Array, i) -> jax.Array:
 # ------------------------------------------------------------------------------ saving
 
 
-def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
-                    max_shard_size: int = 5 * 10**9) -> list[str]:
+def save_pretrained(
+    model, path: str | os.PathLike, *, dtype: str = "float32", max_shard_size: int = 5 * 10**9
+) -> list[str]:
     """Writes ``model`` as a HF DeepseekV3 (or V2) safetensors directory.
 
     Args:
@@ -347,16 +388,23 @@ def save_pretrained(model, path: str | os.PathLike, *, dtype: str = "float32",
                 for j, name in enumerate(m.names(i, one[0])):
                     entries[name] = (partial(_fetch, arr, m, i, j), dt, hn.hf_shape(m, one))
             else:
-                entries[m.names(i, 0)[0]] = (partial(_fetch, arr, m, i, None), dt,
-                                             hn.hf_shape(m, one))
+                entries[m.names(i, 0)[0]] = (
+                    partial(_fetch, arr, m, i, None),
+                    dt,
+                    hn.hf_shape(m, one),
+                )
     for k in range(cfg.num_nextn_predict_layers):
         for name, src in hn.mtp_extra_names(cfg, k).items():
-            entries[name] = entries["model.embed_tokens.weight" if src[0] == "embed_tokens"
-                                    else "lm_head.weight"]
+            entries[name] = entries[
+                "model.embed_tokens.weight" if src[0] == "embed_tokens" else "lm_head.weight"
+            ]
     specs = [TensorSpec(n, entries[n][1], entries[n][2]) for n in sorted(entries, key=_order)]
-    files = save_sharded(path, specs,
-                         lambda n: np.asarray(entries[n][0](), entries[n][1]),
-                         max_shard_bytes=max_shard_size)
+    files = save_sharded(
+        path,
+        specs,
+        lambda n: np.asarray(entries[n][0](), entries[n][1]),
+        max_shard_bytes=max_shard_size,
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     return files
@@ -379,8 +427,10 @@ def host_slice(arr: jax.Array, lead: tuple[int, ...]) -> np.ndarray:
     for shard in arr.addressable_shards:
         idx = shard.index
         lo = [sl.start or 0 for sl in idx[:n]]
-        if not all(a <= k < (sl.stop if sl.stop is not None else dim)
-                   for a, k, sl, dim in zip(lo, lead, idx[:n], arr.shape[:n], strict=True)):
+        if not all(
+            a <= k < (sl.stop if sl.stop is not None else dim)
+            for a, k, sl, dim in zip(lo, lead, idx[:n], arr.shape[:n], strict=True)
+        ):
             continue
         rest = tuple(idx[n:])
         key = tuple((sl.start, sl.stop) for sl in rest)

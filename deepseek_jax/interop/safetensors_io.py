@@ -91,7 +91,8 @@ class SafetensorsReader:
             if missing:
                 raise FileNotFoundError(
                     f"{self.directory}: {INDEX} lists {len(missing)} missing file(s): "
-                    f"{', '.join(missing[:5])}")
+                    f"{', '.join(missing[:5])}"
+                )
             return files
         files = sorted(e for e in entries if e.endswith(".safetensors"))
         if files:
@@ -102,7 +103,8 @@ class SafetensorsReader:
                 f"{self.directory} holds only pickle checkpoints ({', '.join(pickles[:3])}); "
                 "we read safetensors only: unpickling can run arbitrary code and cannot be "
                 "streamed tensor by tensor. Convert it once with transformers "
-                "(from_pretrained(...).save_pretrained(dir, safe_serialization=True)).")
+                "(from_pretrained(...).save_pretrained(dir, safe_serialization=True))."
+            )
         raise FileNotFoundError(f"{self.directory}: no *.safetensors files (and no {INDEX})")
 
     def _scan(self, path: str) -> None:
@@ -112,13 +114,15 @@ class SafetensorsReader:
             if name == "__metadata__":
                 continue
             if h["dtype"] not in DTYPES:
-                raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype "
-                                            f"{h['dtype']}")
+                raise CheckpointFormatError(
+                    f"{path}: tensor {name!r} has unsupported dtype {h['dtype']}"
+                )
             b, e = h["data_offsets"]
             info = TensorInfo(path, DTYPES[h["dtype"]], tuple(h["shape"]), start + b, start + e)
             if info.end > size or (e - b) != math.prod(info.shape) * info.dtype.itemsize:
-                raise CheckpointFormatError(f"{path}: tensor {name!r} has inconsistent offsets "
-                                            "(truncated file?)")
+                raise CheckpointFormatError(
+                    f"{path}: tensor {name!r} has inconsistent offsets (truncated file?)"
+                )
             self.tensors[name] = info
 
     def __contains__(self, name: str) -> bool:
@@ -131,8 +135,9 @@ class SafetensorsReader:
         try:
             return self.tensors[name]
         except KeyError:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint at "
-                           f"{self.directory}") from None
+            raise KeyError(
+                f"tensor {name!r} is not in the checkpoint at {self.directory}"
+            ) from None
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a numpy array of its stored dtype (a fresh copy; nothing is mapped)."""
@@ -160,16 +165,23 @@ class TensorSpec:
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
-def write_file(path: str, specs: list[TensorSpec], produce: Callable[[str], np.ndarray],
-               metadata: dict[str, str] | None = None) -> None:
+def write_file(
+    path: str,
+    specs: list[TensorSpec],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Writes ``specs`` in order; ``produce(name)`` is called once per tensor, just in time."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for s in specs:
         if np.dtype(s.dtype) not in CODES:
             raise ValueError(f"tensor {s.name!r}: dtype {s.dtype} has no safetensors code")
-        header[s.name] = {"dtype": CODES[np.dtype(s.dtype)], "shape": list(s.shape),
-                          "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {
+            "dtype": CODES[np.dtype(s.dtype)],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
         offset += s.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
@@ -180,15 +192,22 @@ def write_file(path: str, specs: list[TensorSpec], produce: Callable[[str], np.n
         for s in specs:
             arr = np.ascontiguousarray(produce(s.name))
             if arr.shape != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
-                raise ValueError(f"tensor {s.name!r}: produced {arr.dtype}{list(arr.shape)}, "
-                                 f"declared {np.dtype(s.dtype)}{list(s.shape)}")
+                raise ValueError(
+                    f"tensor {s.name!r}: produced {arr.dtype}{list(arr.shape)}, "
+                    f"declared {np.dtype(s.dtype)}{list(s.shape)}"
+                )
             f.write(arr.reshape(-1).view(np.uint8).data)
     os.replace(tmp, path)
 
 
-def save_sharded(directory: str, specs: Iterable[TensorSpec],
-                 produce: Callable[[str], np.ndarray], *, max_shard_bytes: int = 5 * 10**9,
-                 metadata: dict[str, str] | None = None) -> list[str]:
+def save_sharded(
+    directory: str,
+    specs: Iterable[TensorSpec],
+    produce: Callable[[str], np.ndarray],
+    *,
+    max_shard_bytes: int = 5 * 10**9,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
     """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``.
 
     Returns the file names written. Tensors keep the order of ``specs``.

@@ -76,8 +76,17 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x W, W stored as [in, out] float32 and applied in ``dtype``; no bias (as V3)."""
 
-    def __init__(self, d_in: int, d_out: int, names: Sequence[str | None], *, std: float,
-                 dtype: jnp.dtype, rngs: nnx.Rngs, fp8: fp8_ops.Backend | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        names: Sequence[str | None],
+        *,
+        std: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        fp8: fp8_ops.Backend | None = None,
+    ):
         self.dtype = dtype
         self.fp8 = fp8
         self.kernel = param(rngs, (d_in, d_out), names, std=std)
@@ -91,8 +100,16 @@ class Linear(nnx.Module):
 class MLP(nnx.Module):
     """The dense SwiGLU FFN (dense layers and shared experts)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 fp8: fp8_ops.Backend | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        std: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        fp8: fp8_ops.Backend | None = None,
+    ):
         self.dtype = dtype
         self.fp8 = fp8
         self.gate_proj = param(rngs, (d_model, d_ff), ("embed", "mlp"), std=std)

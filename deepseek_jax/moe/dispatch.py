@@ -70,7 +70,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.mesh import GPU, NODE
 from deepseek_jax.moe.payload import Kernel, all_to_all, combine_rows, send
 from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re-exported
     Dispatch,
@@ -83,6 +82,7 @@ from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re
     unpermute_sorted,
     weighted_rows,
 )
+from deepseek_jax.sharding import EXPERT_AXES, INTER_NODE, INTRA_NODE
 
 Path = Literal["two_hop", "flat"]
 ExpertFn = Callable[[Array, Array, Array], Array]  # (x_RD, expert_RK, weight_RK) -> y_RD
@@ -149,7 +149,7 @@ class Topology:
     @classmethod
     def for_mesh(cls, cfg: ModelConfig, mesh, path: Path = "two_hop") -> Topology:
         """The layout of ``cfg``'s experts on ``mesh``; ValueError when they do not fit."""
-        N, G = mesh.shape[NODE], mesh.shape[GPU]
+        N, G = mesh.shape[INTER_NODE], mesh.shape[INTRA_NODE]
         E, ng, M = cfg.n_routed_experts, cfg.n_group, cfg.topk_group
         where = f"the mesh (node={N}, gpu={G})"
         if E % (N * G):
@@ -261,7 +261,7 @@ def exchange(
         y_TD = two_hop_combine(y_RD, handle, topo, caps, opts, dtype)
     else:
         raise ValueError(f"EPOptions.path: unknown {opts.path!r}; use 'two_hop' or 'flat'")
-    return y_TD, ExchangeStats(*(jax.lax.psum(s, (NODE, GPU)) for s in stats))
+    return y_TD, ExchangeStats(*(jax.lax.psum(s, EXPERT_AXES) for s in stats))
 
 
 def flat_dispatch(
@@ -277,13 +277,13 @@ def flat_dispatch(
     x_RCD = send(
         x_TD,
         src_RC // K,
-        (NODE, GPU),
+        EXPERT_AXES,
         fp8=opts.fp8_dispatch,
         kernel=opts.kernel,
         logfmt_bits=opts.logfmt_bits,
     )
-    expert_RC = all_to_all(expert_RC, (NODE, GPU))
-    me_node, me_gpu = jax.lax.axis_index(NODE), jax.lax.axis_index(GPU)
+    expert_RC = all_to_all(expert_RC, EXPERT_AXES)
+    me_node, me_gpu = jax.lax.axis_index(INTER_NODE), jax.lax.axis_index(INTRA_NODE)
     sent_A = jnp.any(ok_AR, axis=1)
     node_A, gpu_A = dev_A // topo.gpus, dev_A % topo.gpus
     stats = ExchangeStats(
@@ -305,7 +305,7 @@ def flat_combine(
 ) -> Float[Array, "T D"]:
     """Results back over (node, gpu), then each token sums its experts' with the gates."""
     R, C, D = topo.devices, caps.flat, y_RD.shape[-1]
-    back_RCD = all_to_all(y_RD.astype(dtype).reshape(R, C, D), (NODE, GPU))
+    back_RCD = all_to_all(y_RD.astype(dtype).reshape(R, C, D), EXPERT_AXES)
     return combine_rows(back_RCD.reshape(R * C, D), handle.row_TK, weight_TK, opts.kernel)
 
 
@@ -321,10 +321,15 @@ def two_hop_dispatch(
     row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
     e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
     x1_NCD = send(
-        x_TD, src1_NC, NODE, fp8=opts.fp8_dispatch, kernel=opts.kernel, logfmt_bits=opts.logfmt_bits
+        x_TD,
+        src1_NC,
+        INTER_NODE,
+        fp8=opts.fp8_dispatch,
+        kernel=opts.kernel,
+        logfmt_bits=opts.logfmt_bits,
     )
-    e1_UK = all_to_all(e1_NCK, NODE).reshape(-1, K)  # U = N C1 received rows
-    w1_UK = all_to_all(w1_NCK, NODE).reshape(-1, K)
+    e1_UK = all_to_all(e1_NCK, INTER_NODE).reshape(-1, K)  # U = N C1 received rows
+    w1_UK = all_to_all(w1_NCK, INTER_NODE).reshape(-1, K)
     # hop 2: each received row to the GPUs of its experts on this node
     to_UGK = (e1_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
     row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
@@ -332,14 +337,14 @@ def two_hop_dispatch(
     x2_GCD = send(
         x1_NCD.reshape(-1, x_TD.shape[1]),
         src2_GC,
-        GPU,
+        INTRA_NODE,
         fp8=opts.fp8_dispatch,
         kernel=opts.kernel,
         logfmt_bits=opts.logfmt_bits,
     )
-    e2_GCK = all_to_all(e2_GCK, GPU)
-    w2_GCK = all_to_all(w2_GCK, GPU)
-    me_node, me_gpu = jax.lax.axis_index(NODE), jax.lax.axis_index(GPU)
+    e2_GCK = all_to_all(e2_GCK, INTRA_NODE)
+    w2_GCK = all_to_all(w2_GCK, INTRA_NODE)
+    me_node, me_gpu = jax.lax.axis_index(INTER_NODE), jax.lax.axis_index(INTRA_NODE)
     stats = ExchangeStats(
         dropped=jnp.sum(jnp.where(ok1_TN, 0, jnp.sum(to_TNK, axis=2)))
         + jnp.sum(jnp.where(ok2_UG, 0, jnp.sum(to_UGK, axis=2))),
@@ -356,9 +361,9 @@ def two_hop_combine(
 ) -> Float[Array, "T D"]:
     """Back over ``gpu``, sum per hop-1 row; back over ``node``, sum per token (float32)."""
     N, G, D = topo.nodes, topo.gpus, y_RD.shape[-1]
-    back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), GPU)
+    back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), INTRA_NODE)
     y1_UD = combine_rows(back2_GCD.reshape(-1, D), handle.row2_UG, None, opts.kernel)
-    back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), NODE)
+    back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), INTER_NODE)
     return combine_rows(back1_NCD.reshape(-1, D), handle.row1_TN, None, opts.kernel)
 
 

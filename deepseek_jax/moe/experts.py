@@ -96,9 +96,7 @@ def routed_ffn(
     return _slots_and_spill(x_TD, weight_TK, *ws, d, fp8)
 
 
-def routed_ffn_reference(
-    x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, fp8=None
-):
+def routed_ffn_reference(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, fp8=None):
     """The slow twin of ``routed_ffn``: each expert over all tokens, masked by its gate."""
     ffn = functools.partial(fp8_ops.fp8_swiglu, backend=fp8) if fp8 else swiglu
     y_TD = jnp.zeros(x_TD.shape, jnp.float32)

@@ -9,6 +9,7 @@ not split over the devices, XLA partitions the single-device computation.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -21,11 +22,10 @@ from jaxtyping import Array, Float, Int
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, param
-from deepseek_jax.mesh import GPU, NODE
 from deepseek_jax.moe import dispatch, routing
 from deepseek_jax.moe.dispatch import EPOptions, SlotSizes, Topology
 from deepseek_jax.moe.experts import Backend, routed_ffn
-from deepseek_jax.sharding import logical_to_spec
+from deepseek_jax.sharding import EXPERT_AXES, logical_to_spec
 
 
 class RoutingBias(nnx.Variable):
@@ -117,14 +117,14 @@ def _mesh_of(args):
 def _expert_parallel_fits(mesh, batch: int) -> bool:
     """Explicit node and gpu axes, more than one device, tokens and experts both laid out
     over (node, gpu), and a batch that splits over them."""
-    if mesh.empty or NODE not in mesh.axis_names or GPU not in mesh.axis_names:
+    if mesh.empty or any(a not in mesh.axis_names for a in EXPERT_AXES):
         return False
     types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    if any(types[a] != jax.sharding.AxisType.Explicit for a in (NODE, GPU)):
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in EXPERT_AXES):
         return False
-    devices = mesh.shape[NODE] * mesh.shape[GPU]
+    devices = math.prod(mesh.shape[a] for a in EXPERT_AXES)
     spec = lambda name: logical_to_spec((name,), mesh_axes=mesh.axis_names)[0]  # noqa: E731
-    return devices > 1 and batch % devices == 0 and spec("batch") == spec("expert") == (NODE, GPU)
+    return devices > 1 and batch % devices == 0 and spec("batch") == spec("expert") == EXPERT_AXES
 
 
 def _expert_parallel(
@@ -165,7 +165,7 @@ def _expert_parallel(
         mesh=mesh,
         in_specs=(data, rep, rep, experts, experts, experts),
         out_specs=(data, MoEStats(rep, rep, rep, rep, rep)),
-        axis_names={NODE, GPU},
+        axis_names=set(EXPERT_AXES),
         check_vma=opts.kernel != "pallas",
     )
     return fn(*args)
@@ -211,8 +211,7 @@ def _routed_local(
 
     with jax.named_scope("routed_experts"):
         y_TD, st = dispatch.exchange(x_TD, idx_TK, weight_TK, experts, topo, opts)
-    axes = (NODE, GPU)
-    stats = MoEStats(jax.lax.psum(load_E, axes), jax.lax.pmean(loss, axes), *st)
+    stats = MoEStats(jax.lax.psum(load_E, EXPERT_AXES), jax.lax.pmean(loss, EXPERT_AXES), *st)
     return y_TD.astype(x_BTD.dtype).reshape(B, T, D), stats
 
 

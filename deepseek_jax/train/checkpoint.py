@@ -115,6 +115,27 @@ def latest_meta(directory: str | os.PathLike, step: int | None = None) -> dict[s
         ckpt.close()
 
 
+def run_meta(cfg: Any, tcfg: Any, **extra: Any) -> dict[str, Any]:
+    """The meta every checkpoint of a run stores, written by training and by conversion.
+
+    Args:
+      cfg: the ``ModelConfig``; stored as ``model_config`` (``config_dict``), the entry
+        ``Checkpointer.restore`` requires to match.
+      tcfg: the ``TrainConfig``; its ``seed``, ``batch_size`` and ``seq_len`` fix the
+        batches of each step (informational: not checked on restore).
+      extra: further JSON-able entries (``converted_from``...).
+    Returns:
+      A JSON-able dict for ``Checkpointer.save``.
+    """
+    return {
+        "model_config": config_dict(cfg),
+        "seed": tcfg.seed,
+        "batch_size": tcfg.batch_size,
+        "seq_len": tcfg.seq_len,
+        **extra,
+    }
+
+
 def model_config_from_dict(d: dict[str, Any]):
     """The ``ModelConfig`` of a checkpoint's ``model_config`` (``config_dict`` inverted)."""
     from deepseek_jax.config import ModelConfig, RopeScaling

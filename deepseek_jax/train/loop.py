@@ -13,7 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, config_dict
+from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.metrics import MetricsLogger, plot_run
 from deepseek_jax.train.state import abstract_state, init_state, plan
@@ -42,12 +42,7 @@ class Trainer:
         except ValueError as e:
             raise UserError(str(e)) from None
         os.makedirs(out_dir, exist_ok=True)
-        self.meta = {
-            "model_config": config_dict(cfg),
-            "seed": tcfg.seed,
-            "batch_size": tcfg.batch_size,
-            "seq_len": tcfg.seq_len,
-        }
+        self.meta = run_meta(cfg, tcfg)
         try:
             self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep)
             self.graphdef, self.state, self.layout, tx = self._restore_or_init()
@@ -208,8 +203,9 @@ class Trainer:
             if "balance" in train[0]:  # one step is noisy: also the first and last tenth
                 n = max(1, len(train) // 10)
                 mean = lambda rs: float(np.mean([r["balance"] for r in rs]))  # noqa: E731
-                summary.update(first_tenth_balance=mean(train[:n]),
-                               last_tenth_balance=mean(train[-n:]))
+                summary.update(
+                    first_tenth_balance=mean(train[:n]), last_tenth_balance=mean(train[-n:])
+                )
         self.log.write(
             {
                 "kind": "summary",

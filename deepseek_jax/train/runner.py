@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,6 +22,19 @@ import numpy as np
 
 class UserError(Exception):
     """A bad input: reported as one line and a non-zero exit."""
+
+
+def exit_code(fn, *errors: type[Exception]) -> int:
+    """Runs ``fn()`` for a command-line entry point: 0, or 2 after printing a ``UserError``
+    (or one of ``errors``) as one line on stderr. ``DEEPSEEK_JAX_DEBUG=1`` re-raises it."""
+    try:
+        fn()
+    except (UserError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("DEEPSEEK_JAX_DEBUG"):
+            raise
+        return 2
+    return 0
 
 
 def _setup_runtime(args: argparse.Namespace) -> None:
