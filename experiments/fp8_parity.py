@@ -7,6 +7,10 @@ relative error of per-tensor, 1x128-tile and 128x128-block E4M3 quantisation on
 activations with outlier channels, the reason the fine-grained recipe exists. The last
 line is a JSON object with ``bf16_loss``, ``fp8_loss``, ``relative_gap`` and the three
 errors.
+
+The default 150 steps matter: at 60 steps the loss still falls steeply and two runs that
+differ in rounding drift apart by ~0.3 % either way (measured -0.31 %); at 150 steps the
+held-out gap measured -0.03 % (FP8 slightly lower).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
