@@ -159,6 +159,43 @@ def _out_proj(
     return _proj("btho,hod->btd", out_BTHO, w, "o_proj", cfg)
 
 
+# Causal attention runs in this many query blocks when T allows: block i only scores the
+# keys it can see, so n blocks do (n + 1) / 2n of the T x T work (56 % for 8).
+CAUSAL_QUERY_BLOCKS = 8
+
+
+def _causal_attend(
+    qnope_BTHN: Float[Array, "B T H N"],
+    qrope_BTHR: Float[Array, "B T H R"],
+    knope_BSHN: Float[Array, "B S H N"],
+    krope_BSR: Float[Array, "B S R"],
+    v_BSHO: Float[Array, "B S H O"],
+    cfg: ModelConfig,
+) -> Float[Array, "B T H O"]:
+    """Causal softmax attention (S = T), head-major: the score-sized tensors are
+    [B, H, T, S] from the start, so no transpose ever copies them, and query blocks skip
+    the key blocks that are fully masked. Scores and softmax in float32."""
+    dt, f32 = jnp.dtype(cfg.dtype), jnp.float32
+    B, T, H, _ = qnope_BTHN.shape
+    n = CAUSAL_QUERY_BLOCKS if T % CAUSAL_QUERY_BLOCKS == 0 and T >= 256 else 1
+    c = T // n
+    q_BHTK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1) * softmax_scale(cfg)
+    q_BHTK = q_BHTK.astype(dt).transpose(0, 2, 1, 3)
+    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
+    k_BHSK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).transpose(0, 2, 1, 3)
+    v_BHSO = v_BSHO.transpose(0, 2, 1, 3)
+    outs = []
+    for i in range(n):
+        S = (i + 1) * c  # query rows [i c, S) see keys [0, S)
+        s_BHTS = jnp.einsum(
+            "bhtk,bhsk->bhts", q_BHTK[:, :, i * c : S], k_BHSK[:, :, :S], preferred_element_type=f32
+        )
+        visible_TS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
+        probs_BHTS = jax.nn.softmax(jnp.where(visible_TS, s_BHTS, -jnp.inf), axis=-1).astype(dt)
+        outs.append(jnp.einsum("bhts,bhso->bhto", probs_BHTS, v_BHSO[:, :, :S]))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+
+
 def mla_naive(
     w: Weights, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"], cfg: ModelConfig
 ) -> Float[Array, "B T D"]:
@@ -181,14 +218,7 @@ def mla_naive(
         kv_BSHK = _proj("bsc,chk->bshk", ckv_BSC, w, "kv_b_proj", cfg)
         knope_BSHN, v_BSHO = jnp.split(kv_BSHK, [cfg.qk_nope_head_dim], axis=-1)
     with jax.named_scope("mla_attend"):
-        f32 = jnp.float32
-        scores_BTHS = (
-            jnp.einsum("bthn,bshn->bths", qnope_BTHN, knope_BSHN, preferred_element_type=f32)
-            + jnp.einsum("bthr,bsr->bths", qrope_BTHR, krope_BSR, preferred_element_type=f32)
-        ) * softmax_scale(cfg)
-        T = x_BTD.shape[1]
-        probs_BTHS = _softmax(scores_BTHS, jnp.tril(jnp.ones((T, T), bool)), dt)
-        out_BTHO = jnp.einsum("bths,bsho->btho", probs_BTHS, v_BSHO)
+        out_BTHO = _causal_attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
     with jax.named_scope("mla_out"):
         return _out_proj(w, out_BTHO, cfg)
 
