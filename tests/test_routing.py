@@ -135,3 +135,14 @@ def test_balance_loss_matches_numpy_and_is_one_when_uniform():
     )
     grad = jax.grad(lambda s: routing.sequence_balance_loss(s, idx, cfg))(scores)
     assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_top_k_is_a_stable_top_k_with_ties_and_masked_groups(k):
+    """Values equal ``lax.top_k``'s; ties go to the lowest index (a stable sort), which
+    XLA:CPU's own top_k does not promise in practice."""
+    x = jnp.round(jax.random.normal(jax.random.key(k), (64, 32)) * 2) / 2  # many ties
+    x = x.at[:, 8:16].set(-jnp.inf).at[3].set(0.5)  # a masked group, an all-tied row
+    vals, idx = routing.top_k(x, k)
+    np.testing.assert_array_equal(vals, jax.lax.top_k(x, k)[0])
+    np.testing.assert_array_equal(idx, np.argsort(-np.asarray(x), axis=-1, kind="stable")[:, :k])
