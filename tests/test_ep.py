@@ -228,3 +228,20 @@ def test_overflow_is_counted_exactly(path):
     np.testing.assert_allclose(
         y, share[..., None] * np.asarray(x).reshape(8, T, -1), rtol=1e-6, atol=1e-6
     )
+
+
+def test_fp8_experts_under_expert_parallelism_equal_single_device():
+    """fp8=true on a (2, 4) mesh: each device's experts run the FP8 recipe on the tokens
+    the exchange brought; 1x128 token tiles make that equal to the single-device layer."""
+    cfg = get_preset("tiny", ["n_routed_experts=16", "num_experts_per_tok=4", "fp8=true"])
+    model = MoE(cfg, rngs=nnx.Rngs(0), ep=DROPLESS)
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+    x, _ = _inputs()
+    y0 = fwd(state, x)
+    mesh = make_mesh(2, 4)
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        y = fwd(state, jax.device_put(x, DATA))
+    assert "f8_e4m3fn" in str(jax.make_jaxpr(fwd)(state, x))
+    assert rel_err(y, y0) < 1e-5
