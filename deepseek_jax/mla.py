@@ -184,15 +184,18 @@ def _causal_attend(
     krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
     k_BHSK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).transpose(0, 2, 1, 3)
     v_BHSO = v_BSHO.transpose(0, 2, 1, 3)
+    # Blocks by split + concatenate, not slicing: the backward then concatenates the block
+    # gradients instead of zero-padding each one to full length and adding them.
+    q_blocks, k_blocks, v_blocks = (jnp.split(a, n, axis=2) for a in (q_BHTK, k_BHSK, v_BHSO))
     outs = []
     for i in range(n):
         S = (i + 1) * c  # query rows [i c, S) see keys [0, S)
-        s_BHTS = jnp.einsum(
-            "bhtk,bhsk->bhts", q_BHTK[:, :, i * c : S], k_BHSK[:, :, :S], preferred_element_type=f32
-        )
+        k_BHSK = jnp.concatenate(k_blocks[: i + 1], axis=2)
+        s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_blocks[i], k_BHSK, preferred_element_type=f32)
         visible_TS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
         probs_BHTS = jax.nn.softmax(jnp.where(visible_TS, s_BHTS, -jnp.inf), axis=-1).astype(dt)
-        outs.append(jnp.einsum("bhts,bhso->bhto", probs_BHTS, v_BHSO[:, :, :S]))
+        v_BHSO = jnp.concatenate(v_blocks[: i + 1], axis=2)
+        outs.append(jnp.einsum("bhts,bhso->bhto", probs_BHTS, v_BHSO))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 

@@ -104,4 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from experiments.runtime import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
     main()
