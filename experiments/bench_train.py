@@ -5,7 +5,8 @@
 tokens/s of the jitted train step (float32, random tokens), model FLOPs per token by
 REFERENCE.md's formula (6 x activated matmul parameters incl. head, input embedding
 excluded, + causal attention; the MTP module and routing are extra work not counted), and
-MFU against the float32 matmul throughput measured in the same run. Last line: JSON.
+MFU against the float32 matmul throughput measured in the same run; also the MTP
+modules' FLOPs and the utilisation counting them. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.codesign.flops import training_flops_per_token
+from deepseek_jax.codesign.flops import attention_flops, training_flops_per_token
+from deepseek_jax.codesign.params import abstract_report
 from deepseek_jax.config import PRESETS, get_preset
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.train.config import TrainConfig
@@ -34,6 +36,20 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best
+
+
+def mtp_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of the MTP modules, which the model-FLOP formula leaves out:
+    their own activated matrices, the shared output head once more per depth, attention."""
+    depth = cfg.num_nextn_predict_layers
+    if not depth:
+        return 0.0
+    own = abstract_report(cfg).mtp_activated_params
+    head = depth * cfg.hidden_size * cfg.vocab_size
+    attn = attention_flops(
+        seq_len, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, depth, causal=True
+    )
+    return 6 * (own + head) + attn
 
 
 def _time(fn) -> float:
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     flops_per_token = training_flops_per_token(cfg, seq_len=args.seq_len, causal=True)
     peak = matmul_peak_flops()
     mfu = flops_per_token * tokens_per_s / peak
+    mtp_flops = mtp_flops_per_token(cfg, args.seq_len)
+    mfu_with_mtp = (flops_per_token + mtp_flops) * tokens_per_s / peak
     rows = [
         ("step time", f"{dt * 1e3:.0f} ms"),
         ("tokens/s", f"{tokens_per_s:,.0f}"),
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("achieved GFLOP/s", f"{flops_per_token * tokens_per_s / 1e9:.1f}"),
         ("f32 matmul peak GFLOP/s (measured)", f"{peak / 1e9:.1f}"),
         ("MFU", f"{mfu:.1%}"),
+        ("MTP GFLOPs/token (not in MFU)", f"{mtp_flops / 1e9:.3f}"),
+        ("utilisation incl. MTP", f"{mfu_with_mtp:.1%}"),
     ]
     print(
         f"{args.preset}, batch {args.batch_size} x {args.seq_len}, float32, "
@@ -98,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_flops_per_token": flops_per_token,
         "peak_flops": peak,
         "mfu": mfu,
+        "mtp_flops_per_token": mtp_flops,
+        "mfu_with_mtp": mfu_with_mtp,
     }
     print(json.dumps(out))
     return out
