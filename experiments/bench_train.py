@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.codesign.flops import attention_flops, training_flops_per_token
+from deepseek_jax.codesign.flops import mtp_training_flops_per_token, training_flops_per_token
 from deepseek_jax.codesign.params import abstract_report
 from deepseek_jax.config import PRESETS, get_preset
 from deepseek_jax.mesh import make_mesh
@@ -36,20 +36,6 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     best = min(_time(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best
-
-
-def mtp_flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token of the MTP modules, which the model-FLOP formula leaves out:
-    their own activated matrices, the shared output head once more per depth, attention."""
-    depth = cfg.num_nextn_predict_layers
-    if not depth:
-        return 0.0
-    own = abstract_report(cfg).mtp_activated_params
-    head = depth * cfg.hidden_size * cfg.vocab_size
-    attn = attention_flops(
-        seq_len, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, depth, causal=True
-    )
-    return 6 * (own + head) + attn
 
 
 def _time(fn) -> float:
@@ -94,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     flops_per_token = training_flops_per_token(cfg, seq_len=args.seq_len, causal=True)
     peak = matmul_peak_flops()
     mfu = flops_per_token * tokens_per_s / peak
-    mtp_flops = mtp_flops_per_token(cfg, args.seq_len)
+    mtp_flops = mtp_training_flops_per_token(
+        cfg, args.seq_len, abstract_report(cfg).mtp_activated_params
+    )
     mfu_with_mtp = (flops_per_token + mtp_flops) * tokens_per_s / peak
     rows = [
         ("step time", f"{dt * 1e3:.0f} ms"),

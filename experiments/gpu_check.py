@@ -66,6 +66,20 @@ def section(name: str):
     return run
 
 
+def _mosaic_bf16(kernel, block_kw: dict):
+    """Our Mosaic GPU ``kernel`` (dense or grouped), jitted, with BF16 output and blocks."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import fp8_matmul as fm
+
+    return jax.jit(
+        functools.partial(
+            kernel, out_dtype=jnp.bfloat16, impl="mosaic", block_sizes=fm.BlockSizes(**block_kw)
+        )
+    )
+
+
 def _err(out, ref) -> float:
     import jax.numpy as jnp
 
@@ -323,14 +337,7 @@ def _throughput(fm, rows: list[tuple]) -> None:
             timed(case, shape, "bf16 jnp.dot", flops, jax.jit(jnp.dot), a16, b16)
             a8, sa, b8, sb = _operands(5, (1, M, K), (1, N, K))
             for name, kw in CONFIGS.items():
-                f = jax.jit(
-                    functools.partial(
-                        fm.fp8_matmul,
-                        out_dtype=jnp.bfloat16,
-                        impl="mosaic",
-                        block_sizes=fm.BlockSizes(**kw),
-                    )
-                )
+                f = _mosaic_bf16(fm.fp8_matmul, kw)
                 timed(case, shape, f"fp8 ours {name}", flops, f, a8, sa, b8, sb)
             per_tensor = jax.jit(
                 lambda a, b: jax.lax.dot_general(
@@ -364,14 +371,7 @@ def _throughput(fm, rows: list[tuple]) -> None:
             sizes,
         )
         for name, kw in CONFIGS.items():
-            f = jax.jit(
-                functools.partial(
-                    fm.fp8_grouped_matmul,
-                    out_dtype=jnp.bfloat16,
-                    impl="mosaic",
-                    block_sizes=fm.BlockSizes(**kw),
-                )
-            )
+            f = _mosaic_bf16(fm.fp8_grouped_matmul, kw)
             timed("grouped", shape, f"fp8 ours {name}", flops, f, a8, sa, b8, sb, gid)
 
     @section("throughput: fp8_linear forward + backward, M=4096 K=7168 N=2048")

@@ -172,3 +172,20 @@ def test_codesign_cli(tmp_path, capsys):
     assert last["kv_cache"]["mine (MLA)"]["bytes/token"]["ours"] == 640
     assert (tmp_path / "figs" / "kv_cache_vs_context.png").stat().st_size > 0
     assert (tmp_path / "figs" / "decode_tpot_vs_bw.png").stat().st_size > 0
+
+
+def test_mtp_flops_are_one_more_moe_layer_plus_its_projection():
+    """Two independent counts agree: the MTP module (abstract init) is one MoE block, the
+    shared head once more, and the 2D -> D projection eh_proj (V3TR 2.2)."""
+    from deepseek_jax.codesign.flops import mtp_training_flops_per_token, training_flops_per_token
+    from deepseek_jax.codesign.params import abstract_report
+
+    cfg = get_preset("bench-small")
+    mtp = mtp_training_flops_per_token(cfg, 512, abstract_report(cfg).mtp_activated_params)
+    one_moe_layer = cfg.with_overrides(
+        ["num_hidden_layers=1", "first_k_dense_replace=0", "num_nextn_predict_layers=0"]
+    )
+    D = cfg.hidden_size
+    assert mtp == training_flops_per_token(one_moe_layer, 512) + 6 * 2 * D * D
+    no_mtp = cfg.with_overrides(["num_nextn_predict_layers=0"])
+    assert mtp_training_flops_per_token(no_mtp, 512, 0.0) == 0.0

@@ -89,6 +89,22 @@ def training_flops_per_token(
     return 6 * (act - p.embedding) + attn
 
 
+def mtp_training_flops_per_token(
+    cfg: ModelConfig, seq_len: int, mtp_activated_params: float, causal: bool = True
+) -> float:
+    """Training FLOPs per token of the MTP modules, which ``training_flops_per_token``
+    leaves out: their own activated matrices (``abstract_report(cfg).mtp_activated_params``),
+    the shared output head once more per depth, and their attention."""
+    depth = cfg.num_nextn_predict_layers
+    if not depth:
+        return 0.0
+    head = depth * cfg.hidden_size * cfg.vocab_size
+    attn = attention_flops(
+        seq_len, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, depth, causal
+    )
+    return 6 * (mtp_activated_params + head) + attn
+
+
 def dense_training_flops_per_token(
     model: DenseModel, seq_len: int = 4096, causal: bool = True
 ) -> float:

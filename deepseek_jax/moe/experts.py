@@ -86,9 +86,7 @@ def routed_ffn(
     d = perm.sort_assignments(idx_TK, E, sizes)
     ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
     if backend == "ragged_dot":
-        grouped = (
-            functools.partial(fp8_ops.fp8_grouped_ffn, backend=fp8) if fp8 else grouped_ffn_ragged
-        )
+        grouped = _in_fp8(grouped_ffn_ragged, fp8_ops.fp8_grouped_ffn, fp8)
         y_AD = grouped(perm.permute_sorted(x_TD, d), d.counts_E, *ws)
         return perm.unpermute_sorted(y_AD, weight_TK, d)
     if backend != "einsum":
@@ -96,9 +94,14 @@ def routed_ffn(
     return _slots_and_spill(x_TD, weight_TK, *ws, d, fp8)
 
 
+def _in_fp8(plain, fp8_twin, fp8: fp8_ops.Backend | None):
+    """``plain``, or its FP8 drop-in bound to the backend when ``fp8`` is set."""
+    return functools.partial(fp8_twin, backend=fp8) if fp8 else plain
+
+
 def routed_ffn_reference(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, fp8=None):
     """The slow twin of ``routed_ffn``: each expert over all tokens, masked by its gate."""
-    ffn = functools.partial(fp8_ops.fp8_swiglu, backend=fp8) if fp8 else swiglu
+    ffn = _in_fp8(swiglu, fp8_ops.fp8_swiglu, fp8)
     y_TD = jnp.zeros(x_TD.shape, jnp.float32)
     for e in range(w_gate_EDF.shape[0]):
         g_T = jnp.sum(jnp.where(idx_TK == e, weight_TK, 0.0), axis=-1)
@@ -112,7 +115,7 @@ def routed_ffn_reference(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_E
 
 def _dense(x_TD, weight_TK, w_gate, w_up, w_down, d: Dispatch, fp8):
     """The slotted assignments: gather into slots, batched FFN, weighted combine."""
-    ffn = functools.partial(fp8_ops.fp8_expert_ffn, backend=fp8) if fp8 else expert_ffn
+    ffn = _in_fp8(expert_ffn, fp8_ops.fp8_expert_ffn, fp8)
     y_ECD = ffn(perm.gather_slots(x_TD, d), w_gate, w_up, w_down)
     return perm.unpermute(y_ECD, weight_TK, d)
 
@@ -128,7 +131,7 @@ def _block(d: Dispatch, j, weight_A):
 
 
 def _block_ffn(x_bD, w_b, w_gate_DF, w_up_DF, w_down_FD, *, fp8):
-    ffn = functools.partial(fp8_ops.fp8_swiglu, backend=fp8) if fp8 else swiglu
+    ffn = _in_fp8(swiglu, fp8_ops.fp8_swiglu, fp8)
     return w_b[:, None] * ffn(x_bD, w_gate_DF, w_up_DF, w_down_FD).astype(jnp.float32)
 
 
