@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c 'from cpu_kernels import grouped_gemm as g; print("C++ grouped GEMM (CPU MoE experts):", "built" if g.available() else "not built, no C++ compiler? The MoE falls back to capacity slots")'
 	@touch $(STAMP)
 
 test: setup
@@ -44,8 +45,8 @@ params: setup
 	$(PY) -m experiments.params --preset v3-671b
 
 lint: setup
-	$(PY) -m ruff check deepseek_jax pallas_kernels experiments tests
-	$(PY) -m ruff format --check deepseek_jax pallas_kernels experiments tests
+	$(PY) -m ruff check deepseek_jax pallas_kernels cpu_kernels experiments tests
+	$(PY) -m ruff format --check deepseek_jax pallas_kernels cpu_kernels experiments tests
 
 # On a GPU machine with JAX preinstalled and no registry access, run without the venv.
 gpu-check:

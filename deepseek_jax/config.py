@@ -19,6 +19,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Fp8Backend = Literal["xla", "pallas"]
 EPDispatch = Literal["two_hop", "flat"]
 KernelBackend = Literal["xla", "pallas"]
+MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,10 @@ class ModelConfig:
     dtype: DType = "float32"
     fp8: bool = False  # DeepSeek-V3 FP8 recipe for the large linears (fp8.py)
     fp8_backend: Fp8Backend = "xla"  # "xla" (reference GEMM) or "pallas" (our kernel)
+    # Local expert compute (moe/experts.py): "einsum" (capacity slots), "grouped" (grouped
+    # GEMM: our C++ kernel on CPU, ragged_dot elsewhere), "ragged_dot"; "auto": grouped
+    # on CPU when its kernel builds, else einsum.
+    moe_backend: MoEBackend = "auto"
     # Expert parallelism on a multi-device mesh (moe/dispatch.py).
     ep_dispatch: EPDispatch = "two_hop"  # "two_hop" (node, then gpu) or "flat" (one hop)
     ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
@@ -216,6 +221,7 @@ class ModelConfig:
             "topk_method",
             "dtype",
             "fp8_backend",
+            "moe_backend",
             "ep_dispatch",
             "ep_kernel",
         ):
@@ -309,6 +315,7 @@ class ModelConfig:
             "dtype",
             "fp8",
             "fp8_backend",
+            "moe_backend",
             "ep_dispatch",
             "ep_capacity_factor",
             "ep_fp8_dispatch",

@@ -6,13 +6,17 @@ kernel keeps the time nearly flat: target time(E=256) / time(E=16) <= 1.3.
 The E values are timed round-robin and reduced by the median, so that load from other
 processes on a shared machine hits all of them alike. The last line is JSON.
 
-What limits the ratio on XLA:CPU (2 cores, measured): the expert GEMMs get less efficient
-as each expert's row count falls. One batched matmul [E, C, 512] x [E, 512, 256] costs
-1.04 us per row at E = 256, C = 80 against 0.61 us at E = 16, C = 1088 (21.3 vs 10.7 ms),
-whatever the operand layout; that alone is about +15 ms of the E = 256 layer. The router's
-[T, 512] x [512, E] matmul adds ~2.5 ms and the spill loop ~3 ms (34 blocks).
+On CPU ``--backend auto`` is ``grouped``: our C++ grouped GEMM (``cpu_kernels``) over the
+exact group sizes. What still grows with E there (2 cores, measured): the expert weights
+themselves, 402 MB at E = 256 against 25 MB at E = 16 in float32, which take ~8.7 ms
+just to stream from memory (46 GB/s), and the router's [T, 512] x [512, E] matmul
+(~2.5 ms). ``--backend einsum`` (capacity slots) pays more: one batched matmul
+[E, C, 512] x [E, 512, 256] costs 1.04 us per row at E = 256, C = 80 against 0.61 us at
+E = 16, C = 1088 (21.3 vs 10.7 ms), since XLA packs each expert's weights for only C
+rows, plus 25 % padding and a spill loop of ~34 blocks (~3 ms): ratio ~1.56.
+The "spilled" column is the einsum backend's share of rows beyond the slots.
 
-    python -m experiments.bench_moe [--rounds 7] [--backend einsum]
+    python -m experiments.bench_moe [--rounds 7] [--backend auto]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flax import nnx
 
 from deepseek_jax.config import get_preset
 from deepseek_jax.moe import dispatch, routing
+from deepseek_jax.moe.experts import resolve_backend
 from deepseek_jax.moe.layer import MoE
 
 EXPERTS = (16, 64, 256)
@@ -64,8 +69,11 @@ def spilled_fraction(cfg, state, x_BTD) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--backend", default="einsum", choices=["einsum", "ragged_dot"])
+    ap.add_argument(
+        "--backend", default="auto", choices=["auto", "einsum", "grouped", "ragged_dot"]
+    )
     args = ap.parse_args(argv)
+    args.backend = resolve_backend(args.backend)
     x_BTD = jax.random.normal(jax.random.key(1), (4, 1024, 512), jnp.float32)
     runs = {e: build(e, args.backend) for e in EXPERTS}
     for _, state, fwd in runs.values():  # compile and warm up

@@ -9,6 +9,7 @@ from absl.testing import parameterized
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from cpu_kernels import grouped_gemm
 from deepseek_jax import sharding
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
@@ -70,15 +71,18 @@ class MoELayerTest(chex.TestCase):
         self.assertTrue(np.isfinite(float(stats.balance_loss)))
 
     @chex.variants(with_jit=True, without_jit=True)
-    def test_skewed_routing_is_dropless(self):
+    @parameterized.parameters("einsum", "grouped")
+    def test_skewed_routing_is_dropless(self, backend):
         # The bias sends every token to experts 0 and 1: each gets all 64 tokens, far
-        # beyond its dense slots, so most assignments go through the spill loop.
-        model, x = make_moe(bias=[9.0, 9.0, 0, 0, 0, 0, 0, 0]), inputs(B=4)
+        # beyond its dense slots, so with "einsum" most assignments go through the spill
+        # loop; "grouped" gets two groups of 64 rows and six empty ones.
+        model = make_moe(bias=[9.0, 9.0, 0, 0, 0, 0, 0, 0], backend=backend)
+        x = inputs(B=4)
         y, stats = self.variant(lambda x: model(x))(x)
         np.testing.assert_array_equal(stats.load_E, [64, 64, 0, 0, 0, 0, 0, 0])
         self.assertLess(rel_err(y, reference(model, x)), 2e-6)
 
-    @parameterized.parameters("einsum", "ragged_dot")
+    @parameterized.parameters("einsum", "grouped", "ragged_dot")
     def test_backends_agree(self, backend):
         model, x = make_moe(backend=backend), inputs()
         self.assertLess(rel_err(model(x)[0], reference(model, x)), 2e-6)
@@ -114,6 +118,25 @@ def test_gradients_finite_and_bias_not_a_param():
     ],
 )
 def test_routed_ffn_and_its_vjp_match_reference(routing, sizes):
+    _check_routed_ffn(routing, sizes=sizes)
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed", "repeated", "none"])
+def test_grouped_routed_ffn_and_its_vjp_match_reference(routing):
+    _check_routed_ffn(routing, backend="grouped")
+
+
+def test_auto_backend_and_bad_names():
+    cpu_kernel = grouped_gemm.available()  # CPU with the C++ kernel built
+    assert experts.resolve_backend("auto") == ("grouped" if cpu_kernel else "einsum")
+    assert experts.resolve_backend("einsum") == "einsum"
+    with pytest.raises(ValueError, match="'fast'"):
+        experts.resolve_backend("fast")
+    with pytest.raises(ValueError, match="moe_backend"):
+        CFG.with_overrides(["moe_backend=fast"])
+
+
+def _check_routed_ffn(routing, **kw):
     T, K, E = 64, 2, 8
     ws = expert_weights(E)
     x = jax.random.normal(jax.random.key(0), (T, 16))
@@ -124,7 +147,7 @@ def test_routed_ffn_and_its_vjp_match_reference(routing, sizes):
         "repeated": jnp.zeros((T, K), jnp.int32),  # not from route(); must still be exact
         "none": jax.random.randint(jax.random.key(2), (T, K), 0, E + 1),
     }[routing]
-    fast = jax.jit(lambda *a: experts.routed_ffn(a[0], idx, *a[1:], sizes=sizes))
+    fast = jax.jit(lambda *a: experts.routed_ffn(a[0], idx, *a[1:], **kw))
     slow = lambda *a: experts.routed_ffn_reference(a[0], idx, *a[1:])  # noqa: E731
     args = (x, weight, *ws)
     assert rel_err(fast(*args), slow(*args)) < 1e-6

@@ -24,7 +24,7 @@ from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, param
 from deepseek_jax.moe import dispatch, routing
 from deepseek_jax.moe.dispatch import EPOptions, SlotSizes, Topology
-from deepseek_jax.moe.experts import Backend, routed_ffn
+from deepseek_jax.moe.experts import Backend, resolve_backend, routed_ffn
 from deepseek_jax.sharding import EXPERT_AXES, logical_to_spec
 
 
@@ -48,15 +48,16 @@ class MoE(nnx.Module):
         cfg: ModelConfig,
         *,
         rngs: nnx.Rngs,
-        backend: Backend = "einsum",
+        backend: Backend | None = None,
         ep: EPOptions | None = None,
     ):
-        """backend: the local expert compute (``experts.routed_ffn``). ep: the expert-parallel
-        exchange on a multi-device mesh; default from ``cfg.ep_*``."""
+        """backend: the local expert compute (``experts.routed_ffn``); default
+        ``cfg.moe_backend``. ep: the expert-parallel exchange on a multi-device mesh;
+        default from ``cfg.ep_*``."""
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         std, dtype = cfg.initializer_range, jnp.dtype(cfg.dtype)
         self.cfg = cfg
-        self.backend = backend
+        self.backend = resolve_backend(backend or cfg.moe_backend)
         self.ep = ep or EPOptions.from_config(cfg)
         self.gate = param(rngs, (D, E), ("embed", None), std=std)
         self.e_score_correction_bias = (

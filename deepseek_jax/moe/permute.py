@@ -3,11 +3,11 @@
 Sort the T*K assignments by expert (stable, so each expert sees its tokens in order),
 then lay them out for the expert compute in one of two ways:
 - ``permute_sorted``: rows sorted by expert plus group sizes, the input of a grouped GEMM
-  (``jax.lax.ragged_dot`` on GPU);
+  (``jax.lax.ragged_dot`` on GPU, our C++ kernel ``cpu_kernels.grouped_gemm`` on CPU);
 - ``permute``: dense capacity slots ``x[E, C, D]``, so the experts are one batched
-  einsum that reads every expert's weights exactly once. XLA:CPU has no fast grouped GEMM
-  (``ragged_dot`` is ~300x slower there and slows down with the group count), and
-  gathering weights per row block costs memory traffic that grows with the block count.
+  einsum that reads every expert's weights exactly once, for platforms without a fast
+  grouped GEMM (XLA:CPU's ``ragged_dot`` is ~300x slower and slows down with the group
+  count; gathering weights per row block costs traffic that grows with the block count).
   Assignments beyond an expert's C slots are *spilled*, not dropped: the handle lists
   them as blocks of b rows of one expert each, and ``experts.py`` runs a loop over the
   blocks actually used. C is sized from the static shapes so that balanced routing

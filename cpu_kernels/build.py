@@ -1,0 +1,92 @@
+"""Compiles a C++ FFI kernel on first use, caches the library, registers its handlers.
+
+The library is built for this machine (``-march=native``) into a cache keyed by the
+source, the compiler flags, jaxlib's version and the CPU's feature flags, written to a
+temporary name and renamed into place, so concurrent first uses (pytest-xdist workers)
+never load a half-written file. ``DEEPSEEK_JAX_KERNEL_CACHE`` moves the cache (default:
+``$XDG_CACHE_HOME/deepseek_jax`` or ``~/.cache/deepseek_jax``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be compiled or loaded on this machine."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DEEPSEEK_JAX_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deepseek_jax"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    tried = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++"]
+    for name in tried:
+        if path := shutil.which(name):
+            return path
+    raise KernelBuildError(f"no C++ compiler found (tried {', '.join(tried)}; set CXX)")
+
+
+@functools.cache
+def load(source: Path, handlers: tuple[str, ...], prefix: str) -> ctypes.CDLL:
+    """Builds (once per machine) and loads ``source``; registers each exported handler
+    symbol ``H`` as the FFI target ``prefix + H`` on the CPU platform."""
+    cxx = _compiler()
+    key = hashlib.sha256(
+        "\n".join(
+            [source.read_text(), " ".join(CXX_FLAGS), cxx, jaxlib.__version__, _cpu_flags()]
+        ).encode()
+    ).hexdigest()[:16]
+    lib_path = cache_dir() / f"{source.stem}-{key}.so"
+    if not lib_path.exists():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+        os.close(fd)
+        cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise KernelBuildError(
+                    f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+                )
+            os.replace(tmp, lib_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    except OSError as e:
+        raise KernelBuildError(f"loading {lib_path} failed: {e}") from e
+    for name in handlers:
+        jax.ffi.register_ffi_target(
+            prefix + name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
+        )
+    return lib

@@ -1,0 +1,216 @@
+// Grouped GEMMs for XLA:CPU, called through the XLA FFI (see grouped_gemm.py).
+//
+// Rows are sorted by group (expert); group g owns rows [start_g, start_g + size_g).
+//   dsj_gmm:  y[A, N]    = x[rows of g, K] @ w[g][K, N]       (forward, and dx with w^T)
+//   dsj_tgmm: dw[G, K, N] = x[rows of g, K]^T @ dy[rows of g, N]  (weight gradient)
+// Rows past the last group are left zero, as jax.lax.ragged_dot does.
+//
+// Why: XLA:CPU has no fast grouped GEMM. Its batched dot over dense capacity slots pays
+// for padding and reads each expert's weights into packed panels, which small groups
+// (64 rows per expert at E = 256) cannot amortise. Here each output tile of 14 rows x 32
+// columns lives in 28 vector registers; the weight panel is read in place with software
+// prefetch, so each expert's weights stream from memory once and the rows of a group are
+// never padded.
+//
+// Work is split into (group, column block) items handed out through an atomic counter to
+// the calling thread and XLA's intra-op pool. The caller never waits on a helper task
+// that has not started (two grouped GEMMs may run at once on a two-thread pool): it
+// waits only for items, and a helper that starts late finds none left.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));  // AVX-512 register, or two AVX2
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+constexpr int kCols = 32;       // output columns per tile: two vectors
+constexpr int kRows = 14;       // output rows per tile: 28 accumulators
+constexpr int kPrefetch = 40;   // rows of B ahead (measured best between 32 and 48)
+constexpr int64_t kChunk = 8 * kRows;  // rows of a group per work item (gmm) or pass (tgmm)
+
+// c[i, 0:32] (+)= sum_p a(i, p) b(p, 0:32) for i < M, where a(i, p) = a[i ars + p acs] and
+// b(p, :) = b + p brs (contiguous); ``add`` adds to c instead of overwriting it.
+// Accumulates in float32 in p order.
+template <int M>
+void Tile(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, int64_t P,
+          float* c, int64_t crs, bool add) {
+  v16 lo[M], hi[M];
+  for (int i = 0; i < M; ++i) {
+    lo[i] = add ? load(c + i * crs) : v16{};
+    hi[i] = add ? load(c + i * crs + 16) : v16{};
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const float* bp = b + p * brs;
+    // kPrefetch rows ahead; past the last row, the next column panel's first rows
+    const float* pf = p + kPrefetch < P ? bp + kPrefetch * brs : b + (p + kPrefetch - P) * brs + kCols;
+    __builtin_prefetch(pf);
+    __builtin_prefetch(pf + 16);
+    __builtin_prefetch(a + (p + kPrefetch) * acs);
+    const v16 b0 = load(bp), b1 = load(bp + 16);
+    const float* ap = a + p * acs;
+#pragma GCC unroll 14
+    for (int i = 0; i < M; ++i) {
+      const v16 ai = v16{} + ap[i * ars];
+      lo[i] += ai * b0;
+      hi[i] += ai * b1;
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    store(c + i * crs, lo[i]);
+    store(c + i * crs + 16, hi[i]);
+  }
+}
+
+// The same product for the last N % 32 columns, one scalar at a time (rare shapes).
+void TailColumns(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs,
+                 int64_t P, float* c, int64_t crs, bool add, int64_t M, int64_t cols) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      float s = add ? c[i * crs + j] : 0.0f;
+      for (int64_t p = 0; p < P; ++p) s += a[i * ars + p * acs] * b[p * brs + j];
+      c[i * crs + j] = s;
+    }
+}
+
+using TileFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                        int64_t, bool);
+constexpr TileFn kTiles[kRows + 1] = {
+    nullptr,  Tile<1>,  Tile<2>,  Tile<3>,  Tile<4>,  Tile<5>,  Tile<6>, Tile<7>,
+    Tile<8>,  Tile<9>,  Tile<10>, Tile<11>, Tile<12>, Tile<13>, Tile<14>};
+
+// c[0:M, col0:col0 + cols] (+)= a b over P for any M <= kRows and cols <= kCols (a, b, c
+// strided as in Tile).
+void Block(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, int64_t P,
+           float* c, int64_t crs, bool add, int64_t M, int64_t col0, int64_t cols) {
+  if (cols == kCols)
+    kTiles[M](a, ars, acs, b + col0, brs, P, c + col0, crs, add);
+  else
+    TailColumns(a, ars, acs, b + col0, brs, P, c + col0, crs, add, M, cols);
+}
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs f(item) for every item in [0, n) on this thread and the pool's.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& f) {
+  auto work = std::make_shared<Work>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([work, n, &f] {
+      for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
+        f(i);  // only reached while the caller still waits, so f is alive
+        work->done.fetch_add(1, std::memory_order_release);
+      }
+    });
+  }
+  for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
+    f(i);
+    work->done.fetch_add(1, std::memory_order_release);
+  }
+  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Row offsets of the groups, clipped to the A rows there are.
+std::vector<int64_t> Starts(const int32_t* sizes, int64_t G, int64_t A) {
+  std::vector<int64_t> start(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g)
+    start[g + 1] = std::min(A, start[g] + std::max<int64_t>(sizes[g], 0));
+  return start;
+}
+
+int64_t ColumnBlocks(int64_t N) { return (N + kCols - 1) / kCols; }
+
+
+ffi::Error Gmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+               ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || sizes.dimensions().size() != 1 ||
+      sizes.dimensions()[0] != wd[0] || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("dsj_gmm: expected x[A, K], w[G, K, N], sizes[G]");
+  const int64_t A = xd[0], K = xd[1], G = wd[0], N = wd[2];
+  const std::vector<int64_t> start = Starts(sizes.typed_data(), G, A);
+  const float *xp = x.typed_data(), *wp = w.typed_data();
+  float* yp = y->typed_data();
+  std::memset(yp + start[G] * N, 0, (A - start[G]) * N * sizeof(float));
+  // Items: chunks of kChunk rows of one group, each swept over all column blocks, so
+  // its rows stay in L2 while the group's weight panels stream past.
+  std::vector<int64_t> first(G + 1, 0);  // first item of each group
+  for (int64_t g = 0; g < G; ++g)
+    first[g + 1] = first[g] + (start[g + 1] - start[g] + kChunk - 1) / kChunk;
+  ParallelFor(pool, first[G], [&](int64_t item) {
+    const int64_t g = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+    const int64_t r0 = start[g] + (item - first[g]) * kChunk;
+    const int64_t r1 = std::min(start[g + 1], r0 + kChunk);
+    for (int64_t col0 = 0; col0 < N; col0 += kCols)
+      for (int64_t r = r0; r < r1; r += kRows)
+        Block(xp + r * K, K, 1, wp + g * K * N, N, K, yp + r * N, N, false,
+              std::min<int64_t>(kRows, r1 - r), col0, std::min<int64_t>(kCols, N - col0));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Tgmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 2 || dd.size() != 2 || wd.size() != 3 || xd[0] != dd[0] ||
+      sizes.dimensions().size() != 1 || sizes.dimensions()[0] != wd[0] || wd[1] != xd[1] ||
+      wd[2] != dd[1])
+    return ffi::Error::InvalidArgument("dsj_tgmm: expected x[A, K], dy[A, N], sizes[G]");
+  const int64_t A = xd[0], K = xd[1], N = dd[1], G = wd[0];
+  const std::vector<int64_t> start = Starts(sizes.typed_data(), G, A);
+  const float *xp = x.typed_data(), *dyp = dy.typed_data();
+  float* dwp = dw->typed_data();
+  // Items: (group, column block); inside, chunks of kChunk rows (so the dy strip stays in
+  // L1 and the x chunk in L2), each swept over all K row tiles of dw.
+  const int64_t nc = ColumnBlocks(N);
+  ParallelFor(pool, G * nc, [&](int64_t item) {
+    const int64_t g = item / nc, col0 = (item % nc) * kCols, cols = std::min<int64_t>(kCols, N - col0);
+    float* dwg = dwp + g * K * N;
+    for (int64_t r0 = start[g], p0 = r0; p0 < std::max(start[g + 1], r0 + 1); p0 += kChunk) {
+      const int64_t rows = std::max<int64_t>(0, std::min(start[g + 1] - p0, kChunk));
+      // a(i, p) = x[p0 + p, k0 + i]: the transpose of the group's rows, read in place
+      for (int64_t k0 = 0; k0 < K; k0 += kRows)
+        Block(xp + p0 * K + k0, 1, K, dyp + p0 * N, N, rows, dwg + k0 * N, N, p0 > r0,
+              std::min<int64_t>(kRows, K - k0), col0, cols);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGmm, Gmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjTgmm, Tgmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,123 @@
+"""Grouped GEMM on XLA:CPU: ``y[rows of g] = x[rows of g] @ w[g]``, rows sorted by group.
+
+The CPU twin of ``jax.lax.ragged_dot`` (which XLA:CPU runs hundreds of times slower and
+ever slower with more groups): a C++ kernel (``grouped_gemm.cc``) through the XLA FFI,
+differentiable by a custom VJP whose two halves are grouped GEMMs too:
+``dx = gmm(dy, w^T)`` and ``dw[g] = x[rows of g]^T dy[rows of g]`` (``tgmm``).
+Computes in float32 whatever the input dtype; rows beyond ``sum(sizes)`` come out zero.
+
+``grouped_matmul_reference`` is the pure-JAX reference the tests hold it to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from cpu_kernels import build
+
+_SOURCE = Path(__file__).with_suffix(".cc")
+_PREFIX = "deepseek_jax_"
+
+
+def available() -> bool:
+    """True when the kernel compiles and loads here (and jax runs on CPU)."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        _load()
+    except build.KernelBuildError:
+        return False
+    return True
+
+
+def _load():
+    return build.load(_SOURCE, ("DsjGmm", "DsjTgmm"), _PREFIX)
+
+
+def _check(x_AK, w_GKN, sizes_G):
+    if x_AK.ndim != 2 or w_GKN.ndim != 3 or sizes_G.ndim != 1:
+        raise ValueError(
+            f"grouped_matmul: expected x[A, K], w[G, K, N], sizes[G]; got shapes "
+            f"{x_AK.shape}, {w_GKN.shape}, {sizes_G.shape}"
+        )
+    if x_AK.shape[1] != w_GKN.shape[1] or sizes_G.shape[0] != w_GKN.shape[0]:
+        raise ValueError(
+            f"grouped_matmul: x[A, K] = {x_AK.shape}, w[G, K, N] = {w_GKN.shape} and "
+            f"sizes[G] = {sizes_G.shape} disagree on K or G"
+        )
+
+
+def gmm(
+    x_AK: Float[Array, "A K"], w_GKN: Float[Array, "G K N"], sizes_G: Int[Array, " G"]
+) -> Float[Array, "A N"]:
+    """The forward kernel, float32 (no gradient)."""
+    _check(x_AK, w_GKN, sizes_G)
+    _load()
+    out = jax.ShapeDtypeStruct((x_AK.shape[0], w_GKN.shape[2]), jnp.float32)
+    call = jax.ffi.ffi_call(_PREFIX + "DsjGmm", out, vmap_method="sequential")
+    args = (x_AK.astype(jnp.float32), w_GKN.astype(jnp.float32), sizes_G.astype(jnp.int32))
+    return _varying_like(call(*args), args)
+
+
+def tgmm(
+    x_AK: Float[Array, "A K"], dy_AN: Float[Array, "A N"], sizes_G: Int[Array, " G"]
+) -> Float[Array, "G K N"]:
+    """dw[g] = x[rows of g]^T dy[rows of g], float32 (zero for an empty group)."""
+    _load()
+    G, (A, K), N = sizes_G.shape[0], x_AK.shape, dy_AN.shape[1]
+    if dy_AN.shape[0] != A:
+        raise ValueError(f"tgmm: x[A, K] = {x_AK.shape} and dy[A, N] = {dy_AN.shape} differ in A")
+    out = jax.ShapeDtypeStruct((G, K, N), jnp.float32)
+    call = jax.ffi.ffi_call(_PREFIX + "DsjTgmm", out, vmap_method="sequential")
+    args = (x_AK.astype(jnp.float32), dy_AN.astype(jnp.float32), sizes_G.astype(jnp.int32))
+    return _varying_like(call(*args), args)
+
+
+def _varying_like(out, args):
+    """``out`` marked as varying over the manual mesh axes its inputs vary over: inside
+    ``shard_map`` an FFI call's result type carries none, which a custom VJP rejects."""
+    vma = frozenset().union(*(_varying(a) for a in args))
+    missing = tuple(sorted(vma - _varying(out)))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
+def _varying(x) -> frozenset:
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)  # jax 0.12; older releases: ``t.vma``
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+@jax.custom_vjp
+def grouped_matmul(
+    x_AK: Float[Array, "A K"], w_GKN: Float[Array, "G K N"], sizes_G: Int[Array, " G"]
+) -> Float[Array, "A N"]:
+    """x @ w[group of each row] in float32; rows past ``sum(sizes_G)`` give zero."""
+    return gmm(x_AK, w_GKN, sizes_G)
+
+
+def _fwd(x_AK, w_GKN, sizes_G):
+    return gmm(x_AK, w_GKN, sizes_G), (x_AK, w_GKN, sizes_G)
+
+
+def _bwd(res, dy_AN):
+    x_AK, w_GKN, sizes_G = res
+    dx_AK = gmm(dy_AN, jnp.swapaxes(w_GKN, 1, 2), sizes_G).astype(x_AK.dtype)
+    dw_GKN = tgmm(x_AK, dy_AN, sizes_G).astype(w_GKN.dtype)
+    return dx_AK, dw_GKN, None
+
+
+grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def grouped_matmul_reference(
+    x_AK: Float[Array, "A K"], w_GKN: Float[Array, "G K N"], sizes_G: Int[Array, " G"]
+) -> Float[Array, "A N"]:
+    """``jax.lax.ragged_dot`` in float32: the definition (slow on CPU)."""
+    f32 = jnp.float32
+    return jax.lax.ragged_dot(
+        x_AK.astype(f32), w_GKN.astype(f32), sizes_G.astype(jnp.int32), preferred_element_type=f32
+    )

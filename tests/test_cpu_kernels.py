@@ -1,0 +1,112 @@
+"""The C++ grouped GEMM (cpu_kernels/) against jax.lax.ragged_dot, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpu_kernels import build, grouped_gemm
+
+pytestmark = pytest.mark.skipif(
+    not grouped_gemm.available(), reason="the C++ grouped GEMM does not build here"
+)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def problem(A, K, N, sizes, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k[0], (A, K), jnp.float32) / np.sqrt(K)  # y ~ N(0, 1)
+    w = jax.random.normal(k[1], (len(sizes), K, N), jnp.float32)
+    dy = jax.random.normal(k[2], (A, N), jnp.float32)
+    return x, w, dy, jnp.asarray(sizes, jnp.int32)
+
+
+# (A, K, N, group sizes): the 14 x 32 register tile's row and column tails, groups longer
+# than a 112-row work item, empty groups, rows past sum(sizes) (must come out zero).
+CASES = [
+    (64, 32, 32, [64]),
+    (300, 40, 70, [0, 120, 1, 113, 0, 59]),
+    (257, 33, 31, [100, 0, 150]),
+    (500, 512, 256, [13, 250, 0, 7, 200]),
+    (40, 16, 96, [0, 0]),
+]
+
+
+@pytest.mark.parametrize("A, K, N, sizes", CASES)
+def test_gmm_equals_ragged_dot(A, K, N, sizes):
+    x, w, _, s = problem(A, K, N, sizes)
+    y = jax.jit(grouped_gemm.gmm)(x, w, s)
+    assert rel_err(y, grouped_gemm.grouped_matmul_reference(x, w, s)) < 1e-6
+    np.testing.assert_array_equal(y[sum(sizes) :], 0.0)
+
+
+@pytest.mark.parametrize("A, K, N, sizes", CASES)
+def test_tgmm_is_the_per_group_weight_gradient(A, K, N, sizes):
+    x, _, dy, s = problem(A, K, N, sizes)
+    dw = jax.jit(grouped_gemm.tgmm)(x, dy, s)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    want = np.stack(
+        [
+            np.asarray(x[a:b]).T @ np.asarray(dy[a:b])
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ]
+    )
+    assert rel_err(dw, want) < 1e-6
+    for g, n in enumerate(sizes):
+        if n == 0:
+            np.testing.assert_array_equal(dw[g], 0.0)
+
+
+@pytest.mark.parametrize("A, K, N, sizes", CASES[1:4])
+def test_grouped_matmul_vjp_equals_reference(A, K, N, sizes):
+    x, w, dy, s = problem(A, K, N, sizes)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(dy * jnp.sin(f(x, w, s)))
+
+    got = jax.jit(jax.grad(loss(grouped_gemm.grouped_matmul), (0, 1)))(x, w)
+    want = jax.grad(loss(grouped_gemm.grouped_matmul_reference), (0, 1))(x, w)
+    for g, r in zip(got, want, strict=True):
+        assert rel_err(g, r) < 1e-6
+
+
+def test_bfloat16_inputs_compute_in_float32():
+    x, w, _, s = problem(96, 64, 64, [40, 56])
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    y = grouped_gemm.grouped_matmul(xb, wb, s)
+    assert y.dtype == jnp.float32
+    assert rel_err(y, grouped_gemm.grouped_matmul_reference(xb, wb, s)) < 1e-6
+
+
+def test_two_kernels_at_once_do_not_deadlock():
+    # Independent calls in one program may run concurrently on XLA's two-thread pool;
+    # each must finish even when its helper task never gets a thread.
+    x, w, _, s = problem(512, 64, 64, [200, 312])
+    both = jax.jit(lambda x, w: [grouped_gemm.gmm(x * i, w, s) for i in range(1, 5)])
+    for i, y in enumerate(both(x, w), start=1):
+        assert rel_err(y, grouped_gemm.grouped_matmul_reference(x * i, w, s)) < 1e-6
+
+
+def test_bad_shapes_name_the_problem():
+    x, w, _, s = problem(32, 16, 32, [32])
+    with pytest.raises(ValueError, match="disagree on K or G"):
+        grouped_gemm.gmm(x[:, :8], w, s)
+    with pytest.raises(ValueError, match=r"expected x\[A, K\]"):
+        grouped_gemm.gmm(x[None], w, s)
+
+
+def test_build_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
+    src = tmp_path / "broken.cc"
+    src.write_text("this is not C++\n")
+    with pytest.raises(build.KernelBuildError, match="compiling broken.cc failed"):
+        build.load(src, ("Nothing",), "test_")
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    src.write_text("int x;\n")
+    with pytest.raises(build.KernelBuildError):
+        build.load(src, ("Nothing",), "test_")
