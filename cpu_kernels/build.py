@@ -55,6 +55,24 @@ def _compiler() -> str:
     raise KernelBuildError(f"no C++ compiler found (tried {', '.join(tried)}; set CXX)")
 
 
+def _compile(cxx: str, source: Path, lib_path: Path) -> None:
+    """Compiles to a temporary file beside ``lib_path``, then renames it into place."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise KernelBuildError(
+                f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
+            )
+        os.replace(tmp, lib_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @functools.cache
 def load(source: Path, handlers: tuple[str, ...], prefix: str) -> ctypes.CDLL:
     """Builds (once per machine) and loads ``source``; registers each exported handler
@@ -67,20 +85,10 @@ def load(source: Path, handlers: tuple[str, ...], prefix: str) -> ctypes.CDLL:
     ).hexdigest()[:16]
     lib_path = cache_dir() / f"{source.stem}-{key}.so"
     if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
-        os.close(fd)
-        cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise KernelBuildError(
-                    f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}"
-                )
-            os.replace(tmp, lib_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            _compile(cxx, source, lib_path)
+        except OSError as e:  # unwritable cache, compiler that cannot run, ...
+            raise KernelBuildError(f"building {source.name} into {lib_path} failed: {e}") from e
     try:
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
     except OSError as e:

@@ -110,3 +110,13 @@ def test_build_errors_are_clear(tmp_path, monkeypatch):
     src.write_text("int x;\n")
     with pytest.raises(build.KernelBuildError):
         build.load(src, ("Nothing",), "test_")
+
+
+def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(blocker / "cache"))  # under a file
+    src = tmp_path / "ok.cc"
+    src.write_text("int x;\n")
+    with pytest.raises(build.KernelBuildError, match="building ok.cc"):
+        build.load(src, ("Nothing",), "test_")
