@@ -7,6 +7,13 @@ REFERENCE.md's formula (6 x activated matmul parameters incl. head, input embedd
 excluded, + causal attention; the MTP module and routing are extra work not counted), and
 MFU against the float32 matmul throughput measured in the same run; also the MTP
 modules' FLOPs and the utilisation counting them. Last line: JSON.
+
+What bounds MFU on the 2-core CPU (bench-small, measured): a step of ~1.42 s holds the MTP
+module (~270 ms: 1.18 s with ``num_nextn_predict_layers=0``), whose FLOPs the formula
+leaves out, and AdamW with clipping over 52 M parameters (~63 ms, memory-bound). XLA's
+GEMMs at the model's shapes run at 420-490 GFLOP/s forward and 320-380 for weight
+gradients in isolation, so even with every GEMM at that rate and nothing else, MFU would
+stay near 65 %; blocks run at ~170 GFLOP/s fwd+bwd (elementwise work, transposes).
 """
 
 from __future__ import annotations
