@@ -47,7 +47,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_linear
-from deepseek_jax.layers.basic import param, rms_norm
+from deepseek_jax.layers.basic import matmul, param, rms_norm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, softmax_scale
 
 Weights = Mapping[str, Array]
@@ -106,15 +106,16 @@ def _cast(w: Weights, name: str, dtype: jnp.dtype) -> Array:
 
 
 def _proj(spec: str, x: Array, w: Weights, name: str, cfg: ModelConfig) -> Array:
-    """``einsum(spec, x, w[name])``; with ``cfg.fp8`` an FP8 linear on the flattened weight.
+    """``einsum(spec, x, w[name])`` as one 2-D GEMM (``layers.matmul``); with ``cfg.fp8``
+    an FP8 linear on the flattened weight.
 
     The weight's leading axes are the contracted ones (x's trailing axes), e.g.
     ``"btho,hod->btd"``.
     """
-    if not cfg.fp8:
-        return jnp.einsum(spec, x, _cast(w, name, x.dtype))
-    wt = w[name]
     n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))
+    if not cfg.fp8:
+        return matmul(x, _cast(w, name, x.dtype), n_in)
+    wt = w[name]
     lead, out = x.shape[: x.ndim - n_in], wt.shape[n_in:]
     x2 = x.reshape(*lead, math.prod(wt.shape[:n_in]))
     y = fp8_linear(x2, wt.reshape(x2.shape[-1], -1), backend=cfg.fp8_backend)

@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_jax import sharding
 from deepseek_jax.block import StackStats, scan_blocks, scan_blocks_decode, stacked_blocks
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Embed, RMSNorm, param
+from deepseek_jax.layers import Embed, RMSNorm, matmul, param
 from deepseek_jax.mla import LatentCache
 from deepseek_jax.moe.routing import update_bias
 from deepseek_jax.mtp import MTPModule, shift_left
@@ -61,9 +61,7 @@ class Transformer(nnx.Module):
     def head(self, x_BTD: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Output head, float32 logits (the softmax is always float32)."""
         w = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum(
-            "btd,dv->btv", x_BTD.astype(self.dtype), w, preferred_element_type=jnp.float32
-        )
+        return matmul(x_BTD.astype(self.dtype), w, out_dtype=jnp.float32)
 
     def hidden(
         self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"]

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import RMSNorm, param
+from deepseek_jax.layers import RMSNorm, matmul, param
 from deepseek_jax.moe.layer import MoEStats
 
 
@@ -43,7 +43,7 @@ class MTPModule(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], Float[Array, "B T D"], MoEStats | None]:
         """Returns (h^k before the norm, normalised h^k for the shared head, MoE stats)."""
         cat = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
-        x_BTD = cat.astype(self.dtype) @ self.eh_proj[...].astype(self.dtype)
+        x_BTD = matmul(cat.astype(self.dtype), self.eh_proj[...].astype(self.dtype))
         h_BTD, stats = self.block(x_BTD, positions_BT)
         return h_BTD, self.norm(h_BTD), stats
 

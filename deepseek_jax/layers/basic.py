@@ -9,6 +9,7 @@ is initialised under ``jit`` with out-shardings derived from these names (``buil
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -53,6 +54,25 @@ def rms_norm(
     return (y * w_D.reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
+def matmul(x: Array, w: Array, n_in: int = 1, *, out_dtype=None) -> Array:
+    """``x[..., I_1..I_n] @ w[I_1..I_n, O...]`` as one 2-D GEMM over flattened axes.
+
+    XLA:CPU runs a plain [M, K] x [K, N] dot much faster than one with extra free axes,
+    backward above all: a SwiGLU MLP on [4, 512, 512] trained in 95 ms per fwd+bwd as
+    ``x @ w``, 66 ms flattened. ``out_dtype`` is the dot's ``preferred_element_type``.
+    """
+    k_shape = w.shape[:n_in]
+    if x.shape[x.ndim - n_in :] != k_shape:
+        raise ValueError(f"matmul: x {x.shape} and w {w.shape} disagree on {n_in} contracted axes")
+    lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    k = math.prod(k_shape)
+    # One axis group per reshape: explicit sharding types a merge or split of the (sharded)
+    # row axes and of the feature axes only as separate reshapes.
+    x2 = x.reshape(*lead, k).reshape(-1, k)
+    y = jnp.dot(x2, w.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(*lead, y.shape[-1]).reshape(*lead, *out)
+
+
 def swiglu(
     x: Float[Array, "... D"],
     w_gate_DF: Float[Array, "D F"],
@@ -60,8 +80,8 @@ def swiglu(
     w_down_FD: Float[Array, "F D"],
 ) -> Float[Array, "... D"]:
     """SwiGLU FFN: down(silu(x gate) * (x up))."""
-    h = jax.nn.silu(x @ w_gate_DF) * (x @ w_up_DF)
-    return h @ w_down_FD
+    h = jax.nn.silu(matmul(x, w_gate_DF)) * matmul(x, w_up_DF)
+    return matmul(h, w_down_FD)
 
 
 class RMSNorm(nnx.Module):
@@ -94,7 +114,7 @@ class Linear(nnx.Module):
     def __call__(self, x: Float[Array, "... I"]) -> Float[Array, "... O"]:
         if self.fp8:
             return fp8_ops.fp8_linear(x.astype(self.dtype), self.kernel[...], backend=self.fp8)
-        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
 class MLP(nnx.Module):
