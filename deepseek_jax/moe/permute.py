@@ -25,6 +25,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -187,4 +188,32 @@ def unpermute_sorted(
     y_AD: Float[Array, "A D"], weight_TK: Float[Array, "T K"], d: Dispatch
 ) -> Float[Array, "T D"]:
     """Inverse of ``permute_sorted``, weighted by the gates and summed per token (float32)."""
-    return weighted_rows(y_AD, d.pos_TK, weight_TK)
+    A = d.pos_TK.size
+    return _unpermute_sorted(y_AD, weight_TK, d.order_P[:A], d.pos_TK)
+
+
+@jax.custom_vjp
+def _unpermute_sorted(y_AD, weight_TK, order_A, pos_TK):
+    return weighted_rows(y_AD, pos_TK, weight_TK)
+
+
+def _unpermute_sorted_fwd(y_AD, weight_TK, order_A, pos_TK):
+    return weighted_rows(y_AD, pos_TK, weight_TK), (y_AD, weight_TK, order_A, pos_TK)
+
+
+def _unpermute_sorted_bwd(res, dy_TD):
+    """Row a of y came from exactly one assignment (order[a] = t K + k), so its cotangent
+    is a gather, weight[t, k] dy[t], not the scatter-add autodiff writes (slow on CPU)."""
+    y_AD, weight_TK, order_A, pos_TK = res
+    K = pos_TK.shape[1]
+    dy_TD = dy_TD.astype(jnp.float32)
+    w_A = weight_TK.reshape(-1).astype(jnp.float32)[order_A]
+    dy_AD = (w_A[:, None] * dy_TD[order_A // K]).astype(y_AD.dtype)
+    dweight_TK = jnp.stack(
+        [jnp.sum(dy_TD * y_AD[pos_TK[:, k]].astype(jnp.float32), axis=-1) for k in range(K)],
+        axis=-1,
+    ).astype(weight_TK.dtype)
+    return dy_AD, dweight_TK, None, None
+
+
+_unpermute_sorted.defvjp(_unpermute_sorted_fwd, _unpermute_sorted_bwd)
