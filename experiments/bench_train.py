@@ -8,12 +8,13 @@ excluded, + causal attention; the MTP module and routing are extra work not coun
 MFU against the float32 matmul throughput measured in the same run; also the MTP
 modules' FLOPs and the utilisation counting them. Last line: JSON.
 
-What bounds MFU on the 2-core CPU (bench-small, measured): a step of ~1.42 s holds the MTP
-module (~270 ms: 1.18 s with ``num_nextn_predict_layers=0``), whose FLOPs the formula
-leaves out, and AdamW with clipping over 52 M parameters (~63 ms, memory-bound). XLA's
-GEMMs at the model's shapes run at 420-490 GFLOP/s forward and 320-380 for weight
-gradients in isolation, so even with every GEMM at that rate and nothing else, MFU would
-stay near 65 %; blocks run at ~170 GFLOP/s fwd+bwd (elementwise work, transposes).
+What bounds MFU on the 2-core CPU (bench-small, measured): a step of ~1.25 s holds the MTP
+module (~20 % of it; its FLOPs are outside the formula) and AdamW with clipping over 52 M
+parameters (~63 ms, memory-bound). The GEMMs (XLA's and our grouped ones) run at 420-490
+GFLOP/s forward and 320-400 for weight gradients in isolation, so even with every GEMM
+at that rate and nothing else, MFU would stay near 65 %. Per block fwd+bwd: dense 123 ms,
+MoE ~150 ms (MLA 53, experts 83), the rest being elementwise work, layer-scan slicing
+and XLA transposes.
 """
 
 from __future__ import annotations
