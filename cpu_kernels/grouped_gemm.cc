@@ -1,7 +1,7 @@
 // Grouped GEMMs for XLA:CPU, called through the XLA FFI (see grouped_gemm.py).
 //
 // Rows are sorted by group (expert); group g owns rows [start_g, start_g + size_g).
-//   dsj_gmm:  y[A, N]    = x[rows of g, K] @ w[g][K, N]       (forward, and dx with w^T)
+//   dsj_gmm:  y[A, N]     = x[rows of g, K] @ w[g][K, N]      (forward, and dx with w^T)
 //   dsj_tgmm: dw[G, K, N] = x[rows of g, K]^T @ dy[rows of g, N]  (weight gradient)
 // Rows past the last group are left zero, as jax.lax.ragged_dot does.
 //
@@ -12,10 +12,12 @@
 // prefetch, so each expert's weights stream from memory once and the rows of a group are
 // never padded.
 //
-// Work is split into (group, column block) items handed out through an atomic counter to
-// the calling thread and XLA's intra-op pool. The caller never waits on a helper task
-// that has not started (two grouped GEMMs may run at once on a two-thread pool): it
-// waits only for items, and a helper that starts late finds none left.
+// Work items (gmm: a chunk of one group's rows; tgmm: one group's column block) are handed
+// out through an atomic counter to the calling thread and XLA's intra-op pool. The caller
+// never waits on a helper task that has not started (two grouped GEMMs may run at once on
+// a two-thread pool): it waits only for items, and a helper that starts late finds none.
+// Software prefetches may point past an operand's end near its last rows; prefetches
+// never fault (they are hints, on x86 and Arm alike).
 
 #include <algorithm>
 #include <atomic>
@@ -140,7 +142,6 @@ std::vector<int64_t> Starts(const int32_t* sizes, int64_t G, int64_t A) {
 
 int64_t ColumnBlocks(int64_t N) { return (N + kCols - 1) / kCols; }
 
-
 ffi::Error Gmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -184,7 +185,8 @@ ffi::Error Tgmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   // L1 and the x chunk in L2), each swept over all K row tiles of dw.
   const int64_t nc = ColumnBlocks(N);
   ParallelFor(pool, G * nc, [&](int64_t item) {
-    const int64_t g = item / nc, col0 = (item % nc) * kCols, cols = std::min<int64_t>(kCols, N - col0);
+    const int64_t g = item / nc, col0 = (item % nc) * kCols;
+    const int64_t cols = std::min<int64_t>(kCols, N - col0);
     float* dwg = dwp + g * K * N;
     for (int64_t r0 = start[g], p0 = r0; p0 < std::max(start[g + 1], r0 + 1); p0 += kChunk) {
       const int64_t rows = std::max<int64_t>(0, std::min(start[g + 1] - p0, kChunk));
