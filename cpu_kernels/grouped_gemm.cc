@@ -46,7 +46,8 @@ inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 constexpr int kCols = 32;       // output columns per tile: two vectors
 constexpr int kRows = 14;       // output rows per tile: 28 accumulators
 constexpr int kPrefetch = 40;   // rows of B ahead (measured best between 32 and 48)
-constexpr int64_t kChunk = 8 * kRows;  // rows of a group per work item (gmm) or pass (tgmm)
+constexpr int64_t kChunk = 8 * kRows;   // rows of a group per gmm work item (x chunk in L2)
+constexpr int64_t kChunkT = 16 * kRows; // rows per tgmm pass (packed x and dy rows in L2)
 
 // c[i, 0:32] (+)= sum_p a(i, p) b(p, 0:32) for i < M, where a(i, p) = a[i ars + p acs] and
 // b(p, :) = b + p brs (contiguous); ``add`` adds to c instead of overwriting it.
@@ -113,20 +114,26 @@ struct Work {
   std::atomic<int64_t> done{0};
 };
 
-// Runs f(item) for every item in [0, n) on this thread and the pool's.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& f) {
+// Workers ParallelFor uses for n items: this thread (worker 0) and up to num_threads - 1
+// of the pool's. It runs f(item, worker) for every item in [0, n).
+int64_t Workers(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t n,
+                 const std::function<void(int64_t, int64_t)>& f) {
   auto work = std::make_shared<Work>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([work, n, &f] {
+  const int64_t workers = Workers(pool, n);
+  for (int64_t t = 1; t < workers; ++t) {
+    pool.Schedule([work, n, t, &f] {
       for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
-        f(i);  // only reached while the caller still waits, so f is alive
+        f(i, t);  // only reached while the caller still waits, so f is alive
         work->done.fetch_add(1, std::memory_order_release);
       }
     });
   }
   for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
-    f(i);
+    f(i, 0);
     work->done.fetch_add(1, std::memory_order_release);
   }
   while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
@@ -158,7 +165,7 @@ ffi::Error Gmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
   std::vector<int64_t> first(G + 1, 0);  // first item of each group
   for (int64_t g = 0; g < G; ++g)
     first[g + 1] = first[g] + (start[g + 1] - start[g] + kChunk - 1) / kChunk;
-  ParallelFor(pool, first[G], [&](int64_t item) {
+  ParallelFor(pool, first[G], [&](int64_t item, int64_t) {
     const int64_t g = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
     const int64_t r0 = start[g] + (item - first[g]) * kChunk;
     const int64_t r1 = std::min(start[g + 1], r0 + kChunk);
@@ -181,19 +188,43 @@ ffi::Error Tgmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const std::vector<int64_t> start = Starts(sizes.typed_data(), G, A);
   const float *xp = x.typed_data(), *dyp = dy.typed_data();
   float* dwp = dw->typed_data();
-  // Items: (group, column block); inside, chunks of kChunk rows (so the dy strip stays in
-  // L1 and the x chunk in L2), each swept over all K row tiles of dw.
-  const int64_t nc = ColumnBlocks(N);
-  ParallelFor(pool, G * nc, [&](int64_t item) {
-    const int64_t g = item / nc, col0 = (item % nc) * kCols;
-    const int64_t cols = std::min<int64_t>(kCols, N - col0);
+  // Items: a group's dw columns, all of them (or a share when there are fewer groups than
+  // twice the workers). Each pass over kChunkT rows first packs x's rows as K/14 panels
+  // [rows][14] (contiguous, in L2), then sweeps every (K row tile, column block) of the
+  // item with the pass's dy rows: x is read from memory once per item, dy once per pass.
+  const int64_t nk = (K + kRows - 1) / kRows, nc = ColumnBlocks(N);
+  const int64_t splits =
+      std::min(nc, (2 * std::max<int64_t>(pool.num_threads(), 1) + G - 1) / G);
+  const int64_t workers = Workers(pool, G * splits);
+  std::vector<std::vector<float>> packs(workers);
+  ParallelFor(pool, G * splits, [&](int64_t item, int64_t worker) {
+    const int64_t g = item / splits, j = item % splits;
+    const int64_t c0 = j * nc / splits * kCols, c1 = std::min(N, (j + 1) * nc / splits * kCols);
     float* dwg = dwp + g * K * N;
-    for (int64_t r0 = start[g], p0 = r0; p0 < std::max(start[g + 1], r0 + 1); p0 += kChunk) {
-      const int64_t rows = std::max<int64_t>(0, std::min(start[g + 1] - p0, kChunk));
-      // a(i, p) = x[p0 + p, k0 + i]: the transpose of the group's rows, read in place
-      for (int64_t k0 = 0; k0 < K; k0 += kRows)
-        Block(xp + p0 * K + k0, 1, K, dyp + p0 * N, N, rows, dwg + k0 * N, N, p0 > r0,
-              std::min<int64_t>(kRows, K - k0), col0, cols);
+    const int64_t r0 = start[g], r1 = start[g + 1];
+    if (r1 == r0) {
+      for (int64_t k = 0; k < K; ++k) std::memset(dwg + k * N + c0, 0, (c1 - c0) * sizeof(float));
+      return;
+    }
+    std::vector<float>& pack = packs[worker];
+    pack.resize(nk * kChunkT * kRows);
+    for (int64_t p0 = r0; p0 < r1; p0 += kChunkT) {
+      const int64_t rows = std::min(r1 - p0, kChunkT);
+      for (int64_t p = 0; p < rows; ++p) {
+        const float* xr = xp + (p0 + p) * K;
+        for (int64_t t = 0; t < nk; ++t) {
+          const int64_t k0 = t * kRows, m = std::min<int64_t>(kRows, K - k0);
+          std::memcpy(pack.data() + (t * rows + p) * kRows, xr + k0, m * sizeof(float));
+        }
+      }
+      for (int64_t t = 0; t < nk; ++t) {
+        const int64_t k0 = t * kRows;
+        // a(i, p) = x[p0 + p, k0 + i], packed at (t rows + p) kRows + i
+        for (int64_t col0 = c0; col0 < c1; col0 += kCols)
+          Block(pack.data() + t * rows * kRows, 1, kRows, dyp + p0 * N, N, rows, dwg + k0 * N, N,
+                p0 > r0, std::min<int64_t>(kRows, K - k0), col0,
+                std::min<int64_t>(kCols, N - col0));
+      }
     }
   });
   return ffi::Error::Success();

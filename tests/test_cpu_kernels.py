@@ -120,3 +120,14 @@ def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
     src.write_text("int x;\n")
     with pytest.raises(build.KernelBuildError, match="building ok.cc"):
         build.load(src, ("Nothing",), "test_")
+
+
+def test_tgmm_splits_few_groups_over_the_threads():
+    # One or two groups: the kernel shares each group's dw columns between workers.
+    for sizes in ([300], [0, 300], [150, 150]):
+        x, _, dy, s = problem(300, 40, 200, sizes)
+        dw = jax.jit(grouped_gemm.tgmm)(x, dy, s)
+        for g, n in enumerate(sizes):
+            a = sum(sizes[:g])
+            want = np.asarray(x[a : a + n]).T @ np.asarray(dy[a : a + n])
+            assert rel_err(dw[g], want) < 1e-6 if n else not np.any(dw[g])
