@@ -36,7 +36,7 @@ Weight layout (HF names; [in, ..., out], float32, cast to ``cfg.dtype`` at use):
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -115,11 +115,7 @@ def _proj(spec: str, x: Array, w: Weights, name: str, cfg: ModelConfig) -> Array
     n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))
     if not cfg.fp8:
         return matmul(x, _cast(w, name, x.dtype), n_in)
-    wt = w[name]
-    lead, out = x.shape[: x.ndim - n_in], wt.shape[n_in:]
-    x2 = x.reshape(*lead, math.prod(wt.shape[:n_in]))
-    y = fp8_linear(x2, wt.reshape(x2.shape[-1], -1), backend=cfg.fp8_backend)
-    return y.reshape(*lead, *out)
+    return matmul(x, w[name], n_in, dot=functools.partial(fp8_linear, backend=cfg.fp8_backend))
 
 
 def mla_queries(

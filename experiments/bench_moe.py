@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.config import get_preset
+from deepseek_jax.config import MoEBackend, get_preset
 from deepseek_jax.moe import dispatch, routing
 from deepseek_jax.moe.experts import resolve_backend
 from deepseek_jax.moe.layer import MoE
@@ -69,9 +70,7 @@ def spilled_fraction(cfg, state, x_BTD) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument(
-        "--backend", default="auto", choices=["auto", "einsum", "grouped", "ragged_dot"]
-    )
+    ap.add_argument("--backend", default="auto", choices=typing.get_args(MoEBackend))
     args = ap.parse_args(argv)
     args.backend = resolve_backend(args.backend)
     x_BTD = jax.random.normal(jax.random.key(1), (4, 1024, 512), jnp.float32)

@@ -28,6 +28,7 @@ from deepseek_jax.interop.safetensors_io import (
     save_sharded,
 )
 from deepseek_jax.mesh import make_mesh
+from tests.test_train import QUICK
 
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 FIXTURES = ["v3_group", "v3_yarn", "v2_softmax", "v3_fp8"]
@@ -346,28 +347,7 @@ def test_converted_model_fine_tunes_and_exports(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     assert convert(["hf-to-run", os.path.join(HF, "v3_group"), str(run)]) == 0
-    assert (
-        train(
-            [
-                "--out",
-                str(run),
-                "--steps",
-                "2",
-                "--batch-size",
-                "8",
-                "--seq-len",
-                "16",
-                "--no-progress",
-                "--sample-tokens",
-                "0",
-                "--eval-every",
-                "1000",
-                "--data",
-                str(data),
-            ]
-        )
-        == 0
-    )
+    assert train([*QUICK, "--out", str(run), "--steps", "2", "--data", str(data)]) == 0
     assert convert(["run-to-hf", str(run), str(out)]) == 0
     tuned = deepseek_jax.from_pretrained(out)
     before = deepseek_jax.from_pretrained(os.path.join(HF, "v3_group"))

@@ -22,9 +22,7 @@ from deepseek_jax.train.state import abstract_state, init_state, plan
 from experiments.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--preset",
-    "tiny",
+QUICK = [  # a few tiny batches, nothing printed or sampled: for tests of the entry point
     "--batch-size",
     "8",
     "--seq-len",
@@ -35,6 +33,7 @@ TINY = [
     "--eval-every",
     "1000",
 ]
+TINY = ["--preset", "tiny", *QUICK]
 
 
 def _env(devices: int | None = 8) -> dict[str, str]:

@@ -28,6 +28,7 @@ the weights then come in as the FP32 masters and are quantised per 128x128 block
 from __future__ import annotations
 
 import functools
+import typing
 from typing import Literal
 
 import jax
@@ -50,8 +51,8 @@ def resolve_backend(name: str) -> Backend:
     if name == "auto":
         cpu_kernel = jax.default_backend() == "cpu" and grouped_gemm.available()
         return "grouped" if cpu_kernel else "einsum"
-    if name not in ("einsum", "grouped", "ragged_dot"):
-        raise ValueError(f"MoE backend {name!r}: use 'auto', 'einsum', 'grouped' or 'ragged_dot'")
+    if name not in typing.get_args(Backend):
+        raise ValueError(f"MoE backend {name!r}: use 'auto' or one of {typing.get_args(Backend)}")
     return name
 
 
@@ -128,7 +129,7 @@ def routed_ffn(
         return perm.unpermute_sorted(y_AD, weight_TK, d)
     if backend != "einsum":
         raise ValueError(
-            f"routed_ffn: unknown backend {backend!r}; use 'einsum', 'grouped' or 'ragged_dot'"
+            f"routed_ffn: unknown backend {backend!r}; use one of {typing.get_args(Backend)}"
         )
     return _slots_and_spill(x_TD, weight_TK, *ws, d, fp8)
 
