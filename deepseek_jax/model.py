@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -10,7 +11,13 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
-from deepseek_jax.block import StackStats, scan_blocks, scan_blocks_decode, stacked_blocks
+from deepseek_jax.block import (
+    LAYER_LOOPS,
+    StackStats,
+    run_blocks,
+    scan_blocks_decode,
+    stacked_blocks,
+)
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Embed, RMSNorm, matmul, param
 from deepseek_jax.mla import LatentCache
@@ -39,11 +46,16 @@ class ModelCache(NamedTuple):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", layer_loop: str = "auto"
+    ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat: unknown policy {remat!r}; choose from {list(REMAT_POLICIES)}")
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop: unknown {layer_loop!r}; choose from {list(LAYER_LOOPS)}")
         self.cfg = cfg
         self.remat = remat
+        self.layer_loop = layer_loop
         self.dtype = jnp.dtype(cfg.dtype)
         std = cfg.initializer_range
         self.embed_tokens = Embed(
@@ -68,14 +80,20 @@ class Transformer(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], StackStats | None]:
         """Last hidden state before the final norm, and the MoE layers' statistics."""
         x_BTD = self.embed_tokens(ids_BT)
-        policy, remat = REMAT_POLICIES[self.remat], self.remat != "none"
+        run = functools.partial(
+            run_blocks,
+            positions_BT=positions_BT,
+            remat_policy=REMAT_POLICIES[self.remat],
+            remat=self.remat != "none",
+            loop=self.layer_loop,
+        )
         if self.dense_layers is not None:
             with jax.named_scope("dense_layers"):
-                x_BTD, _ = scan_blocks(self.dense_layers, x_BTD, positions_BT, policy, remat)
+                x_BTD, _ = run(self.dense_layers, x_BTD)
         stats = None
         if self.moe_layers is not None:
             with jax.named_scope("moe_layers"):
-                x_BTD, stats = scan_blocks(self.moe_layers, x_BTD, positions_BT, policy, remat)
+                x_BTD, stats = run(self.moe_layers, x_BTD)
         return x_BTD, stats
 
     def __call__(

@@ -31,7 +31,7 @@ from deepseek_jax.codesign.flops import mtp_training_flops_per_token, training_f
 from deepseek_jax.codesign.params import abstract_report
 from deepseek_jax.config import PRESETS, get_preset
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.train.config import TrainConfig
+from deepseek_jax.train.config import LAYER_LOOPS, REMATS, TrainConfig
 from deepseek_jax.train.state import init_state
 from deepseek_jax.train.step import jit_train_step
 
@@ -60,13 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up)")
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--remat", default="none", choices=REMATS)
+    ap.add_argument("--layer-loop", default="auto", choices=LAYER_LOOPS)
     ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
     args = ap.parse_args(argv)
 
     cfg = get_preset(args.preset, ["dtype=float32", *args.overrides])
     tcfg = TrainConfig(
-        steps=1000, batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat
+        steps=1000,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        remat=args.remat,
+        layer_loop=args.layer_loop,
     )
     mesh = make_mesh()
     graphdef, state, layout, tx = init_state(cfg, tcfg, mesh)

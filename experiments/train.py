@@ -18,7 +18,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deepseek_jax.config import PRESETS
-    from deepseek_jax.train.config import REMATS, TrainConfig
+    from deepseek_jax.train.config import LAYER_LOOPS, REMATS, TrainConfig
 
     d = TrainConfig()
     ap = argparse.ArgumentParser(
@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
     ap.add_argument(
         "--remat", default=d.remat, choices=REMATS, help="rematerialisation policy of each block"
+    )
+    ap.add_argument(
+        "--layer-loop",
+        default=d.layer_loop,
+        choices=LAYER_LOOPS,
+        help="run the layer stacks in a scan (compile time flat in depth) or unrolled "
+        "(faster on CPU); auto: unrolled on CPU",
     )
     ap.add_argument(
         "--dtype",

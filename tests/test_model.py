@@ -97,3 +97,24 @@ def test_remat_changes_nothing():
 def test_bad_remat_policy():
     with pytest.raises(ValueError, match="remat"):
         Transformer(CFG, rngs=nnx.Rngs(0), remat="sometimes")
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(remat):
+    """Same logits, MoE statistics and stacked-parameter gradients either way."""
+    ids = _ids(2, 8)
+
+    def run(loop):
+        model = Transformer(CFG, rngs=nnx.Rngs(0), remat=remat, layer_loop=loop)
+        loss = lambda m: m(ids).logits_BTV.astype(jnp.float32).std()  # noqa: E731
+        return nnx.jit(lambda m: m(ids))(model), nnx.jit(nnx.grad(loss))(model)
+
+    (out_s, g_s), (out_u, g_u) = run("scan"), run("unroll")
+    assert CFG.num_moe_layers > 1 and out_u.moe_stats.load_LE.shape[0] == CFG.num_moe_layers
+    chex.assert_trees_all_close(out_u, out_s, atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(g_u, g_s, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_layer_loop():
+    with pytest.raises(ValueError, match="layer_loop"):
+        Transformer(CFG, rngs=nnx.Rngs(0), layer_loop="sometimes")

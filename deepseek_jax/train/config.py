@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from deepseek_jax.block import LAYER_LOOPS
+
 REMATS = ("none", "full", "dots")
 
 
@@ -24,6 +26,7 @@ class TrainConfig:
     balance_alpha: float = 1e-4  # V3TR 2.1.2: sequence-wise balance loss
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed
     remat: str = "none"
+    layer_loop: str = "auto"  # scan or unroll the layer stacks; auto: unroll on CPU
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -52,3 +55,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
         if self.remat not in REMATS:
             raise ValueError(f"TrainConfig.remat = {self.remat!r}: must be one of {REMATS}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(
+                f"TrainConfig.layer_loop = {self.layer_loop!r}: must be one of {LAYER_LOOPS}"
+            )
+
+    @property
+    def model_options(self) -> dict[str, str]:
+        """The Transformer's keyword options this run sets."""
+        return {"remat": self.remat, "layer_loop": self.layer_loop}

@@ -96,6 +96,7 @@ def _build(args: argparse.Namespace) -> Setup:
             ckpt_every=args.ckpt_every,
             keep=args.keep,
             remat=args.remat,
+            layer_loop=args.layer_loop,
         )
         mesh = make_mesh(**_parse_mesh(args.mesh))
     except ValueError as e:

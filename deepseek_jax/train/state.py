@@ -88,7 +88,7 @@ def plan(
 ) -> tuple[nnx.GraphDef, TrainState, Layout, optax.GradientTransformation]:
     """Abstract train state and its shardings; nothing is allocated."""
     graphdef, abs_params, abs_rest = nnx.split(
-        abstract_model(cfg, remat=tcfg.remat), nnx.Param, ...
+        abstract_model(cfg, **tcfg.model_options), nnx.Param, ...
     )
     p_sh = state_shardings(abs_params, mesh)
     r_sh = state_shardings(abs_rest, mesh)
@@ -117,7 +117,7 @@ def init_state(
     graphdef, _, layout, tx = plan(cfg, tcfg, mesh)
 
     def init():
-        model = Transformer(cfg, rngs=nnx.Rngs(tcfg.seed), remat=tcfg.remat)
+        model = Transformer(cfg, rngs=nnx.Rngs(tcfg.seed), **tcfg.model_options)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         opt_state = tx.init(jax.reshard(params, layout.params_zero))
         return TrainState(jnp.zeros((), jnp.int32), params, rest, opt_state)
