@@ -1,9 +1,9 @@
 """Compiles a C++ FFI kernel on first use, caches the library, registers its handlers.
 
 The library is built for this machine (``-march=native``) into a cache keyed by the
-source, the compiler flags, jaxlib's version and the CPU's feature flags, written to a
-temporary name and renamed into place, so concurrent first uses (pytest-xdist workers)
-never load a half-written file. ``DEEPSEEK_JAX_KERNEL_CACHE`` moves the cache (default:
+source and the headers beside it, the compiler flags, jaxlib's version and the CPU's
+feature flags, written to a temporary name and renamed into place, so concurrent first
+uses (pytest-xdist workers) never load a half-written file. ``DEEPSEEK_JAX_KERNEL_CACHE`` moves the cache (default:
 ``$XDG_CACHE_HOME/deepseek_jax`` or ``~/.cache/deepseek_jax``).
 """
 
@@ -60,7 +60,8 @@ def _compile(cxx: str, source: Path, lib_path: Path) -> None:
     lib_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
     os.close(fd)
-    cmd = [cxx, *CXX_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+    includes = [f"-I{jax.ffi.include_dir()}", f"-I{source.parent}"]
+    cmd = [cxx, *CXX_FLAGS, *includes, str(source), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -80,7 +81,14 @@ def load(source: Path, handlers: tuple[str, ...], prefix: str) -> ctypes.CDLL:
     cxx = _compiler()
     key = hashlib.sha256(
         "\n".join(
-            [source.read_text(), " ".join(CXX_FLAGS), cxx, jaxlib.__version__, _cpu_flags()]
+            [
+                source.read_text(),
+                *(h.read_text() for h in sorted(source.parent.glob("*.h"))),
+                " ".join(CXX_FLAGS),
+                cxx,
+                jaxlib.__version__,
+                _cpu_flags(),
+            ]
         ).encode()
     ).hexdigest()[:16]
     lib_path = cache_dir() / f"{source.stem}-{key}.so"

@@ -12,134 +12,26 @@
 // prefetch, so each expert's weights stream from memory once and the rows of a group are
 // never padded.
 //
-// Work items (gmm: a chunk of one group's rows; tgmm: one group's column block) are handed
-// out through an atomic counter to the calling thread and XLA's intra-op pool. The caller
-// never waits on a helper task that has not started (two grouped GEMMs may run at once on
-// a two-thread pool): it waits only for items, and a helper that starts late finds none.
-// Software prefetches may point past an operand's end near its last rows; prefetches
-// never fault (they are hints, on x86 and Arm alike).
+// Work items (gmm: a chunk of one group's rows; tgmm: one group's column block) run through
+// tiles.h's ParallelFor over XLA's intra-op pool.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "tiles.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));  // AVX-512 register, or two AVX2
+using dsj::Block;
+using dsj::kCols;
+using dsj::kRows;
+using dsj::ParallelFor;
+using dsj::Workers;
 
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-
-constexpr int kCols = 32;       // output columns per tile: two vectors
-constexpr int kRows = 14;       // output rows per tile: 28 accumulators
-constexpr int kPrefetch = 40;   // rows of B ahead (measured best between 32 and 48)
 constexpr int64_t kChunk = 8 * kRows;   // rows of a group per gmm work item (x chunk in L2)
 constexpr int64_t kChunkT = 16 * kRows; // rows per tgmm pass (packed x and dy rows in L2)
 
-// c[i, 0:32] (+)= sum_p a(i, p) b(p, 0:32) for i < M, where a(i, p) = a[i ars + p acs] and
-// b(p, :) = b + p brs (contiguous); ``add`` adds to c instead of overwriting it.
-// Accumulates in float32 in p order.
-template <int M>
-void Tile(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, int64_t P,
-          float* c, int64_t crs, bool add) {
-  v16 lo[M], hi[M];
-  for (int i = 0; i < M; ++i) {
-    lo[i] = add ? load(c + i * crs) : v16{};
-    hi[i] = add ? load(c + i * crs + 16) : v16{};
-  }
-  for (int64_t p = 0; p < P; ++p) {
-    const float* bp = b + p * brs;
-    // kPrefetch rows ahead; past the last row, the next column panel's first rows
-    const float* pf = p + kPrefetch < P ? bp + kPrefetch * brs : b + (p + kPrefetch - P) * brs + kCols;
-    __builtin_prefetch(pf);
-    __builtin_prefetch(pf + 16);
-    __builtin_prefetch(a + (p + kPrefetch) * acs);
-    const v16 b0 = load(bp), b1 = load(bp + 16);
-    const float* ap = a + p * acs;
-#pragma GCC unroll 14
-    for (int i = 0; i < M; ++i) {
-      const v16 ai = v16{} + ap[i * ars];
-      lo[i] += ai * b0;
-      hi[i] += ai * b1;
-    }
-  }
-  for (int i = 0; i < M; ++i) {
-    store(c + i * crs, lo[i]);
-    store(c + i * crs + 16, hi[i]);
-  }
-}
-
-// The same product for the last N % 32 columns, one scalar at a time (rare shapes).
-void TailColumns(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs,
-                 int64_t P, float* c, int64_t crs, bool add, int64_t M, int64_t cols) {
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      float s = add ? c[i * crs + j] : 0.0f;
-      for (int64_t p = 0; p < P; ++p) s += a[i * ars + p * acs] * b[p * brs + j];
-      c[i * crs + j] = s;
-    }
-}
-
-using TileFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
-                        int64_t, bool);
-constexpr TileFn kTiles[kRows + 1] = {
-    nullptr,  Tile<1>,  Tile<2>,  Tile<3>,  Tile<4>,  Tile<5>,  Tile<6>, Tile<7>,
-    Tile<8>,  Tile<9>,  Tile<10>, Tile<11>, Tile<12>, Tile<13>, Tile<14>};
-
-// c[0:M, col0:col0 + cols] (+)= a b over P for any M <= kRows and cols <= kCols (a, b, c
-// strided as in Tile).
-void Block(const float* a, int64_t ars, int64_t acs, const float* b, int64_t brs, int64_t P,
-           float* c, int64_t crs, bool add, int64_t M, int64_t col0, int64_t cols) {
-  if (cols == kCols)
-    kTiles[M](a, ars, acs, b + col0, brs, P, c + col0, crs, add);
-  else
-    TailColumns(a, ars, acs, b + col0, brs, P, c + col0, crs, add, M, cols);
-}
-
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// Workers ParallelFor uses for n items: this thread (worker 0) and up to num_threads - 1
-// of the pool's. It runs f(item, worker) for every item in [0, n).
-int64_t Workers(ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t n,
-                 const std::function<void(int64_t, int64_t)>& f) {
-  auto work = std::make_shared<Work>();
-  const int64_t workers = Workers(pool, n);
-  for (int64_t t = 1; t < workers; ++t) {
-    pool.Schedule([work, n, t, &f] {
-      for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
-        f(i, t);  // only reached while the caller still waits, so f is alive
-        work->done.fetch_add(1, std::memory_order_release);
-      }
-    });
-  }
-  for (int64_t i; (i = work->next.fetch_add(1)) < n;) {
-    f(i, 0);
-    work->done.fetch_add(1, std::memory_order_release);
-  }
-  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
-// Row offsets of the groups, clipped to the A rows there are.
 std::vector<int64_t> Starts(const int32_t* sizes, int64_t G, int64_t A) {
   std::vector<int64_t> start(G + 1, 0);
   for (int64_t g = 0; g < G; ++g)
