@@ -3,8 +3,8 @@
 The library is built for this machine (``-march=native``) into a cache keyed by the
 source and the headers beside it, the compiler flags, jaxlib's version and the CPU's
 feature flags, written to a temporary name and renamed into place, so concurrent first
-uses (pytest-xdist workers) never load a half-written file. ``DEEPSEEK_JAX_KERNEL_CACHE`` moves the cache (default:
-``$XDG_CACHE_HOME/deepseek_jax`` or ``~/.cache/deepseek_jax``).
+uses (pytest-xdist workers) never load a half-written file. ``DEEPSEEK_JAX_KERNEL_CACHE``
+moves the cache (default: ``$XDG_CACHE_HOME/deepseek_jax`` or ``~/.cache/deepseek_jax``).
 """
 
 from __future__ import annotations

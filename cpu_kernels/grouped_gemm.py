@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from cpu_kernels import build
+from cpu_kernels.vma import varying_like
 
 _SOURCE = Path(__file__).with_suffix(".cc")
 _PREFIX = "deepseek_jax_"
@@ -60,7 +61,7 @@ def gmm(
     out = jax.ShapeDtypeStruct((x_AK.shape[0], w_GKN.shape[2]), jnp.float32)
     call = jax.ffi.ffi_call(_PREFIX + "DsjGmm", out, vmap_method="sequential")
     args = (x_AK.astype(jnp.float32), w_GKN.astype(jnp.float32), sizes_G.astype(jnp.int32))
-    return _varying_like(call(*args), args)
+    return varying_like(call(*args), args)
 
 
 def tgmm(
@@ -74,21 +75,7 @@ def tgmm(
     out = jax.ShapeDtypeStruct((G, K, N), jnp.float32)
     call = jax.ffi.ffi_call(_PREFIX + "DsjTgmm", out, vmap_method="sequential")
     args = (x_AK.astype(jnp.float32), dy_AN.astype(jnp.float32), sizes_G.astype(jnp.int32))
-    return _varying_like(call(*args), args)
-
-
-def _varying_like(out, args):
-    """``out`` marked as varying over the manual mesh axes its inputs vary over: inside
-    ``shard_map`` an FFI call's result type carries none, which a custom VJP rejects."""
-    vma = frozenset().union(*(_varying(a) for a in args))
-    missing = tuple(sorted(vma - _varying(out)))
-    return jax.lax.pcast(out, missing, to="varying") if missing else out
-
-
-def _varying(x) -> frozenset:
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)  # jax 0.12; older releases: ``t.vma``
-    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+    return varying_like(call(*args), args)
 
 
 @jax.custom_vjp

@@ -20,6 +20,7 @@ Fp8Backend = Literal["xla", "pallas"]
 EPDispatch = Literal["two_hop", "flat"]
 KernelBackend = Literal["xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
+AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,10 @@ class ModelConfig:
     # GEMM: our C++ kernel on CPU, ragged_dot elsewhere), "ragged_dot"; "auto": grouped
     # on CPU when its kernel builds, else einsum.
     moe_backend: MoEBackend = "auto"
+    # Training/prefill attention core (mla.py): "xla" (einsums + softmax), "cpu_kernel"
+    # (our fused C++ kernel, float32 on CPU); "auto": cpu_kernel on CPU in float32 when it
+    # builds, else xla.
+    attention_backend: AttentionBackend = "auto"
     # Expert parallelism on a multi-device mesh (moe/dispatch.py).
     ep_dispatch: EPDispatch = "two_hop"  # "two_hop" (node, then gpu) or "flat" (one hop)
     ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
@@ -222,6 +227,7 @@ class ModelConfig:
             "dtype",
             "fp8_backend",
             "moe_backend",
+            "attention_backend",
             "ep_dispatch",
             "ep_kernel",
         ):
@@ -316,6 +322,7 @@ class ModelConfig:
             "fp8",
             "fp8_backend",
             "moe_backend",
+            "attention_backend",
             "ep_dispatch",
             "ep_capacity_factor",
             "ep_fp8_dispatch",

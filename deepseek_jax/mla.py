@@ -23,10 +23,11 @@ It writes T new entries at ``cache_index`` (T = 1: one decode step; T > 1: prefi
 the cache). The two paths agree to float32 rounding on every position (tests/test_mla.py),
 the "slow twin" of the fast path.
 
-*What we simplify.* Attention is plain ``einsum`` + float32 softmax (no flash/paged
-kernel); the cache is one dense [B, S_max] buffer with a single write index shared by the
-batch; the naive path's causal mask is by index within the T positions (``positions``
-only drive RoPE). No tensor parallelism: heads stay whole, activations are batch sharded.
+*What we simplify.* Attention is plain ``einsum`` + float32 softmax on accelerators (no
+flash/paged kernel; on CPU a fused C++ kernel, ``cpu_kernels/attention.py``); the cache
+is one dense [B, S_max] buffer with a single write index shared by the batch; the naive
+path's causal mask is by index within the T positions (``positions`` only drive RoPE).
+No tensor parallelism: heads stay whole, activations are batch sharded.
 
 Weight layout (HF names; [in, ..., out], float32, cast to ``cfg.dtype`` at use): see
 ``MLA.__init__``. The rope channels are in the checkpoints' interleaved-pair order
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from cpu_kernels import attention as cpu_attention
 from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_linear
@@ -161,6 +163,23 @@ def _out_proj(
 CAUSAL_QUERY_BLOCKS = 8
 
 
+def resolve_attention_backend(cfg: ModelConfig) -> str:
+    """``"auto"``: our fused C++ kernel on CPU in float32 where it builds (~2.5x faster
+    forward, ~1.5x forward and backward, than XLA's einsums at bench-small), else ``"xla"``."""
+    name = cfg.attention_backend
+    on_cpu = jax.default_backend() == "cpu"
+    if name == "auto":
+        fits = on_cpu and jnp.dtype(cfg.dtype) == jnp.float32
+        return "cpu_kernel" if fits and cpu_attention.available() else "xla"
+    if name == "cpu_kernel" and not cpu_attention.available():
+        raise RuntimeError(
+            "attention_backend='cpu_kernel' needs jax on CPU and the C++ kernel "
+            f"(cpu_kernels/attention.cc), which is unavailable here (backend: "
+            f"{jax.default_backend()}); use 'xla'"
+        )
+    return name
+
+
 def _causal_attend(
     qnope_BTHN: Float[Array, "B T H N"],
     qrope_BTHR: Float[Array, "B T H R"],
@@ -169,9 +188,29 @@ def _causal_attend(
     v_BSHO: Float[Array, "B S H O"],
     cfg: ModelConfig,
 ) -> Float[Array, "B T H O"]:
-    """Causal softmax attention (S = T), head-major: the score-sized tensors are
-    [B, H, T, S] from the start, so no transpose ever copies them, and query blocks skip
-    the key blocks that are fully masked. Scores and softmax in float32."""
+    """Causal softmax attention (S = T) on the configured backend."""
+    B, T, H, _ = qnope_BTHN.shape
+    if resolve_attention_backend(cfg) == "xla":
+        return _causal_attend_xla(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
+    f32 = jnp.float32
+    q_BTHK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1).astype(f32) * softmax_scale(cfg)
+    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
+    k_BSHK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).astype(f32)
+    out_BTHO = cpu_attention.causal_attention(q_BTHK, k_BSHK, v_BSHO.astype(f32))
+    return out_BTHO.astype(cfg.dtype)
+
+
+def _causal_attend_xla(
+    qnope_BTHN: Float[Array, "B T H N"],
+    qrope_BTHR: Float[Array, "B T H R"],
+    knope_BSHN: Float[Array, "B S H N"],
+    krope_BSR: Float[Array, "B S R"],
+    v_BSHO: Float[Array, "B S H O"],
+    cfg: ModelConfig,
+) -> Float[Array, "B T H O"]:
+    """Causal attention in einsums, head-major: the score-sized tensors are [B, H, T, S]
+    from the start, so no transpose ever copies them, and query blocks skip the key blocks
+    that are fully masked. Scores and softmax in float32."""
     dt, f32 = jnp.dtype(cfg.dtype), jnp.float32
     B, T, H, _ = qnope_BTHN.shape
     n = CAUSAL_QUERY_BLOCKS if T % CAUSAL_QUERY_BLOCKS == 0 and T >= 256 else 1

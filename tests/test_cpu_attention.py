@@ -1,0 +1,147 @@
+"""The C++ causal attention (cpu_kernels/attention.py) against its jnp definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cpu_kernels import attention
+from deepseek_jax import mla
+from deepseek_jax.config import get_preset
+from deepseek_jax.mesh import make_mesh
+
+pytestmark = pytest.mark.skipif(
+    not attention.available(), reason="the C++ attention kernel does not build here"
+)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def problem(B, T, H, K, O, seed=0, scale=0.5):
+    k = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(k[0], (B, T, H, K), jnp.float32) * scale
+    kk = jax.random.normal(k[1], (B, T, H, K), jnp.float32)
+    v = jax.random.normal(k[2], (B, T, H, O), jnp.float32)
+    probe = jax.random.normal(k[3], (B, T, H, O), jnp.float32)
+    return q, kk, v, probe
+
+
+# (B, T, H, Dk, Dv): one token; T below one 16-wide vector; tails of the 64-row query
+# block and of the 14 x 32 register tile in every dimension; the bench-small shape.
+SHAPES = [
+    (1, 1, 1, 8, 8),
+    (2, 5, 3, 24, 16),
+    (2, 130, 2, 40, 33),
+    (1, 193, 3, 96, 64),
+    (4, 512, 8, 96, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_equals_the_definition(shape):
+    q, k, v, _ = problem(*shape)
+    out = jax.jit(attention.causal_attention)(q, k, v)
+    assert rel_err(out, attention.causal_attention_reference(q, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_equal_the_definitions(shape):
+    q, k, v, probe = problem(*shape)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(probe * fn(*a)), argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(
+        grads(attention.causal_attention),
+        grads(attention.causal_attention_reference),
+        strict=True,
+    ):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_large_scores_stay_finite():
+    """Scores near float32's exp range: the softmax is shifted by each row's maximum."""
+    q, k, v, probe = problem(1, 70, 2, 16, 16, scale=30.0)
+    out = attention.causal_attention(q, k, v)
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, attention.causal_attention_reference(q, k, v)) < 1e-5
+
+
+def test_future_tokens_do_not_leak():
+    q, k, v, _ = problem(1, 40, 2, 16, 8)
+    out = attention.causal_attention(q, k, v)
+    k2 = k.at[:, 20:].set(7.0)
+    v2 = v.at[:, 20:].set(-3.0)
+    out2 = attention.causal_attention(q, k2, v2)
+    np.testing.assert_array_equal(out[:, :20], out2[:, :20])
+
+
+def test_batch_sharded_over_the_mesh():
+    """Each device runs its own batch shard (shard_map); the result stays sharded."""
+    mesh = make_mesh(2, 4)
+    q, k, v, probe = problem(8, 48, 2, 24, 16)
+    with jax.set_mesh(mesh):
+        sh = NamedSharding(mesh, P(("node", "gpu")))
+        args = [jax.device_put(a, sh) for a in (q, k, v)]
+
+        def loss(q, k, v):
+            return jnp.sum(probe * attention.causal_attention(q, k, v))
+
+        out = jax.jit(attention.causal_attention)(*args)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+    assert out.sharding.spec[0] == ("node", "gpu")
+    assert rel_err(out, attention.causal_attention_reference(q, k, v)) < 1e-6
+    want = jax.grad(
+        lambda *a: jnp.sum(probe * attention.causal_attention_reference(*a)), argnums=(0, 1, 2)
+    )(q, k, v)
+    for g, w in zip(grads, want, strict=True):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v, _ = problem(1, 8, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"q\[B, T, H, Dk\]"):
+        attention.causal_attention(q, k[:, :4], v)
+    with pytest.raises(ValueError, match="float32 only"):
+        attention.causal_attention(q.astype(jnp.bfloat16), k, v)
+
+
+def test_mla_backends_agree():
+    """MLA's causal core through the kernel and through XLA's einsums, values and grads."""
+    B, T, H = 2, 96, 3
+    cfg = get_preset("tiny", ["dtype=float32"])
+    N, R, O = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    ks = jax.random.split(jax.random.key(1), 6)
+    args = (
+        jax.random.normal(ks[0], (B, T, H, N)),
+        jax.random.normal(ks[1], (B, T, H, R)),
+        jax.random.normal(ks[2], (B, T, H, N)),
+        jax.random.normal(ks[3], (B, T, R)),
+        jax.random.normal(ks[4], (B, T, H, O)),
+    )
+    probe = jax.random.normal(ks[5], (B, T, H, O))
+
+    def run(backend):
+        c = cfg.with_overrides([f"attention_backend={backend}"])
+        f = lambda *a: jnp.sum(probe * mla._causal_attend(*a, c))  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
+
+    (v_k, g_k), (v_x, g_x) = run("cpu_kernel"), run("xla")
+    assert rel_err(v_k, v_x) < 1e-5
+    for a, b in zip(g_k, g_x, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_attention_backend_resolution():
+    f32 = get_preset("tiny", ["dtype=float32"])
+    assert mla.resolve_attention_backend(f32) == "cpu_kernel"
+    assert mla.resolve_attention_backend(f32.with_overrides(["attention_backend=xla"])) == "xla"
+    bf16 = get_preset("tiny", ["dtype=bfloat16"])
+    assert mla.resolve_attention_backend(bf16) == "xla"  # the kernel is float32 only
+    with pytest.raises(ValueError, match="attention_backend"):
+        f32.with_overrides(["attention_backend=flash"])
