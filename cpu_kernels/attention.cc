@@ -95,10 +95,32 @@ float RowMax(const float* row, int64_t n) {
   return r;
 }
 
-// xt[d * ld + s] = x[s * rs + d]: rows [0, L) of one head's [T, D] slice, transposed.
+// Row stride for packed panels of n floats: a whole number of 64-byte lines, and an odd
+// number of them, so the rows of a panel spread over every L1 set. (The token-major
+// strides, H x 64 or H x 96 floats, put a panel's rows in 2 to 4 of the 64 sets, and the
+// register tiles then miss L1 on most B rows.)
+int64_t Ld(int64_t n) {
+  const int64_t lines = (n + 15) / 16;
+  return 16 * (lines % 2 ? lines : lines + 1);
+}
+
+// n rounded up to whole 32-column register tiles: score blocks are computed that wide
+// (the extra columns are masked keys, zeroed before use) so no block takes the scalar
+// tail path of tiles.h.
+int64_t Cols(int64_t n) { return (n + dsj::kCols - 1) / dsj::kCols * dsj::kCols; }
+
+// xt[d * ld + s] = x[s * rs + d] for s < L, d < D: one head's [L, D] slice transposed, in
+// 16 x 16 blocks so that reads and writes both stay in a few lines.
 void PackTransposed(const float* x, int64_t rs, int64_t L, int64_t D, float* xt, int64_t ld) {
-  for (int64_t s = 0; s < L; ++s)
-    for (int64_t d = 0; d < D; ++d) xt[d * ld + s] = x[s * rs + d];
+  for (int64_t s0 = 0; s0 < L; s0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 16)
+      for (int64_t s = s0; s < std::min(s0 + 16, L); ++s)
+        for (int64_t d = d0; d < std::min(d0 + 16, D); ++d) xt[d * ld + s] = x[s * rs + d];
+}
+
+// out[s * ld + d] = x[s * rs + d] for s < L, d < D: rows copied to the padded stride.
+void PackRows(const float* x, int64_t rs, int64_t L, int64_t D, float* out, int64_t ld) {
+  for (int64_t s = 0; s < L; ++s) std::memcpy(out + s * ld, x + s * rs, D * sizeof(float));
 }
 
 struct Shape {
@@ -118,9 +140,10 @@ bool ReadShape(Dims q, Dims k, Dims v, Shape& s) {
   return true;
 }
 
-// Per-worker scratch: keys (and values) transposed, and two [kQ, T] score blocks.
+// Per-worker scratch: one pair's keys and values (transposed and row-major), a block's
+// queries and output gradients, and two [kQ, T] score blocks, all at padded strides.
 struct Scratch {
-  std::vector<float> kt, vt, s, ds;
+  std::vector<float> kt, vt, k, v, q, dout, s, ds;
 };
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -141,23 +164,29 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     float* ob = o->typed_data() + (b * T * H + h) * Dv;
     float* lseb = lse->typed_data() + (b * H + h) * T;
     Scratch& w = scratch[worker];
-    w.kt.resize(Dk * T);
-    w.s.resize(kQ * T);
-    PackTransposed(kb, qs, T, Dk, w.kt.data(), T);
+    const int64_t lt = Ld(Cols(T)), lv = Ld(Dv);
+    w.kt.resize(Dk * lt);
+    w.v.resize(T * lv);
+    w.s.resize(kQ * lt);
+    PackTransposed(kb, qs, T, Dk, w.kt.data(), lt);
+    PackRows(vb, vs, T, Dv, w.v.data(), lv);
     for (int64_t i0 = 0; i0 < T; i0 += kQ) {
       const int64_t rows = std::min(kQ, T - i0), L = i0 + rows;  // keys [0, L) are visible
       float* s = w.s.data();
-      Gemm(qb + i0 * qs, qs, 1, w.kt.data(), T, Dk, s, L, false, rows, L);
+      Gemm(qb + i0 * qs, qs, 1, w.kt.data(), lt, Dk, s, lt, false, rows, Cols(L));
+      float inv[kQ];
       for (int64_t i = 0; i < rows; ++i) {
-        float* row = s + i * L;
+        float* row = s + i * lt;
         const int64_t n = i0 + i + 1;
         const float m = RowMax(row, n);
         const float sum = ExpShifted(row, n, L, m);
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+        inv[i] = 1.0f / sum;
         lseb[i0 + i] = m + std::log(sum);
       }
-      Gemm(s, L, 1, vb, vs, L, ob + i0 * vs, vs, false, rows, Dv);
+      float* oblk = ob + i0 * vs;
+      Gemm(s, lt, 1, w.v.data(), lv, L, oblk, vs, false, rows, Dv);  // unnormalised
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < Dv; ++c) oblk[i * vs + c] *= inv[i];
     }
   });
   return ffi::Error::Success();
@@ -187,32 +216,39 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     float *dqb = dq->typed_data() + qo, *dkb = dk->typed_data() + qo;
     float* dvb = dv->typed_data() + vo;
     Scratch& w = scratch[worker];
-    w.kt.resize(Dk * T);
-    w.vt.resize(Dv * T);
-    w.s.resize(kQ * T);
-    w.ds.resize(kQ * T);
-    PackTransposed(kb, qs, T, Dk, w.kt.data(), T);
-    PackTransposed(vb, vs, T, Dv, w.vt.data(), T);
+    const int64_t lt = Ld(Cols(T)), lk = Ld(Dk), lv = Ld(Dv);
+    w.kt.resize(Dk * lt);
+    w.vt.resize(Dv * lt);
+    w.k.resize(T * lk);
+    w.q.resize(kQ * lk);
+    w.dout.resize(kQ * lv);
+    w.s.resize(kQ * lt);
+    w.ds.resize(kQ * lt);
+    PackTransposed(kb, qs, T, Dk, w.kt.data(), lt);
+    PackTransposed(vb, vs, T, Dv, w.vt.data(), lt);
+    PackRows(kb, qs, T, Dk, w.k.data(), lk);
     for (int64_t t = 0; t < T; ++t) {
       std::memset(dkb + t * qs, 0, Dk * sizeof(float));
       std::memset(dvb + t * vs, 0, Dv * sizeof(float));
     }
     for (int64_t i0 = 0; i0 < T; i0 += kQ) {
       const int64_t rows = std::min(kQ, T - i0), L = i0 + rows;
-      float *p = w.s.data(), *ds = w.ds.data();
-      Gemm(qb + i0 * qs, qs, 1, w.kt.data(), T, Dk, p, L, false, rows, L);
-      Gemm(dob + i0 * vs, vs, 1, w.vt.data(), T, Dv, ds, L, false, rows, L);  // dp
+      float *p = w.s.data(), *ds = w.ds.data(), *qp = w.q.data(), *dop = w.dout.data();
+      PackRows(qb + i0 * qs, qs, rows, Dk, qp, lk);
+      PackRows(dob + i0 * vs, vs, rows, Dv, dop, lv);
+      Gemm(qp, lk, 1, w.kt.data(), lt, Dk, p, lt, false, rows, Cols(L));
+      Gemm(dop, lv, 1, w.vt.data(), lt, Dv, ds, lt, false, rows, Cols(L));  // dp
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = i0 + i, n = r + 1;
-        float *prow = p + i * L, *dsrow = ds + i * L;
+        float *prow = p + i * lt, *dsrow = ds + i * lt;
         ExpShifted(prow, n, L, lseb[r]);  // the probabilities, recomputed
         float delta = 0.0f;  // sum_d do[r, d] o[r, d] = sum_j p[r, j] dp[r, j]
-        for (int64_t c = 0; c < Dv; ++c) delta += dob[r * vs + c] * ob[r * vs + c];
+        for (int64_t c = 0; c < Dv; ++c) delta += dop[i * lv + c] * ob[r * vs + c];
         for (int64_t j = 0; j < L; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta);
       }
-      Gemm(ds, L, 1, kb, qs, L, dqb + i0 * qs, qs, false, rows, Dk);        // dq = ds k
-      Gemm(ds, 1, L, qb + i0 * qs, qs, rows, dkb, qs, true, L, Dk);         // dk += ds^T q
-      Gemm(p, 1, L, dob + i0 * vs, vs, rows, dvb, vs, true, L, Dv);         // dv += p^T do
+      Gemm(ds, lt, 1, w.k.data(), lk, L, dqb + i0 * qs, qs, false, rows, Dk);  // dq = ds k
+      Gemm(ds, 1, lt, qp, lk, rows, dkb, qs, true, L, Dk);                   // dk += ds^T q
+      Gemm(p, 1, lt, dop, lv, rows, dvb, vs, true, L, Dv);                   // dv += p^T do
     }
   });
   return ffi::Error::Success();

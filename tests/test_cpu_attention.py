@@ -61,7 +61,9 @@ def test_gradients_equal_the_definitions(shape):
         grads(attention.causal_attention_reference),
         strict=True,
     ):
-        assert rel_err(got, want) < 1e-5
+        # T = 1: one key has probability 1 whatever its score, so dq is exactly zero and
+        # the kernel's is float32 rounding (~1e-7); elsewhere the relative error counts.
+        assert rel_err(got, want) < 1e-5 or np.abs(np.asarray(got - want)).max() < 1e-6
 
 
 def test_large_scores_stay_finite():
