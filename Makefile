@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@$(PY) -c 'from cpu_kernels import grouped_gemm as g; print("C++ grouped GEMM (CPU MoE experts):", "built" if g.available() else "not built, no C++ compiler? The MoE falls back to capacity slots")'
+	@$(PY) -c 'from cpu_kernels import attention as a; print("C++ causal attention (CPU, float32):", "built" if a.available() else "not built, no C++ compiler? MLA falls back to XLA einsums")'
 	@touch $(STAMP)
 
 test: setup

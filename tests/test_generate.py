@@ -117,3 +117,23 @@ def test_bench_generate_script(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"prefill_tokens_per_s", "decode_tokens_per_s", "cache_bytes_per_token"}
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_generate_on_a_mesh_with_one_prompt_per_shard(model, devices):
+    """What the training job's closing sample does: one prompt row per data-parallel shard,
+    batch-sharded over the mesh (with one device, a sharded axis of size 1)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from deepseek_jax.infer.generate import generate
+    from deepseek_jax.mesh import make_mesh
+
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1]) if devices == 1 else make_mesh(2, 4)
+    ids = np.full((devices, 3), 5, np.int32)
+    with jax.set_mesh(mesh):
+        ids = jax.device_put(ids, NamedSharding(mesh, P(("node", "gpu"))))
+        out = generate(model, ids, 4, temperature=0.0, seed=0)
+    assert out.shape == (devices, 4)
+    same = np.broadcast_to(np.asarray(out[:1]), out.shape)
+    np.testing.assert_array_equal(out, same)  # one prompt, one greedy text on every shard

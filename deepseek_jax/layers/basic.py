@@ -74,7 +74,20 @@ def matmul(x: Array, w: Array, n_in: int = 1, *, out_dtype=None, dot=None) -> Ar
         y = jnp.dot(x2, w.reshape(k, -1), preferred_element_type=out_dtype)
     else:
         y = dot(x2, w.reshape(k, -1))
-    return y.reshape(*lead, y.shape[-1]).reshape(*lead, *out)
+    y = y.reshape(*lead, y.shape[-1]).reshape(*lead, *out)
+    return _rows_sharded_like(y, x, len(lead))
+
+
+def _rows_sharded_like(y: Array, x: Array, n_lead: int) -> Array:
+    """y with x's sharding on the leading (row) axes. The merge and split above drop it
+    for a sharded axis of size 1 (one prompt on a one-device mesh), and ops that demand
+    equal shardings (a cache's dynamic_update_slice) then fail."""
+    want = tuple(jax.typeof(x).sharding.spec)[:n_lead]
+    have = tuple(jax.typeof(y).sharding.spec)[:n_lead]
+    pad = lambda s: s + (None,) * (n_lead - len(s))  # noqa: E731
+    if not any(want) or pad(want) == pad(have):
+        return y
+    return jax.reshard(y, jax.sharding.PartitionSpec(*pad(want)))
 
 
 def swiglu(
