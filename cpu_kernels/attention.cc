@@ -141,9 +141,10 @@ bool ReadShape(Dims q, Dims k, Dims v, Shape& s) {
 }
 
 // Per-worker scratch: one pair's keys and values (transposed and row-major), a block's
-// queries and output gradients, and two [kQ, T] score blocks, all at padded strides.
+// queries and output gradients, two [kQ, T] score blocks, and the pair's dk and dv
+// accumulators, all at padded strides.
 struct Scratch {
-  std::vector<float> kt, vt, k, v, q, dout, s, ds;
+  std::vector<float> kt, vt, k, v, q, dout, s, ds, dk, dv;
 };
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -227,10 +228,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     PackTransposed(kb, qs, T, Dk, w.kt.data(), lt);
     PackTransposed(vb, vs, T, Dv, w.vt.data(), lt);
     PackRows(kb, qs, T, Dk, w.k.data(), lk);
-    for (int64_t t = 0; t < T; ++t) {
-      std::memset(dkb + t * qs, 0, Dk * sizeof(float));
-      std::memset(dvb + t * vs, 0, Dv * sizeof(float));
-    }
+    w.dk.assign(T * lk, 0.0f);
+    w.dv.assign(T * lv, 0.0f);
     for (int64_t i0 = 0; i0 < T; i0 += kQ) {
       const int64_t rows = std::min(kQ, T - i0), L = i0 + rows;
       float *p = w.s.data(), *ds = w.ds.data(), *qp = w.q.data(), *dop = w.dout.data();
@@ -247,8 +246,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         for (int64_t j = 0; j < L; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta);
       }
       Gemm(ds, lt, 1, w.k.data(), lk, L, dqb + i0 * qs, qs, false, rows, Dk);  // dq = ds k
-      Gemm(ds, 1, lt, qp, lk, rows, dkb, qs, true, L, Dk);                   // dk += ds^T q
-      Gemm(p, 1, lt, dop, lv, rows, dvb, vs, true, L, Dv);                   // dv += p^T do
+      Gemm(ds, 1, lt, qp, lk, rows, w.dk.data(), lk, true, L, Dk);           // dk += ds^T q
+      Gemm(p, 1, lt, dop, lv, rows, w.dv.data(), lv, true, L, Dv);           // dv += p^T do
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(dkb + t * qs, w.dk.data() + t * lk, Dk * sizeof(float));
+      std::memcpy(dvb + t * vs, w.dv.data() + t * lv, Dv * sizeof(float));
     }
   });
   return ffi::Error::Success();
