@@ -23,23 +23,12 @@ from jaxtyping import Array, Float
 from cpu_kernels import build
 from cpu_kernels.vma import varying_like
 
-_SOURCE = Path(__file__).with_suffix(".cc")
-_PREFIX = "deepseek_jax_"
+_KERNEL = build.Kernel(Path(__file__).with_suffix(".cc"), ("DsjAttentionFwd", "DsjAttentionBwd"))
 
 
 def available() -> bool:
     """True when the kernel compiles and loads here (and jax runs on CPU)."""
-    if jax.default_backend() != "cpu":
-        return False
-    try:
-        _load()
-    except build.KernelBuildError:
-        return False
-    return True
-
-
-def _load():
-    return build.load(_SOURCE, ("DsjAttentionFwd", "DsjAttentionBwd"), _PREFIX)
+    return _KERNEL.available()
 
 
 def _check(q, k, v):
@@ -59,41 +48,30 @@ def _sds(shape):
 
 def _forward_local(q, k, v):
     B, T, H, _ = q.shape
-    call = jax.ffi.ffi_call(
-        _PREFIX + "DsjAttentionFwd", (_sds(v.shape), _sds((B, H, T))), vmap_method="sequential"
-    )
+    call = _KERNEL.call("DsjAttentionFwd", (_sds(v.shape), _sds((B, H, T))))
     return tuple(varying_like(r, (q, k, v)) for r in call(q, k, v))
 
 
 def _backward_local(q, k, v, o, lse, do):
-    call = jax.ffi.ffi_call(
-        _PREFIX + "DsjAttentionBwd",
-        (_sds(q.shape), _sds(k.shape), _sds(v.shape)),
-        vmap_method="sequential",
-    )
+    call = _KERNEL.call("DsjAttentionBwd", (_sds(q.shape), _sds(k.shape), _sds(v.shape)))
     return tuple(varying_like(r, (q, k, v, o, lse, do)) for r in call(q, k, v, o, lse, do))
 
 
-def _per_shard(fn, args, lse_at: int | None, n_out_tokens: int, lse_out: bool):
+def _per_shard(fn, args, arg_layouts: str, out_layouts: str):
     """``fn`` on each device's batch and head shard under an Explicit mesh, else as is.
 
-    Token-major arrays [B, T, H, D] are split like q along B and H; the log-sum-exp
-    [B, H, T] (input ``lse_at`` and/or the last output) likewise.
+    Layouts, one letter per argument and per result: ``t`` token-major [B, T, H, D], split
+    like q (``args[0]``) along B and H; ``l`` a log-sum-exp [B, H, T], likewise.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    explicit = not mesh.empty and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-    if not explicit:
+    if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn(*args)
     spec = tuple(jax.typeof(args[0]).sharding.spec) + (None,) * 4
-    tok, lse = P(spec[0], None, spec[2], None), P(spec[0], spec[2], None)
-    in_specs = tuple(lse if i == lse_at else tok for i in range(len(args)))
+    layouts = {"t": P(spec[0], None, spec[2], None), "l": P(spec[0], spec[2], None)}
+    in_specs = tuple(layouts[c] for c in arg_layouts)
+    out_specs = tuple(layouts[c] for c in out_layouts)
     args = tuple(jax.reshard(a, s) for a, s in zip(args, in_specs, strict=True))
-    out_specs = (tok,) * n_out_tokens + ((lse,) if lse_out else ())
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
-
-
-def _forward(q, k, v):
-    return _per_shard(_forward_local, (q, k, v), None, 1, True)
 
 
 @jax.custom_vjp
@@ -103,20 +81,17 @@ def causal_attention(
     v_BTHO: Float[Array, "B T H O"],
 ) -> Float[Array, "B T H O"]:
     """softmax(q k^T + causal mask) v per batch and head, float32."""
-    _check(q_BTHK, k_BTHK, v_BTHO)
-    _load()
-    return _forward(q_BTHK, k_BTHK, v_BTHO)[0]
+    return _fwd(q_BTHK, k_BTHK, v_BTHO)[0]
 
 
 def _fwd(q, k, v):
     _check(q, k, v)
-    _load()
-    o, lse = _forward(q, k, v)
+    o, lse = _per_shard(_forward_local, (q, k, v), "ttt", "tl")
     return o, (q, k, v, o, lse)
 
 
 def _bwd(res, do):
-    return _per_shard(_backward_local, (*res, do), 4, 3, False)
+    return _per_shard(_backward_local, (*res, do), "ttttlt", "ttt")
 
 
 causal_attention.defvjp(_fwd, _bwd)

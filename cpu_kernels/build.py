@@ -10,6 +10,7 @@ moves the cache (default: ``$XDG_CACHE_HOME/deepseek_jax`` or ``~/.cache/deepsee
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -106,3 +107,34 @@ def load(source: Path, handlers: tuple[str, ...], prefix: str) -> ctypes.CDLL:
             prefix + name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
         )
     return lib
+
+
+PREFIX = "deepseek_jax_"  # FFI target names: PREFIX + handler symbol
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """The FFI handlers of one C++ source, built and registered on first use."""
+
+    source: Path
+    handlers: tuple[str, ...]
+
+    def load(self) -> None:
+        load(self.source, self.handlers, PREFIX)
+
+    def available(self) -> bool:
+        """True when it compiles and loads here (and jax runs on CPU)."""
+        if jax.default_backend() != "cpu":
+            return False
+        try:
+            self.load()
+        except KernelBuildError:
+            return False
+        return True
+
+    def call(self, handler: str, result_shapes):
+        """``jax.ffi.ffi_call`` of ``handler`` (built first), looped under ``vmap``."""
+        if handler not in self.handlers:
+            raise ValueError(f"{self.source.name} has no handler {handler!r}")
+        self.load()
+        return jax.ffi.ffi_call(PREFIX + handler, result_shapes, vmap_method="sequential")

@@ -24,6 +24,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using dsj::Block;
+using dsj::Gemm;
 using dsj::kCols;
 using dsj::kRows;
 using dsj::ParallelFor;
@@ -61,10 +62,7 @@ ffi::Error Gmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
     const int64_t g = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
     const int64_t r0 = start[g] + (item - first[g]) * kChunk;
     const int64_t r1 = std::min(start[g + 1], r0 + kChunk);
-    for (int64_t col0 = 0; col0 < N; col0 += kCols)
-      for (int64_t r = r0; r < r1; r += kRows)
-        Block(xp + r * K, K, 1, wp + g * K * N, N, K, yp + r * N, N, false,
-              std::min<int64_t>(kRows, r1 - r), col0, std::min<int64_t>(kCols, N - col0));
+    Gemm(xp + r0 * K, K, 1, wp + g * K * N, N, K, yp + r0 * N, N, false, r1 - r0, N);
   });
   return ffi::Error::Success();
 }

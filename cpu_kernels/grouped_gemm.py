@@ -20,23 +20,12 @@ from jaxtyping import Array, Float, Int
 from cpu_kernels import build
 from cpu_kernels.vma import varying_like
 
-_SOURCE = Path(__file__).with_suffix(".cc")
-_PREFIX = "deepseek_jax_"
+_KERNEL = build.Kernel(Path(__file__).with_suffix(".cc"), ("DsjGmm", "DsjTgmm"))
 
 
 def available() -> bool:
     """True when the kernel compiles and loads here (and jax runs on CPU)."""
-    if jax.default_backend() != "cpu":
-        return False
-    try:
-        _load()
-    except build.KernelBuildError:
-        return False
-    return True
-
-
-def _load():
-    return build.load(_SOURCE, ("DsjGmm", "DsjTgmm"), _PREFIX)
+    return _KERNEL.available()
 
 
 def _check(x_AK, w_GKN, sizes_G):
@@ -57,9 +46,8 @@ def gmm(
 ) -> Float[Array, "A N"]:
     """The forward kernel, float32 (no gradient)."""
     _check(x_AK, w_GKN, sizes_G)
-    _load()
     out = jax.ShapeDtypeStruct((x_AK.shape[0], w_GKN.shape[2]), jnp.float32)
-    call = jax.ffi.ffi_call(_PREFIX + "DsjGmm", out, vmap_method="sequential")
+    call = _KERNEL.call("DsjGmm", out)
     args = (x_AK.astype(jnp.float32), w_GKN.astype(jnp.float32), sizes_G.astype(jnp.int32))
     return varying_like(call(*args), args)
 
@@ -68,12 +56,11 @@ def tgmm(
     x_AK: Float[Array, "A K"], dy_AN: Float[Array, "A N"], sizes_G: Int[Array, " G"]
 ) -> Float[Array, "G K N"]:
     """dw[g] = x[rows of g]^T dy[rows of g], float32 (zero for an empty group)."""
-    _load()
     G, (A, K), N = sizes_G.shape[0], x_AK.shape, dy_AN.shape[1]
     if dy_AN.shape[0] != A:
         raise ValueError(f"tgmm: x[A, K] = {x_AK.shape} and dy[A, N] = {dy_AN.shape} differ in A")
     out = jax.ShapeDtypeStruct((G, K, N), jnp.float32)
-    call = jax.ffi.ffi_call(_PREFIX + "DsjTgmm", out, vmap_method="sequential")
+    call = _KERNEL.call("DsjTgmm", out)
     args = (x_AK.astype(jnp.float32), dy_AN.astype(jnp.float32), sizes_G.astype(jnp.int32))
     return varying_like(call(*args), args)
 

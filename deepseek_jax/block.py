@@ -10,7 +10,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
 from deepseek_jax.mla import MLA, LatentCache
@@ -86,9 +86,6 @@ def stacked_blocks(cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs) -> Bl
         return Block(cfg, moe=moe, rngs=rngs)
 
     return create(rngs)
-
-
-LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def resolve_layer_loop(loop: str) -> str:

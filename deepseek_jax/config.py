@@ -21,6 +21,8 @@ EPDispatch = Literal["two_hop", "flat"]
 KernelBackend = Literal["xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
+# How the layer stacks run (block.run_blocks): a scan, unrolled, or "auto" (unrolled on CPU).
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)

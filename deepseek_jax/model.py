@@ -11,14 +11,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import sharding
-from deepseek_jax.block import (
-    LAYER_LOOPS,
-    StackStats,
-    run_blocks,
-    scan_blocks_decode,
-    stacked_blocks,
-)
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.block import StackStats, run_blocks, scan_blocks_decode, stacked_blocks
+from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.layers import Embed, RMSNorm, matmul, param
 from deepseek_jax.mla import LatentCache
 from deepseek_jax.moe.routing import update_bias

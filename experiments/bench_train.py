@@ -15,7 +15,7 @@ took time (printed as "MFU ceiling"). Beyond that: AdamW with clipping over 52 M
 parameters (~63 ms a step, memory-bound), the output heads' [2048, 4096] logits (the
 forward GEMM runs at ~300 GFLOP/s, bound by writing them), routing and permutation, and
 elementwise work. In a step of ~1.15 s the GEMMs run at 300-480 GFLOP/s; our attention
-kernel takes ~19 ms per block forward and backward (~280 GFLOP/s).
+kernel takes ~18 ms per block forward and backward (~280 GFLOP/s).
 """
 
 from __future__ import annotations

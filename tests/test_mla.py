@@ -176,13 +176,18 @@ def test_batch_sharded_equals_unsharded():
     assert _rel_err(y, want) < RTOL and _rel_err(y_dec, want) < RTOL
 
 
-def test_block_causal_attention_equals_one_masked_softmax():
-    """T = 256 runs in CAUSAL_QUERY_BLOCKS query blocks; it must equal the textbook
-    masked softmax over the whole T x T square, in value and in gradient."""
+@pytest.mark.parametrize("backend", ["xla", "cpu_kernel"])
+def test_causal_attention_equals_one_masked_softmax(backend):
+    """The causal core must equal the textbook masked softmax over the whole T x T square,
+    in value and in gradient, on each backend: XLA's einsums in CAUSAL_QUERY_BLOCKS query
+    blocks (T = 256), and our fused CPU kernel."""
+    from cpu_kernels import attention as cpu_attention
     from deepseek_jax import mla
 
+    if backend == "cpu_kernel" and not cpu_attention.available():
+        pytest.skip("the C++ attention kernel does not build here")
     B, T, H, N, R, O = 2, 256, 3, 16, 8, 16
-    cfg = get_preset("tiny", ["dtype=float32"])
+    cfg = get_preset("tiny", ["dtype=float32", f"attention_backend={backend}"])
     ks = jax.random.split(jax.random.key(7), 5)
     args = (
         jax.random.normal(ks[0], (B, T, H, N)),
@@ -198,7 +203,8 @@ def test_block_causal_attention_equals_one_masked_softmax():
         return jnp.einsum("bhts,bsho->btho", jax.nn.softmax(s, axis=-1), v)
 
     ours = functools.partial(mla._causal_attend, cfg=cfg)
-    assert T % mla.CAUSAL_QUERY_BLOCKS == 0 and T >= 256  # the blocked path runs
+    assert mla.resolve_attention_backend(cfg) == backend
+    assert T % mla.CAUSAL_QUERY_BLOCKS == 0 and T >= 256  # XLA's blocked path runs
     np.testing.assert_allclose(ours(*args), textbook(*args), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     grads = [jax.grad(loss(f), tuple(range(5)))(*args) for f in (ours, textbook)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from deepseek_jax.block import LAYER_LOOPS
+from deepseek_jax.config import LAYER_LOOPS
 
 REMATS = ("none", "full", "dots")
 
