@@ -104,7 +104,7 @@ int64_t Ld(int64_t n) {
   return 16 * (lines % 2 ? lines : lines + 1);
 }
 
-// n rounded up to whole 32-column register tiles: score blocks are computed that wide
+// n rounded up to whole register tiles (tiles.h kCols): score blocks are computed that wide
 // (the extra columns are masked keys, zeroed before use) so no block takes the scalar
 // tail path of tiles.h.
 int64_t Cols(int64_t n) { return (n + dsj::kCols - 1) / dsj::kCols * dsj::kCols; }

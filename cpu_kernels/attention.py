@@ -8,11 +8,13 @@ the forward's per-row log-sum-exp, so no [T, T] tensor is ever saved. float32 on
 Under an Explicit mesh each device runs the kernel on its own batch and head shard
 (``shard_map``); the sequence and feature axes are gathered if they were sharded.
 
+``variant`` picks the build (``cpu_kernels.build``; None: the default).
 ``causal_attention_reference`` is the pure-JAX definition the tests hold it to.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -26,9 +28,12 @@ from cpu_kernels.vma import varying_like
 _KERNEL = build.Kernel(Path(__file__).with_suffix(".cc"), ("DsjAttentionFwd", "DsjAttentionBwd"))
 
 
-def available() -> bool:
+KERNEL = _KERNEL  # for backends.py: availability, build errors, tile configuration
+
+
+def available(variant: str | None = None) -> bool:
     """True when the kernel compiles and loads here (and jax runs on CPU)."""
-    return _KERNEL.available()
+    return _KERNEL.available(variant)
 
 
 def _check(q, k, v):
@@ -46,14 +51,15 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward_local(q, k, v):
+def _forward_local(q, k, v, *, variant):
     B, T, H, _ = q.shape
-    call = _KERNEL.call("DsjAttentionFwd", (_sds(v.shape), _sds((B, H, T))))
+    call = _KERNEL.call("DsjAttentionFwd", (_sds(v.shape), _sds((B, H, T))), variant)
     return tuple(varying_like(r, (q, k, v)) for r in call(q, k, v))
 
 
-def _backward_local(q, k, v, o, lse, do):
-    call = _KERNEL.call("DsjAttentionBwd", (_sds(q.shape), _sds(k.shape), _sds(v.shape)))
+def _backward_local(q, k, v, o, lse, do, *, variant):
+    shapes = (_sds(q.shape), _sds(k.shape), _sds(v.shape))
+    call = _KERNEL.call("DsjAttentionBwd", shapes, variant)
     return tuple(varying_like(r, (q, k, v, o, lse, do)) for r in call(q, k, v, o, lse, do))
 
 
@@ -74,24 +80,27 @@ def _per_shard(fn, args, arg_layouts: str, out_layouts: str):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def causal_attention(
     q_BTHK: Float[Array, "B T H K"],
     k_BTHK: Float[Array, "B T H K"],
     v_BTHO: Float[Array, "B T H O"],
+    variant: str | None = None,
 ) -> Float[Array, "B T H O"]:
     """softmax(q k^T + causal mask) v per batch and head, float32."""
-    return _fwd(q_BTHK, k_BTHK, v_BTHO)[0]
+    return _fwd(q_BTHK, k_BTHK, v_BTHO, variant)[0]
 
 
-def _fwd(q, k, v):
+def _fwd(q, k, v, variant):
     _check(q, k, v)
-    o, lse = _per_shard(_forward_local, (q, k, v), "ttt", "tl")
+    fwd = functools.partial(_forward_local, variant=variant)
+    o, lse = _per_shard(fwd, (q, k, v), "ttt", "tl")
     return o, (q, k, v, o, lse)
 
 
-def _bwd(res, do):
-    return _per_shard(_backward_local, (*res, do), "ttttlt", "ttt")
+def _bwd(variant, res, do):
+    bwd = functools.partial(_backward_local, variant=variant)
+    return _per_shard(bwd, (*res, do), "ttttlt", "ttt")
 
 
 causal_attention.defvjp(_fwd, _bwd)

@@ -7,10 +7,10 @@
 //
 // Why: XLA:CPU has no fast grouped GEMM. Its batched dot over dense capacity slots pays
 // for padding and reads each expert's weights into packed panels, which small groups
-// (64 rows per expert at E = 256) cannot amortise. Here each output tile of 14 rows x 32
-// columns lives in 28 vector registers; the weight panel is read in place with software
-// prefetch, so each expert's weights stream from memory once and the rows of a group are
-// never padded.
+// (64 rows per expert at E = 256) cannot amortise. Here each output tile lives in vector
+// registers (tiles.h: 14 x 32 on AVX-512, 6 x 16 on AVX2, ...); the weight panel is read
+// in place with software prefetch, so each expert's weights stream from memory once per
+// ~112-row chunk and the rows of a group are never padded.
 //
 // Work items (gmm: a chunk of one group's rows; tgmm: one group's column block) run through
 // tiles.h's ParallelFor over XLA's intra-op pool.
@@ -30,8 +30,10 @@ using dsj::kRows;
 using dsj::ParallelFor;
 using dsj::Workers;
 
-constexpr int64_t kChunk = 8 * kRows;   // rows of a group per gmm work item (x chunk in L2)
-constexpr int64_t kChunkT = 16 * kRows; // rows per tgmm pass (packed x and dy rows in L2)
+// Whole row tiles of about 112 rows per gmm work item (the x chunk stays in L2 while the
+// weights stream past) and about 224 rows per tgmm pass (packed x and dy rows in L2).
+constexpr int64_t kChunk = (112 + kRows - 1) / kRows * kRows;
+constexpr int64_t kChunkT = (224 + kRows - 1) / kRows * kRows;
 
 std::vector<int64_t> Starts(const int32_t* sizes, int64_t G, int64_t A) {
   std::vector<int64_t> start(G + 1, 0);
@@ -79,8 +81,8 @@ ffi::Error Tgmm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   const float *xp = x.typed_data(), *dyp = dy.typed_data();
   float* dwp = dw->typed_data();
   // Items: a group's dw columns, all of them (or a share when there are fewer groups than
-  // twice the workers). Each pass over kChunkT rows first packs x's rows as K/14 panels
-  // [rows][14] (contiguous, in L2), then sweeps every (K row tile, column block) of the
+  // twice the workers). Each pass over kChunkT rows first packs x's rows as K/kRows panels
+  // [rows][kRows] (contiguous, in L2), then sweeps every (K row tile, column block) of the
   // item with the pass's dy rows: x is read from memory once per item, dy once per pass.
   const int64_t nk = (K + kRows - 1) / kRows, nc = ColumnBlocks(N);
   const int64_t splits =

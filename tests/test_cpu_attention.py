@@ -1,5 +1,7 @@
 """The C++ causal attention (cpu_kernels/attention.py) against its jnp definition."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cpu_kernels import attention
+from cpu_kernels import attention, build
 from deepseek_jax import mla
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
@@ -31,8 +33,11 @@ def problem(B, T, H, K, O, seed=0, scale=0.5):
     return q, kk, v, probe
 
 
+VARIANTS = build.runnable_variants()  # every instruction-set build this CPU runs
+
 # (B, T, H, Dk, Dv): one token; T below one 16-wide vector; tails of the 64-row query
-# block and of the 14 x 32 register tile in every dimension; the bench-small shape.
+# block and of the 14 x 32, 6 x 16 and 4 x 8 register tiles in every dimension; the
+# bench-small shape.
 SHAPES = [
     (1, 1, 1, 8, 8),
     (2, 5, 3, 24, 16),
@@ -42,22 +47,25 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_equals_the_definition(shape):
+def test_forward_equals_the_definition(shape, variant):
     q, k, v, _ = problem(*shape)
-    out = jax.jit(attention.causal_attention)(q, k, v)
+    out = jax.jit(functools.partial(attention.causal_attention, variant=variant))(q, k, v)
     assert rel_err(out, attention.causal_attention_reference(q, k, v)) < 1e-6
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gradients_equal_the_definitions(shape):
+def test_gradients_equal_the_definitions(shape, variant):
     q, k, v, probe = problem(*shape)
+    kernel = functools.partial(attention.causal_attention, variant=variant)
 
     def grads(fn):
         return jax.jit(jax.grad(lambda *a: jnp.sum(probe * fn(*a)), argnums=(0, 1, 2)))(q, k, v)
 
     for got, want in zip(
-        grads(attention.causal_attention),
+        grads(kernel),
         grads(attention.causal_attention_reference),
         strict=True,
     ):

@@ -1,4 +1,7 @@
-"""The C++ grouped GEMM (cpu_kernels/) against jax.lax.ragged_dot, values and gradients."""
+"""The C++ grouped GEMM (cpu_kernels/) against jax.lax.ragged_dot, values and gradients,
+for every build variant (instruction set) this machine can execute."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +28,13 @@ def problem(A, K, N, sizes, seed=0):
     return x, w, dy, jnp.asarray(sizes, jnp.int32)
 
 
-# (A, K, N, group sizes): the 14 x 32 register tile's row and column tails, groups longer
-# than a 112-row work item, empty groups, rows past sum(sizes) (must come out zero).
+# Every instruction-set build this CPU runs (native, avx512, avx2, portable on x86 with
+# AVX-512): each has its own register tile, so each is held to the reference.
+VARIANTS = build.runnable_variants()
+
+# (A, K, N, group sizes): the register tiles' row and column tails (14 x 32, 6 x 16,
+# 4 x 8), groups longer than a 112-row work item, empty groups, rows past sum(sizes)
+# (must come out zero).
 CASES = [
     (64, 32, 32, [64]),
     (300, 40, 70, [0, 120, 1, 113, 0, 59]),
@@ -36,18 +44,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("A, K, N, sizes", CASES)
-def test_gmm_equals_ragged_dot(A, K, N, sizes):
+def test_gmm_equals_ragged_dot(A, K, N, sizes, variant):
     x, w, _, s = problem(A, K, N, sizes)
-    y = jax.jit(grouped_gemm.gmm)(x, w, s)
+    y = jax.jit(functools.partial(grouped_gemm.gmm, variant=variant))(x, w, s)
     assert rel_err(y, grouped_gemm.grouped_matmul_reference(x, w, s)) < 1e-6
     np.testing.assert_array_equal(y[sum(sizes) :], 0.0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("A, K, N, sizes", CASES)
-def test_tgmm_is_the_per_group_weight_gradient(A, K, N, sizes):
+def test_tgmm_is_the_per_group_weight_gradient(A, K, N, sizes, variant):
     x, _, dy, s = problem(A, K, N, sizes)
-    dw = jax.jit(grouped_gemm.tgmm)(x, dy, s)
+    dw = jax.jit(functools.partial(grouped_gemm.tgmm, variant=variant))(x, dy, s)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     want = np.stack(
         [
@@ -61,14 +71,16 @@ def test_tgmm_is_the_per_group_weight_gradient(A, K, N, sizes):
             np.testing.assert_array_equal(dw[g], 0.0)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("A, K, N, sizes", CASES[1:4])
-def test_grouped_matmul_vjp_equals_reference(A, K, N, sizes):
+def test_grouped_matmul_vjp_equals_reference(A, K, N, sizes, variant):
     x, w, dy, s = problem(A, K, N, sizes)
 
     def loss(f):
         return lambda x, w: jnp.sum(dy * jnp.sin(f(x, w, s)))
 
-    got = jax.jit(jax.grad(loss(grouped_gemm.grouped_matmul), (0, 1)))(x, w)
+    kernel = functools.partial(grouped_gemm.grouped_matmul, variant=variant)
+    got = jax.jit(jax.grad(loss(kernel), (0, 1)))(x, w)
     want = jax.grad(loss(grouped_gemm.grouped_matmul_reference), (0, 1))(x, w)
     for g, r in zip(got, want, strict=True):
         assert rel_err(g, r) < 1e-6
@@ -131,3 +143,25 @@ def test_tgmm_splits_few_groups_over_the_threads():
             a = sum(sizes[:g])
             want = np.asarray(x[a : a + n]).T @ np.asarray(dy[a : a + n])
             assert rel_err(dw[g], want) < 1e-6 if n else not np.any(dw[g])
+
+
+# The tile each fixed instruction set must compile to (tiles.h): the accumulators fit the
+# register file (28 of 32 zmm, 12 of 16 ymm, 8 of 16 xmm).
+EXPECTED_TILES = {"avx512": "avx512 14x32", "avx2": "avx2 6x16", "portable": "portable 4x8"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_compiles_its_own_register_tile(variant):
+    config = grouped_gemm.KERNEL.tile_config(variant)
+    if variant in EXPECTED_TILES:
+        assert config == EXPECTED_TILES[variant]
+    else:  # native: one of the instruction sets above, or NEON on Arm
+        assert config.split()[0] in ("avx512", "avx2", "avx", "neon", "portable")
+
+
+def test_an_unknown_variant_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_VARIANT", "sse9")
+    with pytest.raises(build.KernelBuildError, match="DEEPSEEK_JAX_KERNEL_VARIANT='sse9'"):
+        build.default_variant()
+    with pytest.raises(build.KernelBuildError, match="unknown kernel variant 'avx9'"):
+        grouped_gemm.KERNEL.load("avx9")
