@@ -64,7 +64,7 @@ def _is_x86() -> bool:
 
 def runnable_variants() -> tuple[str, ...]:
     """The variants this machine can build and execute (every x86 one its CPU supports)."""
-    flags = set(_cpu_flags().split())
+    flags = set(cpu_flags().split())
     return tuple(
         name
         for name, v in VARIANTS.items()
@@ -94,7 +94,9 @@ def cache_dir() -> Path:
     return Path(base) / "deepseek_jax"
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> str:
+    """The CPU's feature flags (``/proc/cpuinfo``), else the platform's processor string."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -131,6 +133,11 @@ def _compile(cxx: str, source: Path, lib_path: Path, flags: tuple[str, ...]) -> 
             os.unlink(tmp)
 
 
+def _source_hash(source: Path) -> str:
+    texts = [source.read_text(), *(h.read_text() for h in sorted(source.parent.glob("*.h")))]
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+
 @functools.cache
 def load(
     source: Path, handlers: tuple[str, ...], prefix: str, variant: Variant = NATIVE
@@ -146,7 +153,7 @@ def load(
                 " ".join(CXX_FLAGS + variant.flags),
                 cxx,
                 jaxlib.__version__,
-                _cpu_flags(),
+                cpu_flags(),
             ]
         ).encode()
     ).hexdigest()[:16]
@@ -201,6 +208,11 @@ class Kernel:
         except KernelBuildError as e:
             return str(e)
         return None
+
+    def identity(self, variant: str | None = None) -> str:
+        """Names this build (source, variant, tiles): measured decisions key on it."""
+        name = variant or default_variant()
+        return f"{self.source.name}:{name}:{self.tile_config(name)}:{_source_hash(self.source)}"
 
     def tile_config(self, variant: str | None = None) -> str:
         """The instruction set and register tile the library was compiled with, e.g.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import sharding
+from deepseek_jax import backends, sharding
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
@@ -89,18 +89,8 @@ def stacked_blocks(cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs) -> Bl
 
 
 def resolve_layer_loop(loop: str) -> str:
-    """``auto``: unrolled on CPU, scanned elsewhere.
-
-    A scan stacks every residual the backward needs into [L, ...] buffers and slices the
-    parameters and residuals back out layer by layer; XLA:CPU performs each of those as a
-    copy (~0.2 s of a bench-small step). Unrolled, each layer keeps its own buffers, at the
-    price of compile time linear in depth, which is what GPU pods with 61 layers avoid.
-    """
-    if loop not in LAYER_LOOPS:
-        raise ValueError(f"layer loop: unknown {loop!r}; choose from {list(LAYER_LOOPS)}")
-    if loop == "auto":
-        return "unroll" if jax.default_backend() == "cpu" else "scan"
-    return loop
+    """``auto``: unrolled on CPU, scanned elsewhere (``backends.layer_loop`` says why)."""
+    return backends.layer_loop(loop, LAYER_LOOPS)
 
 
 def run_blocks(

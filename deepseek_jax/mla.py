@@ -46,7 +46,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from cpu_kernels import attention as cpu_attention
-from deepseek_jax import sharding
+from deepseek_jax import backends, sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_linear
 from deepseek_jax.layers.basic import matmul, param, rms_norm
@@ -163,21 +163,51 @@ def _out_proj(
 CAUSAL_QUERY_BLOCKS = 8
 
 
-def resolve_attention_backend(cfg: ModelConfig) -> str:
-    """``"auto"``: our fused C++ kernel on CPU in float32 where it builds (~2.5x faster
-    forward, ~1.5x forward and backward, than XLA's einsums at bench-small), else ``"xla"``."""
+def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -> str:
+    """The attention core for one device's [B, T, H] and head dims (N, R, O).
+
+    ``"auto"``: our fused C++ kernel where it builds, on CPU in float32, *and* was measured
+    faster than the XLA einsums here at this shape class (``backends.measured``); else
+    ``"xla"``. An explicit ``"cpu_kernel"`` fails clearly where the kernel cannot run.
+    """
     name = cfg.attention_backend
-    on_cpu = jax.default_backend() == "cpu"
-    if name == "auto":
-        fits = on_cpu and jnp.dtype(cfg.dtype) == jnp.float32
-        return "cpu_kernel" if fits and cpu_attention.available() else "xla"
-    if name == "cpu_kernel" and not cpu_attention.available():
-        raise RuntimeError(
-            "attention_backend='cpu_kernel' needs jax on CPU and the C++ kernel "
-            f"(cpu_kernels/attention.cc), which is unavailable here (backend: "
-            f"{jax.default_backend()}); use 'xla'"
-        )
-    return name
+    if name == "xla":
+        return name
+    built = backends.kernel_available(cpu_attention.KERNEL, "the C++ causal attention")
+    if name == "cpu_kernel":
+        if not built:
+            raise RuntimeError(
+                "attention_backend='cpu_kernel' needs jax on CPU and the C++ kernel "
+                f"(cpu_kernels/attention.cc), which is unavailable here (backend: "
+                f"{jax.default_backend()}); use 'xla'"
+            )
+        return name
+    if not built or jnp.dtype(cfg.dtype) != jnp.float32:
+        return "xla"
+    return backends.measured(
+        "attention",
+        shape_BTHNRO,
+        {
+            "cpu_kernel": _timed(_causal_attend_kernel, shape_BTHNRO, cfg),
+            "xla": _timed(_causal_attend_xla, shape_BTHNRO, cfg),
+        },
+        build_id=cpu_attention.KERNEL.identity(),
+    )
+
+
+def _timed(attend, shape_BTHNRO: tuple[int, ...], cfg: ModelConfig) -> backends.Candidate:
+    """``attend`` forward and backward on random inputs of one device's shapes."""
+    B, T, H, N, R, O = shape_BTHNRO
+
+    def build():
+        keys = jax.random.split(jax.random.key(0), 5)
+        shapes = [(B, T, H, N), (B, T, H, R), (B, T, H, N), (B, T, R), (B, T, H, O)]
+        args = [jax.random.normal(k, s, cfg.dtype) for k, s in zip(keys, shapes, strict=True)]
+        loss = lambda *a: jnp.sum(attend(*a, cfg).astype(jnp.float32))  # noqa: E731
+        grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
+        return lambda: jax.block_until_ready(grad(*args))
+
+    return build
 
 
 def _causal_attend(
@@ -189,9 +219,17 @@ def _causal_attend(
     cfg: ModelConfig,
 ) -> Float[Array, "B T H O"]:
     """Causal softmax attention (S = T) on the configured backend."""
+    B, T, H, N = backends.local_shape(qnope_BTHN)
+    shape = (B, T, H, N, qrope_BTHR.shape[-1], v_BSHO.shape[-1])
+    attend = _causal_attend_xla
+    if resolve_attention_backend(cfg, shape) == "cpu_kernel":
+        attend = _causal_attend_kernel
+    return attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
+
+
+def _causal_attend_kernel(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg):
+    """Our fused C++ kernel (``cpu_kernels/attention.py``), in float32."""
     B, T, H, _ = qnope_BTHN.shape
-    if resolve_attention_backend(cfg) == "xla":
-        return _causal_attend_xla(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
     f32 = jnp.float32
     q_BTHK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1).astype(f32) * softmax_scale(cfg)
     krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax import backends
+
 F8 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 TILE = 128  # columns per scale (1x128 tiles, V3TR 3.3.2) and per grid step
@@ -223,7 +225,7 @@ def _like(x: Array, shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def _interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() != "gpu" if interpret is None else interpret
+    return backends.pallas_interpret(interpret)
 
 
 def _pad(x: Array, axis: int, multiple: int, value=0) -> Array:

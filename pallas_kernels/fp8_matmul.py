@@ -33,6 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
+from deepseek_jax import backends
+
 SLICE = 128  # promotion interval along K (N_C) and the grouped row alignment
 _WG_ROWS = 64  # rows per compute warpgroup (one wgmma M)
 _SMEM_BYTES = 220 * 1024  # of Hopper's 227 KiB per block, leaving room for barriers
@@ -290,13 +292,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _choose(impl, interpret):
-    """Defaults: Mosaic GPU compiled on a GPU; pallas_call in interpret mode elsewhere."""
-    on_gpu = jax.default_backend() == "gpu"
-    impl = impl or ("mosaic" if on_gpu else "pallas_call")
+    """Defaults (``backends``): Mosaic GPU compiled on a GPU; pallas_call in interpret mode
+    elsewhere."""
+    impl = impl or ("mosaic" if backends.on_gpu() else "pallas_call")
     if impl not in ("mosaic", "pallas_call"):
         raise ValueError(f"impl must be 'mosaic' or 'pallas_call', got {impl!r}")
     if interpret is None:
-        interpret = not (impl == "mosaic" and on_gpu)
+        interpret = backends.pallas_interpret(None) or impl != "mosaic"
     if impl == "pallas_call" and not interpret:
         raise ValueError(
             "the pallas_call kernel runs in interpret mode only; "

@@ -122,10 +122,15 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_attention_backend_resolution():
+    """Explicit choices win; bfloat16 never reaches the float32 kernel (auto's measured
+    race is tested with injected timings in tests/test_backends.py)."""
+    shape = (2, 64, 4, 16, 8, 16)
     f32 = get_preset("tiny", ["dtype=float32"])
-    assert mla.resolve_attention_backend(f32) == "cpu_kernel"
-    assert mla.resolve_attention_backend(f32.with_overrides(["attention_backend=xla"])) == "xla"
+    xla = f32.with_overrides(["attention_backend=xla"])
+    kernel = f32.with_overrides(["attention_backend=cpu_kernel"])
+    assert mla.resolve_attention_backend(xla, shape) == "xla"
+    assert mla.resolve_attention_backend(kernel, shape) == "cpu_kernel"
     bf16 = get_preset("tiny", ["dtype=bfloat16"])
-    assert mla.resolve_attention_backend(bf16) == "xla"  # the kernel is float32 only
+    assert mla.resolve_attention_backend(bf16, shape) == "xla"  # the kernel is float32 only
     with pytest.raises(ValueError, match="attention_backend"):
         f32.with_overrides(["attention_backend=flash"])

@@ -203,7 +203,7 @@ def test_causal_attention_equals_one_masked_softmax(backend):
         return jnp.einsum("bhts,bsho->btho", jax.nn.softmax(s, axis=-1), v)
 
     ours = functools.partial(mla._causal_attend, cfg=cfg)
-    assert mla.resolve_attention_backend(cfg) == backend
+    assert mla.resolve_attention_backend(cfg, (B, T, H, N, R, O)) == backend
     assert T % mla.CAUSAL_QUERY_BLOCKS == 0 and T >= 256  # XLA's blocked path runs
     np.testing.assert_allclose(ours(*args), textbook(*args), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731

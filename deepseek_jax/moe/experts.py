@@ -1,20 +1,22 @@
 """Routed experts: the grouped SwiGLU FFN over dispatched rows, dropless, static shapes.
 
-Three backends (``cfg.moe_backend``; ``"auto"`` picks by ``resolve_backend``), all exact
-for any routing:
-- ``"grouped"`` (auto on CPU): rows sorted by expert, three grouped GEMMs over the exact
-  group sizes: no padding, no spill loop, each expert's weights streamed once. On CPU
-  that is our C++ kernel (``cpu_kernels/grouped_gemm.cc``, through the XLA FFI, with a
-  custom VJP of grouped GEMMs), elsewhere ``jax.lax.ragged_dot``. Measured (2 CPU cores,
-  ``experiments.bench_moe``): flat in E where the slots are not (E=256 vs 16: 1.21x
-  against 1.56x), and bench-small trains ~20 % faster than with "einsum".
-- ``"einsum"`` (auto off CPU): dense capacity slots ``[E, C, D]`` as one batched einsum
-  per matrix (each expert's weights read once), plus a loop over the spill blocks that
-  are in use (see ``permute.py``). Cost follows T*K, not E: E*C is about T*K plus a slack
-  of ~2 sqrt(T*K/E) rows per expert, and spilling costs per used block. A custom VJP runs
-  the same loop backwards and accumulates into the einsum's weight gradients in place,
-  so no full-size weight gradient is ever added twice. On XLA:CPU the small per-expert
-  GEMMs of many experts lose efficiency (padding, weight packing per expert).
+Three backends (``cfg.moe_backend``; ``"auto"`` is decided by ``resolve_backend`` on the
+real shapes: measured on CPU, ``einsum`` elsewhere), all exact for any routing:
+- ``"grouped"`` (auto on CPU where it was measured faster): rows sorted by expert, three
+  grouped GEMMs over the exact group sizes: no padding, no spill loop, each expert's
+  weights streamed once. On CPU that is our C++ kernel (``cpu_kernels/grouped_gemm.cc``,
+  through the XLA FFI, with a custom VJP of grouped GEMMs), elsewhere
+  ``jax.lax.ragged_dot``. Measured (2 CPU cores, ``experiments.bench_moe``): flat in E
+  where the slots are not (E=256 vs 16: 1.21x against 1.56x), and bench-small trains ~20 %
+  faster than with "einsum".
+- ``"einsum"`` (auto off CPU, and on CPUs where the kernel loses): dense capacity slots
+  ``[E, C, D]`` as one batched einsum per matrix (each expert's weights read once), plus a
+  loop over the spill blocks that are in use (see ``permute.py``). Cost follows T*K, not
+  E: E*C is about T*K plus a slack of ~2 sqrt(T*K/E) rows per expert, and spilling costs
+  per used block. A custom VJP runs the same loop backwards and accumulates into the
+  einsum's weight gradients in place, so no full-size weight gradient is ever added twice.
+  On XLA:CPU the small per-expert GEMMs of many experts lose efficiency (padding, weight
+  packing per expert).
 - ``"ragged_dot"``: always ``jax.lax.ragged_dot``. On XLA:CPU it is hundreds of times
   slower and grows with the number of experts; on an H200 (jax 0.11.2, bench shapes,
   E=256) it measured 12 ms forward against 1.8 ms for ``"einsum"``.
@@ -36,24 +38,70 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from cpu_kernels import grouped_gemm
+from deepseek_jax import backends
 from deepseek_jax import fp8 as fp8_ops
 from deepseek_jax.layers import swiglu
 from deepseek_jax.moe import permute as perm
 from deepseek_jax.moe.permute import Dispatch, SlotSizes
 
 Backend = Literal["einsum", "grouped", "ragged_dot"]
+KERNEL_NAME = "the C++ grouped GEMM"
 
 
-def resolve_backend(name: str) -> Backend:
-    """``"auto"``: ``"grouped"`` on CPU where our C++ kernel builds (no padding, no spill
-    loop; flat in the number of experts), else ``"einsum"`` (on an H200 at the bench
-    shapes ``ragged_dot`` was slower than the slots); any other name is kept."""
-    if name == "auto":
-        cpu_kernel = jax.default_backend() == "cpu" and grouped_gemm.available()
-        return "grouped" if cpu_kernel else "einsum"
-    if name not in typing.get_args(Backend):
+def check_backend(name: str) -> str:
+    """``name`` if it is ``"auto"`` or a backend, else a clear error."""
+    if name != "auto" and name not in typing.get_args(Backend):
         raise ValueError(f"MoE backend {name!r}: use 'auto' or one of {typing.get_args(Backend)}")
     return name
+
+
+def resolve_backend(
+    name: str, shape_TKEDF: tuple[int, ...] | None = None, dtype=jnp.float32, fp8=None
+) -> Backend:
+    """The expert backend for one device's T tokens x K choices over E local experts of
+    width D -> F.
+
+    ``"auto"``: ``"grouped"`` (our C++ kernel: no padding, no spill loop, flat in the
+    number of experts) on CPU where it builds and was measured faster than the capacity
+    slots here at this shape class (``backends.measured``); else ``"einsum"`` (on an H200
+    at the bench shapes ``ragged_dot`` was slower than the slots). Without a shape,
+    ``"auto"`` stays undecided (``routed_ffn`` decides it on the real shapes).
+    """
+    if check_backend(name) != "auto":
+        return name
+    if not backends.kernel_available(grouped_gemm.KERNEL, KERNEL_NAME):
+        return "einsum"
+    if shape_TKEDF is None:
+        return "auto"
+    return backends.measured(
+        f"moe_experts[{jnp.dtype(dtype).name}{',fp8' if fp8 else ''}]",
+        shape_TKEDF,
+        {b: _timed(b, shape_TKEDF, dtype, fp8) for b in ("grouped", "einsum")},
+        build_id=grouped_gemm.KERNEL.identity(),
+    )
+
+
+def _timed(backend: Backend, shape_TKEDF, dtype, fp8) -> backends.Candidate:
+    """``routed_ffn`` forward and backward on uniform random routing of these shapes."""
+    T, K, E, D, F = shape_TKEDF
+
+    def build():
+        keys = jax.random.split(jax.random.key(0), 6)
+        x = jax.random.normal(keys[0], (T, D), dtype)
+        idx = jax.random.randint(keys[1], (T, K), 0, E)
+        weight = jax.random.uniform(keys[2], (T, K))
+        ws = [
+            jax.random.normal(k, s, jnp.float32 if fp8 else dtype) / s[1] ** 0.5
+            for k, s in zip(keys[3:], [(E, D, F), (E, D, F), (E, F, D)], strict=True)
+        ]
+
+        def loss(x, *ws):
+            return jnp.sum(routed_ffn(x, idx, weight, *ws, backend=backend, fp8=fp8))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        return lambda: jax.block_until_ready(grad(x, *ws))
+
+    return build
 
 
 def expert_ffn(
@@ -105,7 +153,7 @@ def routed_ffn(
     w_up_EDF: Float[Array, "E D F"],
     w_down_EFD: Float[Array, "E F D"],
     *,
-    backend: Backend = "einsum",
+    backend: Backend | Literal["auto"] = "einsum",
     sizes: SlotSizes | None = None,
     fp8: fp8_ops.Backend | None = None,
 ) -> Float[Array, "T D"]:
@@ -119,6 +167,9 @@ def routed_ffn(
     """
     T, K = idx_TK.shape
     E = w_gate_EDF.shape[0]
+    if backend == "auto":  # decided here, on one device's real shapes
+        shape = (T, K, E, *w_gate_EDF.shape[1:])
+        backend = resolve_backend("auto", shape, x_TD.dtype, fp8)
     sizes = sizes or SlotSizes.for_shapes(T, K, E)
     d = perm.sort_assignments(idx_TK, E, sizes)
     ws = (w_gate_EDF, w_up_EDF, w_down_EFD)

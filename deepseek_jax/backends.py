@@ -1,0 +1,269 @@
+"""Every ``auto`` backend choice, made in one place, by measurement where speed decides.
+
+- attention core (``attention_backend``): ``cpu_kernel`` or ``xla``; measured on CPU
+  (the kernel is float32 only), ``xla`` elsewhere.
+- expert GEMMs (``moe_backend``): ``grouped`` or ``einsum``; measured on CPU, ``einsum``
+  elsewhere (``ragged_dot`` lost to the capacity slots on an H200).
+- layer loop (``--layer-loop``): ``unroll`` on CPU, ``scan`` elsewhere: compile time and
+  memory against copies, not a kernel race.
+- Pallas kernels (FP8 GEMM, dispatch): compiled on a GPU, interpreted elsewhere.
+
+Why measure: a kernel tuned on one CPU ran 10-30x slower than XLA on another (AVX-512
+register tiles compiled for AVX2). So on CPU a C++ kernel wins only where it was timed
+faster than its XLA twin *here*: on first use per (CPU model and flags, kernel build,
+operation, shape class) both run forward and backward on the real per-device shapes, best
+of a few runs, in a worker thread (outside any trace and mesh). The decision is cached as
+JSON beside the kernel cache, so later processes reuse it, and logged once per process on
+the ``deepseek_jax.backends`` logger. An explicit config value always wins; a kernel that
+does not build is logged once and loses.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+from cpu_kernels import build
+
+_log = logging.getLogger(__name__)
+
+# A candidate: builds (compiles) and returns a zero-argument callable that runs the
+# operation's forward and backward once on the real shapes and blocks until done.
+Candidate = Callable[[], Callable[[], object]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose for one operation and shape class, and why."""
+
+    op: str
+    shape: tuple[int, ...]
+    choice: str
+    reason: str
+    timings_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+_decisions: dict[str, Decision] = {}  # this process's decisions, by cache key
+_logged_failures: set[str] = set()
+
+
+# ------------------------------------------------------------------ the machine
+
+
+def cpu_model() -> str:
+    """The CPU's model name (x86 ``model name``, or Arm's implementer/part), else the
+    platform's processor string."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    for key in ("model name", "Model", "CPU part"):
+        for line in info:
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def vector_isa() -> str:
+    """The widest float32 vector instruction set the CPU offers: ``AVX-512``,
+    ``AVX2+FMA``, ``AVX``, ``NEON`` or ``SSE2`` (x86 baseline) / ``none``."""
+    flags = set(build.cpu_flags().split())
+    if "avx512f" in flags:
+        return "AVX-512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2+FMA"
+    if "avx" in flags:
+        return "AVX"
+    if flags & {"asimd", "neon"} or platform.machine().lower() in ("aarch64", "arm64"):
+        return "NEON"
+    return "SSE2" if platform.machine().lower() in ("x86_64", "amd64") else "none"
+
+
+def machine() -> dict[str, str]:
+    """What benchmarks print and put in their JSON: platform, CPU, vector ISA, kernel
+    build variant and the register tile it compiled to."""
+    info = {"platform": jax.default_backend(), "cpu": cpu_model(), "vector_isa": vector_isa()}
+    variant = build.default_variant()
+    info["kernel_variant"] = variant
+    try:
+        from cpu_kernels import grouped_gemm
+
+        info["kernel_tiles"] = grouped_gemm.KERNEL.tile_config(variant)
+    except build.KernelBuildError:
+        info["kernel_tiles"] = "not built"
+    return info
+
+
+def decisions() -> dict[str, str]:
+    """This process's measured choices, ``{"attention B=4,T=512,...": "cpu_kernel"}``."""
+    return {f"{d.op} {','.join(map(str, d.shape))}": d.choice for d in _decisions.values()}
+
+
+# ------------------------------------------------------------------ availability
+
+
+def kernel_available(kernel: build.Kernel, what: str) -> bool:
+    """Whether ``kernel`` builds and loads here; the first failure is logged with its
+    reason (never a silent fallback)."""
+    if jax.default_backend() != "cpu":
+        return False
+    error = kernel.build_error()
+    if error is not None and what not in _logged_failures:
+        _logged_failures.add(what)
+        _log.warning("backends: %s did not build, using the XLA path: %s", what, error)
+    return error is None
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def pallas_interpret(interpret: bool | None) -> bool:
+    """Pallas kernels: compiled on a GPU, the interpreter elsewhere, unless told."""
+    return (not on_gpu()) if interpret is None else interpret
+
+
+def layer_loop(requested: str, choices: tuple[str, ...]) -> str:
+    """``auto``: unrolled on CPU, scanned elsewhere.
+
+    A scan stacks every residual the backward needs into [L, ...] buffers and slices the
+    parameters and residuals back out layer by layer; XLA:CPU performs each of those as a
+    copy (~0.2 s of a bench-small step). Unrolled, each layer keeps its own buffers, at
+    the price of compile time linear in depth, which is what GPU pods with 61 layers
+    avoid. Neither is a kernel whose speed depends on the CPU's vectors, so this one is
+    decided by platform.
+    """
+    if requested not in choices:
+        raise ValueError(f"layer loop: unknown {requested!r}; choose from {list(choices)}")
+    if requested == "auto":
+        return "unroll" if jax.default_backend() == "cpu" else "scan"
+    return requested
+
+
+# ------------------------------------------------------------------ measured choices
+
+
+def local_shape(x) -> tuple[int, ...]:
+    """x's per-device shape: each dimension divided by the mesh axes its type shards it
+    over (inside ``shard_map`` the shape is already local)."""
+    t = jax.typeof(x)
+    sharding = getattr(t, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return tuple(t.shape)
+    spec = tuple(sharding.spec) + (None,) * len(t.shape)
+    out = []
+    for n, entry in zip(t.shape, spec, strict=False):
+        axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        out.append(n // math.prod(mesh.shape[a] for a in axes))
+    return tuple(out)
+
+
+def shape_class(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Each size rounded up to a power of two: shapes of one class share a decision."""
+    return tuple(1 << max(0, math.ceil(math.log2(max(n, 1)))) for n in shape)
+
+
+def measure(name: str, run: Callable[[], object], budget_s: float = 0.5) -> float:
+    """Seconds of the best of up to 5 runs of ``run`` (after one warm-up run), fewer when
+    they exceed ``budget_s``. Tests replace this function to inject timings."""
+    run()
+    best, spent = math.inf, 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        run()
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+        if spent > budget_s:
+            break
+    return best
+
+
+def measured(
+    op: str, shape: tuple[int, ...], candidates: dict[str, Candidate], *, build_id: str
+) -> str:
+    """The fastest of ``candidates`` (name -> Candidate) for ``op`` at ``shape``.
+
+    Decided once per (machine, ``build_id``, op, shape class) and cached on disk; the
+    first candidate wins ties. ``build_id`` names the kernel build (variant and tiles),
+    so a rebuilt kernel is measured again.
+    """
+    key = _cache_key(op, shape_class(shape), build_id)
+    if key in _decisions:
+        return _decisions[key].choice
+    decision = _load(key)
+    cached = decision is not None
+    if decision is None:
+        decision = _race(op, shape, candidates)
+        _store(key, decision)
+    _decisions[key] = decision
+    _log.info(
+        "backends: %s %s -> %s (%s%s)",
+        op,
+        "x".join(map(str, shape)),
+        decision.choice,
+        decision.reason,
+        ", cached" if cached else "",
+    )
+    return decision.choice
+
+
+def _race(op: str, shape: tuple[int, ...], candidates: dict[str, Candidate]) -> Decision:
+    """Times each candidate in a worker thread: a fresh trace and mesh context, so the
+    caller may be in the middle of tracing a sharded program."""
+
+    def time_all() -> dict[str, float]:
+        return {name: measure(name, make()) for name, make in candidates.items()}
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        seconds = pool.submit(time_all).result()
+    choice = min(seconds, key=lambda n: (seconds[n], list(candidates).index(n)))
+    ms = {n: round(s * 1e3, 3) for n, s in seconds.items()}
+    others = ", ".join(f"{n} {ms[n]:.2f} ms" for n in ms if n != choice)
+    reason = f"measured fwd+bwd: {choice} {ms[choice]:.2f} ms, {others}"
+    return Decision(op, tuple(shape), choice, reason, ms)
+
+
+def _cache_key(op: str, shape: tuple[int, ...], build_id: str) -> str:
+    text = "\n".join([cpu_model(), build.cpu_flags(), jax.__version__, build_id, op, repr(shape)])
+    return f"{op}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _path(key: str) -> Path:
+    return build.cache_dir() / "decisions" / f"{key}.json"
+
+
+def _load(key: str) -> Decision | None:
+    try:
+        data = json.loads(_path(key).read_text())
+        return Decision(
+            data["op"], tuple(data["shape"]), data["choice"], data["reason"], data["timings_ms"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not measured yet (or an unreadable file: measure again)
+
+
+def _store(key: str, decision: Decision) -> None:
+    """Written to a temporary file and renamed: concurrent processes never read half a
+    file. An unwritable cache only costs a measurement next time."""
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(decision), f)
+        os.replace(tmp, path)
+    except OSError as e:
+        _log.warning("backends: could not cache the decision in %s: %s", path, e)

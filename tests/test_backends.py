@@ -1,0 +1,165 @@
+"""deepseek_jax.backends: auto picks the measured-faster path, never the slower one.
+
+Timings are injected (``backends.measure`` replaced), so each test knows which candidate
+is faster and checks that auto picks it, caches it, logs it, and that the model's traced
+program then really runs it.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cpu_kernels import attention as cpu_attention
+from cpu_kernels import grouped_gemm
+from deepseek_jax import backends, mla
+from deepseek_jax.config import get_preset
+from deepseek_jax.mesh import make_mesh
+from deepseek_jax.model import Transformer
+from deepseek_jax.moe import experts
+
+ATTN_SHAPE = (2, 64, 4, 16, 8, 16)  # B, T, H, N, R, O
+MOE_SHAPE = (64, 2, 8, 32, 16)  # T, K, E, D, F
+
+
+@pytest.fixture
+def fake_timings(tmp_path, monkeypatch):
+    """Fresh decision cache; ``set(ms)`` makes each candidate take ms[name] milliseconds.
+    Returns (set, calls): calls lists every candidate actually measured."""
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "_decisions", {})
+    calls, table = [], {}
+
+    def measure(name, run):
+        calls.append(name)
+        return table[name] / 1e3
+
+    monkeypatch.setattr(backends, "measure", measure)
+    return table.update, calls
+
+
+def needs(kernel_available):
+    return pytest.mark.skipif(not kernel_available(), reason="the C++ kernel does not build here")
+
+
+@needs(cpu_attention.available)
+@pytest.mark.parametrize("kernel_ms, xla_ms, want", [(5.0, 9.0, "cpu_kernel"), (9.0, 5.0, "xla")])
+def test_attention_auto_picks_the_faster(fake_timings, kernel_ms, xla_ms, want, caplog):
+    set_ms, calls = fake_timings
+    set_ms({"cpu_kernel": kernel_ms, "xla": xla_ms})
+    cfg = get_preset("tiny", ["dtype=float32"])
+    with caplog.at_level(logging.INFO, logger="deepseek_jax.backends"):
+        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == want
+        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == want  # decided once
+    assert sorted(calls) == ["cpu_kernel", "xla"]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert f"attention 2x64x4x16x8x16 -> {want}" in line and "ms" in line
+
+
+@needs(grouped_gemm.available)
+@pytest.mark.parametrize(
+    "grouped_ms, einsum_ms, want", [(1.0, 2.0, "grouped"), (3.0, 2.0, "einsum")]
+)
+def test_moe_auto_picks_the_faster(fake_timings, grouped_ms, einsum_ms, want):
+    set_ms, calls = fake_timings
+    set_ms({"grouped": grouped_ms, "einsum": einsum_ms})
+    assert experts.resolve_backend("auto", MOE_SHAPE) == want
+    assert sorted(calls) == ["einsum", "grouped"]
+
+
+@needs(cpu_attention.available)
+def test_explicit_choice_wins_over_a_faster_twin(fake_timings):
+    set_ms, calls = fake_timings
+    set_ms({"cpu_kernel": 9.0, "xla": 1.0})
+    cfg = get_preset("tiny", ["dtype=float32", "attention_backend=cpu_kernel"])
+    assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
+    assert experts.resolve_backend("grouped", MOE_SHAPE) == "grouped"
+    assert calls == []  # nothing measured
+
+
+@needs(cpu_attention.available)
+def test_decisions_persist_across_processes_and_shape_classes(fake_timings, monkeypatch):
+    set_ms, calls = fake_timings
+    set_ms({"cpu_kernel": 1.0, "xla": 2.0})
+    cfg = get_preset("tiny", ["dtype=float32"])
+    assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
+    monkeypatch.setattr(backends, "_decisions", {})  # a new process: only the disk cache
+    set_ms({"cpu_kernel": 2.0, "xla": 1.0})
+    same_class = (2, 60, 4, 16, 8, 16)  # T = 60 rounds up to 64 like T = 64
+    assert mla.resolve_attention_backend(cfg, same_class) == "cpu_kernel"  # cached
+    assert len(calls) == 2
+    other_class = (2, 200, 4, 16, 8, 16)
+    assert mla.resolve_attention_backend(cfg, other_class) == "xla"  # measured anew
+    assert len(calls) == 4
+
+
+def test_ties_go_to_the_first_candidate_and_shape_classes_round_up(fake_timings):
+    set_ms, _ = fake_timings
+    set_ms({"a": 1.0, "b": 1.0})
+    noop = lambda: lambda: None  # noqa: E731
+    assert backends.measured("op", (3,), {"a": noop, "b": noop}, build_id="x") == "a"
+    assert backends.shape_class((1, 3, 64, 65)) == (1, 4, 64, 128)
+
+
+def test_a_kernel_that_does_not_build_is_logged_and_loses(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "_logged_failures", set())
+    monkeypatch.setattr(
+        type(cpu_attention.KERNEL), "build_error", lambda self, variant=None: "no g++ here"
+    )
+    cfg = get_preset("tiny", ["dtype=float32"])
+    with caplog.at_level(logging.WARNING, logger="deepseek_jax.backends"):
+        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "xla"
+        assert experts.resolve_backend("auto", MOE_SHAPE) == "einsum"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("C++ causal attention did not build" in m and "no g++ here" in m for m in messages)
+    assert any("C++ grouped GEMM did not build" in m for m in messages)
+    with pytest.raises(RuntimeError, match="use 'xla'"):
+        mla.resolve_attention_backend(
+            cfg.with_overrides(["attention_backend=cpu_kernel"]), ATTN_SHAPE
+        )
+
+
+def _ffi_targets(cfg, mesh=None):
+    """The FFI custom-call targets in the lowered forward pass of a tiny model."""
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((8, 64), jnp.int32)
+    if mesh is not None:
+        tokens = jax.device_put(tokens, NamedSharding(mesh, P(("node", "gpu"))))
+    graphdef, state = nnx.split(model)
+    fwd = lambda s, t: nnx.merge(graphdef, s)(t)  # noqa: E731
+    text = jax.jit(fwd).lower(state, tokens).as_text()
+    return {n for n in ("Attention", "Gmm") if f"deepseek_jax_native_Dsj{n}" in text}
+
+
+@needs(lambda: cpu_attention.available() and grouped_gemm.available())
+@pytest.mark.parametrize("kernels_faster", [True, False])
+def test_the_model_runs_what_was_chosen(fake_timings, kernels_faster):
+    """The traced model calls our kernels exactly when they were measured faster."""
+    set_ms, calls = fake_timings
+    fast, slow = 1.0, 2.0
+    k, x = (fast, slow) if kernels_faster else (slow, fast)
+    set_ms({"cpu_kernel": k, "xla": x, "grouped": k, "einsum": x})
+    cfg = get_preset("tiny", ["dtype=float32"])
+    want = {"Attention", "Gmm"} if kernels_faster else set()
+    assert _ffi_targets(cfg) == want
+    assert {"cpu_kernel", "grouped"} <= set(calls)
+    with jax.set_mesh(make_mesh(2, 4)):  # per-device shapes inside the sharded program
+        assert _ffi_targets(cfg, make_mesh(2, 4)) == want
+
+
+def test_local_shape_divides_by_the_sharded_axes():
+    mesh = make_mesh(2, 4)
+    x = jax.device_put(np.zeros((16, 6, 8)), NamedSharding(mesh, P(("node", "gpu"), None, None)))
+    assert backends.local_shape(x) == (2, 6, 8)
+    assert backends.local_shape(np.zeros((3, 5))) == (3, 5)
+
+
+def test_machine_names_the_cpu_and_its_vector_isa():
+    info = backends.machine()
+    assert info["vector_isa"] in ("AVX-512", "AVX2+FMA", "AVX", "NEON", "SSE2", "none")
+    assert info["cpu"] and info["platform"] == jax.default_backend()
