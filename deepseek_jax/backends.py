@@ -107,8 +107,22 @@ def machine() -> dict[str, str]:
 
 
 def decisions() -> dict[str, str]:
-    """This process's measured choices, ``{"attention B=4,T=512,...": "cpu_kernel"}``."""
-    return {f"{d.op} {','.join(map(str, d.shape))}": d.choice for d in _decisions.values()}
+    """This process's choices, measured or not: ``{"attention 4x512x8x64x32x64":
+    "cpu_kernel (measured fwd+bwd: ...)"}``."""
+    return {f"{d.op} {_dims(d.shape)}": f"{d.choice} ({d.reason})" for d in _decisions.values()}
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def note(op: str, shape: tuple[int, ...], choice: str, reason: str) -> str:
+    """Records (and logs once) a choice that needed no measurement; returns ``choice``."""
+    key = f"{op}|{shape_class(shape)}|{choice}"
+    if key not in _decisions:
+        _decisions[key] = Decision(op, tuple(shape), choice, reason)
+        _log.info("backends: %s %s -> %s (%s)", op, _dims(shape), choice, reason)
+    return choice
 
 
 # ------------------------------------------------------------------ availability
@@ -148,8 +162,10 @@ def layer_loop(requested: str, choices: tuple[str, ...]) -> str:
     if requested not in choices:
         raise ValueError(f"layer loop: unknown {requested!r}; choose from {list(choices)}")
     if requested == "auto":
-        return "unroll" if jax.default_backend() == "cpu" else "scan"
-    return requested
+        on_cpu = jax.default_backend() == "cpu"
+        why = "auto: residual copies on CPU" if on_cpu else "auto: compile time flat in depth"
+        return note("layer_loop", (), "unroll" if on_cpu else "scan", why)
+    return note("layer_loop", (), requested, "requested")
 
 
 # ------------------------------------------------------------------ measured choices
@@ -212,7 +228,7 @@ def measured(
     _log.info(
         "backends: %s %s -> %s (%s%s)",
         op,
-        "x".join(map(str, shape)),
+        _dims(shape),
         decision.choice,
         decision.reason,
         ", cached" if cached else "",

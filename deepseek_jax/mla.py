@@ -170,9 +170,9 @@ def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -
     faster than the XLA einsums here at this shape class (``backends.measured``); else
     ``"xla"``. An explicit ``"cpu_kernel"`` fails clearly where the kernel cannot run.
     """
-    name = cfg.attention_backend
+    name, shape = cfg.attention_backend, shape_BTHNRO
     if name == "xla":
-        return name
+        return backends.note("attention", shape, name, "attention_backend=xla")
     built = backends.kernel_available(cpu_attention.KERNEL, "the C++ causal attention")
     if name == "cpu_kernel":
         if not built:
@@ -181,9 +181,13 @@ def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -
                 f"(cpu_kernels/attention.cc), which is unavailable here (backend: "
                 f"{jax.default_backend()}); use 'xla'"
             )
-        return name
-    if not built or jnp.dtype(cfg.dtype) != jnp.float32:
-        return "xla"
+        return backends.note("attention", shape, name, "attention_backend=cpu_kernel")
+    if not built:
+        return backends.note("attention", shape, "xla", "auto: no C++ kernel here")
+    if jnp.dtype(cfg.dtype) != jnp.float32:
+        return backends.note(
+            "attention", shape, "xla", f"auto: the kernel is float32, not {cfg.dtype}"
+        )
     return backends.measured(
         "attention",
         shape_BTHNRO,

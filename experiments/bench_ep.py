@@ -37,6 +37,11 @@ from deepseek_jax.config import get_preset  # noqa: E402
 from deepseek_jax.mesh import make_mesh  # noqa: E402
 from deepseek_jax.moe.dispatch import EPOptions  # noqa: E402
 from deepseek_jax.moe.layer import MoE  # noqa: E402
+from experiments.machine_info import (  # noqa: E402
+    describe,
+    log_backend_choices,
+    print_description,
+)
 
 MESHES = ((8, 1), (2, 4))
 PATHS = ("flat", "two_hop")
@@ -51,9 +56,9 @@ OVERRIDES = [
 ]
 
 
-def build(mesh, path: str):
+def build(mesh, path: str, overrides: list[str] = ()):
     """The MoE layer sharded on ``mesh`` and its jitted forward (output, stats)."""
-    cfg = get_preset("bench-small", OVERRIDES)
+    cfg = get_preset("bench-small", [*OVERRIDES, *overrides])
     graphdef, state = nnx.split(MoE(cfg, rngs=nnx.Rngs(0), ep=EPOptions(path=path)))
     with jax.set_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
@@ -61,9 +66,9 @@ def build(mesh, path: str):
     return cfg, state, forward
 
 
-def measure(node: int, gpu: int, tokens: int, rounds: int) -> dict:
+def measure(node: int, gpu: int, tokens: int, rounds: int, overrides: list[str] = ()) -> dict:
     mesh = make_mesh(node, gpu)
-    runs = {p: build(mesh, p) for p in PATHS}
+    runs = {p: build(mesh, p, overrides) for p in PATHS}
     cfg = runs["flat"][0]
     x = jax.random.normal(jax.random.key(1), (8, tokens, cfg.hidden_size), jnp.float32)
     out, times = {}, {p: [] for p in PATHS}
@@ -96,11 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per device")
+    ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
     args = ap.parse_args(argv)
-    rows = [measure(n, g, args.tokens, args.rounds) for n, g in MESHES]
+    log_backend_choices()
+    rows = [measure(n, g, args.tokens, args.rounds, args.overrides) for n, g in MESHES]
     print(
         f"MoE layer, 256 experts top-8, 8 groups, M=4, {8 * args.tokens} random tokens, "
         f"hidden 256, FFN 128, float32, {jax.default_backend()}, median of {args.rounds}"
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
     )
     print(f"{'mesh':<14} {'path':<8} {'inter/tok':>9} {'intra/tok':>9} {'dropped':>8} {'ms':>8}")
     for r in rows:
@@ -130,7 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
         "twohop_ms": round(main_row["two_hop"]["ms"], 2),
         "internode_reduction": round(main_row["internode_reduction"], 3),
         "meshes": rows,
+        "overrides": args.overrides,
+        "machine": describe(),
     }
+    print_description(result["machine"])
     print(json.dumps(result))
     return result
 

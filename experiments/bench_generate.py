@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="decode with the scanned layer stack instead of unrolled layers",
     )
+    ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
     args = ap.parse_args(argv)
-
-    import dataclasses
 
     import jax
     import numpy as np
@@ -45,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from deepseek_jax.config import get_preset
     from deepseek_jax.infer.generate import Generator
     from deepseek_jax.model import Transformer
+    from experiments.machine_info import describe, log_backend_choices, print_description
 
-    cfg = dataclasses.replace(get_preset(args.preset), dtype=args.dtype)
+    log_backend_choices()
+    cfg = get_preset(args.preset, [f"dtype={args.dtype}", *args.overrides])
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     prompt = np.asarray(
         jax.random.randint(jax.random.key(1), (args.batch, args.prompt_len), 0, cfg.vocab_size),
@@ -65,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"prefill tokens/s: median {np.median(pre):.0f}  best {max(pre):.0f}")
     print(f"decode tokens/s:  median {np.median(dec):.1f}  best {max(dec):.1f}")
+    machine = describe()
+    print_description(machine)
     print(
         json.dumps(
             {
                 "prefill_tokens_per_s": round(float(np.median(pre)), 1),
                 "decode_tokens_per_s": round(float(np.median(dec)), 1),
                 "cache_bytes_per_token": runs[0].cache_bytes_per_token,
+                "overrides": args.overrides,
+                "machine": machine,
             }
         )
     )

@@ -33,17 +33,23 @@ from flax import nnx
 
 from deepseek_jax.config import MoEBackend, get_preset
 from deepseek_jax.moe import dispatch, routing
-from deepseek_jax.moe.experts import resolve_backend
 from deepseek_jax.moe.layer import MoE
+from experiments.machine_info import describe, log_backend_choices, print_description
 
 EXPERTS = (16, 64, 256)
 TARGET_RATIO = 1.3
 
 
-def build(n_experts: int, backend: str):
+def build(n_experts: int, backend: str, overrides: list[str] = ()):
     cfg = get_preset(
         "bench-small",
-        [f"n_routed_experts={n_experts}", "n_group=8", "topk_group=4", "dtype=float32"],
+        [
+            f"n_routed_experts={n_experts}",
+            "n_group=8",
+            "topk_group=4",
+            "dtype=float32",
+            *overrides,
+        ],
     )
     model = MoE(cfg, rngs=nnx.Rngs(0), backend=backend)
     graphdef, state = nnx.split(model)
@@ -71,10 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--backend", default="auto", choices=typing.get_args(MoEBackend))
+    ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
     args = ap.parse_args(argv)
-    args.backend = resolve_backend(args.backend)
-    x_BTD = jax.random.normal(jax.random.key(1), (4, 1024, 512), jnp.float32)
-    runs = {e: build(e, args.backend) for e in EXPERTS}
+    log_backend_choices()
+    runs = {e: build(e, args.backend, args.overrides) for e in EXPERTS}
+    D = runs[EXPERTS[0]][0].hidden_size
+    x_BTD = jax.random.normal(jax.random.key(1), (4, 1024, D), jnp.float32)
     for _, state, fwd in runs.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(fwd(state, x_BTD))
@@ -86,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
             times[e].append(time.perf_counter() - t0)
     ms = {e: 1e3 * float(np.median(t)) for e, t in times.items()}
     tokens = x_BTD.shape[0] * x_BTD.shape[1]
+    cfg = runs[EXPERTS[0]][0]
     print(
-        f"MoE layer forward, {tokens} tokens, hidden 512, FFN 256, top-4, 1 shared, "
-        f"float32, backend {args.backend}, median of {args.rounds} ({jax.default_backend()})"
+        f"MoE layer forward, {tokens} tokens, hidden {D}, FFN {cfg.moe_intermediate_size}, "
+        f"top-{cfg.num_experts_per_tok}, {cfg.n_shared_experts} shared, {cfg.dtype}, "
+        f"backend {args.backend}, median of {args.rounds} ({jax.default_backend()})"
     )
     slots = args.backend == "einsum"
     print(f"{'E':>5} {'ms':>9} {'tokens/s':>11} {'vs E=16':>8}" + (f" {'spilled':>8}" * slots))
@@ -104,7 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         "target_ratio": TARGET_RATIO,
         "pass": bool(ratio <= TARGET_RATIO),
         "backend": args.backend,
+        "overrides": args.overrides,
+        "machine": describe(),
     }
+    print_description(result["machine"])
     print(json.dumps(result))
     return result
 

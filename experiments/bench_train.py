@@ -35,6 +35,7 @@ from deepseek_jax.mesh import make_mesh
 from deepseek_jax.train.config import LAYER_LOOPS, REMATS, TrainConfig
 from deepseek_jax.train.state import init_state
 from deepseek_jax.train.step import jit_train_step
+from experiments.machine_info import describe, log_backend_choices, print_description
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 15) -> float:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layer-loop", default="auto", choices=LAYER_LOOPS)
     ap.add_argument("overrides", nargs="*", help="model config overrides key=value")
     args = ap.parse_args(argv)
+    log_backend_choices()
 
     cfg = get_preset(args.preset, ["dtype=float32", *args.overrides])
     tcfg = TrainConfig(
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for k, v in rows:
         print(f"  {k:<36} {v:>12}")
+    machine = describe()
+    print_description(machine)
     out = {
         "preset": args.preset,
         "tokens_per_s": tokens_per_s,
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mtp_flops_per_token": mtp_flops,
         "mfu_with_mtp": mfu_with_mtp,
         "mfu_ceiling": ceiling,
+        "overrides": args.overrides,
+        "machine": machine,
     }
     print(json.dumps(out))
     return out

@@ -7,7 +7,9 @@ of ``--seeds`` seeds and on average over them. Then the relative error of per-te
 1x128-tile and 128x128-block E4M3 quantisation on activations with outlier channels, the
 reason the fine-grained recipe exists. The last line is a JSON object with ``bf16_loss``,
 ``fp8_loss`` and ``relative_gap`` (means over the seeds), ``seed_gaps`` and the three
-errors.
+errors, plus ``diverged`` (the runs whose loss curve turned back up: see ``diverged``),
+the machine and the backends the runs used. Each seed's two loss curves are drawn into
+``OUT/seed{n}/curves.png`` (the metrics are in ``OUT/seed{n}/{bf16,fp8}/metrics.jsonl``).
 
 Why several seeds: one pair of runs is chaotic. At 150 steps, compiling the same step
 with the layers scanned instead of unrolled (the same arithmetic, rounded differently by
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--seeds", type=int, default=3, help="seed pairs to average over")
     ap.add_argument("--out", default=None, help="run folders (default: a temporary one)")
+    ap.add_argument("overrides", nargs="*", help="model config overrides key=value (both runs)")
     return ap.parse_args(argv)
 
 
@@ -91,7 +94,44 @@ def train_ce(
         "last10_ce": sum(train[-10:]) / len(train[-10:]),
         "eval_ce": held_out,
         "wall_s": time.time() - t0,
+        "curve": train,
     }
+
+
+# A run has diverged when its last 10 steps' mean CE is this much above the lowest mean of
+# any 10 consecutive steps before: a healthy run at a decaying learning rate ends near its
+# minimum (at 150 steps of ``small`` the last window is the lowest or within ~1 %).
+DIVERGENCE_RISE = 0.05
+
+
+def diverged(curve: list[float], window: int = 10) -> bool:
+    """True when the loss turned back up (or became non-finite) by the end of the run."""
+    if any(c != c or c in (float("inf"), float("-inf")) for c in curve):
+        return True
+    if len(curve) < 2 * window:
+        return False
+    means = [sum(curve[i : i + window]) / window for i in range(len(curve) - window + 1)]
+    return means[-1] > min(means) * (1 + DIVERGENCE_RISE)
+
+
+def plot_pair(runs: dict, seed: int, path: Path) -> None:
+    """Both runs' train CE per step, one figure per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in runs.items():
+        flag = " (diverged)" if diverged(r["curve"]) else ""
+        label = f"{name}: held-out {r['eval_ce']:.3f}{flag}"
+        ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=label, lw=1)
+    ax.set(xlabel="step", ylabel="train CE (nats)", title=f"BF16 vs FP8, seed {seed}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def quantisation_errors(seed: int = 0) -> dict[str, float]:
@@ -126,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out or tempfile.mkdtemp(prefix="fp8_parity_"))
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
-    pairs = []
+    from experiments.machine_info import describe, log_backend_choices, print_description
+
+    log_backend_choices()
+    pairs, flagged = [], []
     for seed in range(args.seed, args.seed + args.seeds):
         runs = {}
         for name, overrides in (("bf16", []), ("fp8", ["fp8=true", "fp8_backend=xla"])):
             runs[name] = train_ce(
                 args.preset,
-                overrides,
+                [*args.overrides, *overrides],
                 args.steps,
                 args.batch_size,
                 args.seq_len,
@@ -150,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             "last10_ce"
         ]
         print(f"seed {seed} relative gap, held-out CE: {100 * gap:+.3f} %", flush=True)
+        plot_pair(runs, seed, root / f"seed{seed}" / "curves.png")
+        for name, r in runs.items():
+            if diverged(r["curve"]):
+                flagged.append(f"seed{seed}/{name}")
+                print(f"seed {seed} {name}: DIVERGED (loss rose > 5 % above its minimum)")
         pairs.append((runs["bf16"]["eval_ce"], runs["fp8"]["eval_ce"], gap, train_gap))
     mean = lambda i: sum(p[i] for p in pairs) / len(pairs)  # noqa: E731
     bf16, fp8, gap, train_gap = mean(0), mean(1), mean(2), mean(3)
@@ -159,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(seeds: {', '.join(f'{100 * g:+.3f}' for g in gaps)}; last-10 train CE: "
         f"{100 * train_gap:+.3f} %; V3 reports < 0.25 %)"
     )
+    print(f"loss curves: {root}/seed*/curves.png; diverged runs: {flagged or 'none'}")
+    machine = describe()
+    print_description(machine)
     errs = quantisation_errors(args.seed)
     print(
         "E4M3 relative error on activations with outliers: "
@@ -178,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": args.batch_size,
                 "seq_len": args.seq_len,
                 "seeds": args.seeds,
+                "diverged": flagged,
+                "overrides": args.overrides,
+                "out": str(root),
+                "machine": machine,
             }
         )
     )

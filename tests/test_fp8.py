@@ -264,6 +264,17 @@ def test_fp8_training_steps_lower_the_loss():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_parity_script_flags_a_run_whose_loss_turns_back_up():
+    from experiments.fp8_parity import diverged
+
+    healthy = [8.0 * 0.98**i + 3.0 for i in range(150)]
+    noisy = [c + 0.02 * (-1) ** i for i, c in enumerate(healthy)]
+    spike = healthy[:100] + [c + 1.5 for c in healthy[100:]]
+    assert not diverged(healthy) and not diverged(noisy)
+    assert diverged(spike)
+    assert diverged(healthy[:50] + [float("nan")])
+
+
 @pytest.mark.slow
 def test_short_fp8_training_run_lowers_the_loss(tmp_path):
     """Through the trainer on the 8-device test mesh (Explicit sharding)."""

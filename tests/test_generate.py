@@ -111,12 +111,23 @@ def test_generate_script(capsys):
 def test_bench_generate_script(capsys):
     from experiments.bench_generate import main
 
-    assert (
-        main(["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"]) == 0
-    )
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"prefill_tokens_per_s", "decode_tokens_per_s", "cache_bytes_per_token"}
+    argv = ["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1"]
+    assert main([*argv, "attention_backend=xla"]) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert set(last) == {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "cache_bytes_per_token",
+        "overrides",
+        "machine",
+    }
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
+    assert last["overrides"] == ["attention_backend=xla"]
+    machine = last["machine"]
+    assert machine["vector_isa"] in out and machine["cpu"] in out  # printed, not only saved
+    assert machine["backends"]  # the MoE's choice at least, each printed with its reason
+    assert all(f"backend {k}: {v}" in out for k, v in machine["backends"].items())
 
 
 @pytest.mark.parametrize("devices", [1, 8])

@@ -68,9 +68,10 @@ def resolve_backend(
     ``"auto"`` stays undecided (``routed_ffn`` decides it on the real shapes).
     """
     if check_backend(name) != "auto":
-        return name
+        return backends.note("moe_experts", shape_TKEDF or (), name, f"moe_backend={name}")
     if not backends.kernel_available(grouped_gemm.KERNEL, KERNEL_NAME):
-        return "einsum"
+        why = "auto: no C++ kernel here" if jax.default_backend() == "cpu" else "auto: off CPU"
+        return backends.note("moe_experts", shape_TKEDF or (), "einsum", why)
     if shape_TKEDF is None:
         return "auto"
     return backends.measured(
