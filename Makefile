@@ -12,7 +12,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3; do \
 	  [ -x $$d/bin/python3 ] && $$d/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$d/bin/python3; exit 0; }; \
 	done)
 
-.PHONY: setup test test-all train bench lint params gpu-check clean
+.PHONY: setup test test-all train bench bench-cpu lint params gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@$(PY) -c 'from cpu_kernels import grouped_gemm as g; print("C++ grouped GEMM (CPU MoE experts):", "built" if g.available() else "not built, no C++ compiler? The MoE falls back to capacity slots")'
+	@$(PY) -c 'from cpu_kernels import grouped_gemm as g; print("C++ grouped GEMM (CPU MoE experts):", f"built, {g.KERNEL.tile_config()} register tiles" if g.available() else "not built, no C++ compiler? The MoE falls back to capacity slots")'
 	@$(PY) -c 'from cpu_kernels import attention as a; print("C++ causal attention (CPU, float32):", "built" if a.available() else "not built, no C++ compiler? MLA falls back to XLA einsums")'
 	@touch $(STAMP)
 
@@ -42,6 +42,17 @@ bench: setup
 	$(PY) -m experiments.fp8_parity
 	$(PY) -m experiments.bench_generate
 
+# Our CPU path vs XLA alone vs PyTorch, native and as an AVX2 machine (README table).
+# PyTorch runs in its own Python 3.11 venv (torch's CPU wheel); the test suite never uses it.
+TORCH_VENV := .venv-torch
+$(TORCH_VENV)/.installed:
+	python3.11 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q torch==2.13.0 transformers safetensors numpy
+	@touch $@
+
+bench-cpu: setup $(TORCH_VENV)/.installed
+	$(PY) -m experiments.bench_cpu --torch $(TORCH_VENV)/bin/python
+
 params: setup
 	$(PY) -m experiments.params --preset v3-671b
 
@@ -55,4 +66,4 @@ gpu-check:
 	else PYTHONPATH=. python3 -m experiments.gpu_check; fi
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TORCH_VENV) .pytest_cache build *.egg-info
