@@ -7,6 +7,7 @@
 - layer loop (``--layer-loop``): ``unroll`` on CPU, ``scan`` elsewhere: compile time and
   memory against copies, not a kernel race.
 - Pallas kernels (FP8 GEMM, dispatch): compiled on a GPU, interpreted elsewhere.
+- the run's compute dtype when ``--dtype`` is not given: bfloat16 on a GPU.
 
 Why measure: a kernel tuned on one CPU ran 10-30x slower than XLA on another (AVX-512
 register tiles compiled for AVX2). So on CPU a C++ kernel wins only where it was timed
@@ -142,6 +143,13 @@ def kernel_available(kernel: build.Kernel, what: str) -> bool:
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def default_dtype() -> str | None:
+    """The compute dtype a run gets when none is asked for: bfloat16 on a GPU (tensor
+    cores), else None: the config's own (float32 in every preset; CPUs have no fast bf16
+    GEMM in XLA)."""
+    return "bfloat16" if on_gpu() else None
 
 
 def pallas_interpret(interpret: bool | None) -> bool:

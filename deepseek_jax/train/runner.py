@@ -72,13 +72,14 @@ class Setup:
 
 
 def _build(args: argparse.Namespace) -> Setup:
+    from deepseek_jax import backends
     from deepseek_jax.config import get_preset
     from deepseek_jax.mesh import make_mesh
     from deepseek_jax.train.config import TrainConfig
     from deepseek_jax.train.data import DataConfig, load_corpus
 
     try:
-        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else None)
+        dtype = args.dtype or backends.default_dtype()
         overrides = list(args.overrides) + ([f"dtype={dtype}"] if dtype else [])
         resumed = _resumed_model(args)
         if resumed is not None:  # a converted or earlier run: its model, unless --preset says
