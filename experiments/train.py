@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deepseek_jax.train.runner import exit_code, run
+    from experiments.machine_info import log_backend_choices
+
+    log_backend_choices()  # one line per backend choice, with its reason
 
     return exit_code(lambda: run(args))
 
