@@ -98,6 +98,11 @@ def figures(nb) -> dict[str, list[bytes]]:
     return out
 
 
+def expected_figures(nb) -> list[str]:
+    """The figure names the notebook's cells declare (``figure`` in the cell metadata)."""
+    return [c.metadata["figure"] for c in nb.cells if c.get("metadata", {}).get("figure")]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("names", nargs="*", default=list(NOTEBOOKS), help="notebooks to run")

@@ -125,6 +125,8 @@ print(
 # %%
 from flax import nnx
 
+from deepseek_jax.build import init_model
+from deepseek_jax.mesh import make_mesh
 from deepseek_jax.mla import MLA, LatentCache, mla_absorbed, mla_naive
 from deepseek_jax.model import Transformer
 
@@ -144,15 +146,17 @@ print(f"its cache: {per_token} B per token (float32) = (kv_lora_rank + rope dim)
 assert per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
 
 # %% figure="decode_error"
-model = Transformer(cfg, rngs=nnx.Rngs(0))
+one = make_mesh(node=1, gpu=1, devices=jax.devices()[:1])
+model = init_model(cfg, one, seed=0)  # parameters initialised by one compiled program
 ids_BT = jax.random.randint(jax.random.key(1), (1, T), 0, cfg.vocab_size)
-full_TV = nnx.jit(Transformer.__call__)(model, ids_BT).logits_BTV[0]  # all positions at once
 decode = nnx.jit(Transformer.decode)  # one compiled step, reused for every position
-cache = model.init_cache(batch=1, max_len=T)
-steps = []
-for t in range(T):
-    logits_B1V, cache = decode(model, ids_BT[:, t : t + 1], cache, jnp.asarray(t, jnp.int32))
-    steps.append(logits_B1V[0, 0])
+with jax.set_mesh(one):
+    full_TV = nnx.jit(Transformer.__call__)(model, ids_BT).logits_BTV[0]  # all at once
+    cache = model.init_cache(batch=1, max_len=T)
+    steps = []
+    for t in range(T):
+        logits_B1V, cache = decode(model, ids_BT[:, t : t + 1], cache, jnp.asarray(t, jnp.int32))
+        steps.append(logits_B1V[0, 0])
 step_TV = jnp.stack(steps)
 err_T = np.asarray(jnp.max(jnp.abs(step_TV - full_TV), axis=-1))
 scale = float(jnp.max(jnp.abs(full_TV)))
