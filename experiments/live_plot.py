@@ -1,7 +1,8 @@
 """A live training plot for notebooks: pass ``LiveLoss().update`` as ``on_record`` to
-``experiments.train.main``; it redraws the loss and expert-balance curves in place.
+``experiments.train.main``, and call ``close()`` in the same cell; the loss and
+expert-balance curves are redrawn in place while it trains.
 
-Outside IPython (a plain script) it only keeps the records; ``close()`` returns the figure.
+Outside IPython (a plain script) it only keeps the records and draws ``self.fig``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ class LiveLoss:
         if time.monotonic() - self._last >= self.every_s:
             self._draw()
 
-    def close(self):
+    def close(self) -> None:
         """The final redraw; the figure is then closed so that it is not shown twice."""
         import matplotlib.pyplot as plt
 
         self._draw()
         plt.close(self.fig)
-        return self.fig
 
     def _draw(self) -> None:
         self._last = time.monotonic()

@@ -124,7 +124,7 @@ forward = nnx.jit(Transformer.__call__)  # compiled once, reused by every model 
 # balancing, checkpoints and metrics. `on_record` receives each metrics record, which
 # redraws the plot while it trains.
 
-# %%
+# %% figure="training"
 import tempfile
 
 from experiments.live_plot import LiveLoss
@@ -137,11 +137,11 @@ if SMALL:
     args += ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3"]
 else:  # the default job: 300 steps of 16 x 128 tokens
     args += ["--eval-every", "50"]
-live = LiveLoss(f"{PRESET} preset on {mesh.shape}", moe_layers=cfg.num_moe_layers)
-assert train_main(args, on_record=live.update) == 0
-
-# %% figure="training"
-live.close()
+live = LiveLoss(f"{PRESET} preset on {dict(mesh.shape)}", moe_layers=cfg.num_moe_layers)
+try:
+    assert train_main(args, on_record=live.update) == 0
+finally:
+    live.close()
 
 # %% [markdown]
 # ## 4. Save and reload
