@@ -67,18 +67,16 @@ print(
 # initialised: which experts win is arbitrary, but the node limit already holds.
 
 # %% figure="token_routes"
-from deepseek_jax.build import init_model
+from deepseek_jax.model import Transformer
 from deepseek_jax.moe.probe import route_probe
 from deepseek_jax.train.data import DataConfig, load_corpus
 
 corpus = load_corpus(DataConfig(vocab_size=cfg.vocab_size, byte_level=cfg.vocab_size <= 256))
-one = make_mesh(node=1, gpu=1, devices=jax.devices("cpu")[:1])  # the probe runs on one device
-model = init_model(cfg, one, seed=0)  # parameters initialised by one compiled program
-probe_fn = nnx.jit(route_probe)
+model = Transformer(cfg, rngs=nnx.Rngs(0))  # unsharded, on the default device
+probe_fn = nnx.jit(route_probe)  # one compiled program per input shape
 sentence = "Each token crosses the slow links once per node."
 ids = np.asarray([corpus.tokenizer.encode(sentence)], np.int32)
-with jax.set_mesh(one):
-    probe = probe_fn(model, jnp.asarray(ids))
+probe = probe_fn(model, jnp.asarray(ids))
 tokens = [corpus.tokenizer.decode([int(i)]) for i in ids[0]]
 layers = sorted({0, cfg.num_moe_layers - 1})
 fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 0.28 * len(tokens) + 1.8))
@@ -194,8 +192,7 @@ print(f"V3 (M = 4): flat {flat_M[3]:.2f}, two-hop {hop_M[3]:.2f} copies per toke
 
 # %% figure="bias_balancing"
 rows = next(corpus.eval_batches(8, 64 if SMALL else 256, max_batches=1))[:, :-1]
-with jax.set_mesh(one):
-    held_out = probe_fn(model, jnp.asarray(rows, jnp.int32))
+held_out = probe_fn(model, jnp.asarray(rows, jnp.int32))
 scores_TE = held_out.scores_LBTE[0].reshape(-1, cfg.n_routed_experts)
 steps, gamma = (150 if SMALL else 400), 1e-3
 bias_NE, load_NE = routing.bias_balancing_run(scores_TE, cfg, gamma, steps)
