@@ -85,9 +85,16 @@ for ax, layer in zip(np.atleast_1d(axes), layers, strict=True):
     w_TK = np.asarray(probe.weight_LBTK[layer, 0])
     grid_TE = np.zeros((len(tokens), cfg.n_routed_experts))
     np.put_along_axis(grid_TE, idx_TK, w_TK, axis=1)
-    ax.imshow(np.where(grid_TE > 0, grid_TE, np.nan), cmap="viridis", aspect="auto")
-    for b in range(1, NODES):
-        ax.axvline(b * PER_NODE - 0.5, color="k", lw=1)
+    im = ax.imshow(np.where(grid_TE > 0, grid_TE, np.nan), cmap="viridis", aspect="auto")
+    for e in range(1, cfg.n_routed_experts):  # solid: node boundaries, dotted: GPUs
+        per_gpu = PER_NODE // mesh.shape["gpu"]
+        if e % per_gpu == 0:
+            ax.axvline(
+                e - 0.5,
+                color="k",
+                lw=1 if e % PER_NODE == 0 else 0.4,
+                ls="-" if e % PER_NODE == 0 else ":",
+            )
     ax.set_xticks(
         [PER_NODE * (k + 0.5) - 0.5 for k in range(NODES)], [f"node {k}" for k in range(NODES)]
     )
@@ -96,6 +103,7 @@ for ax, layer in zip(np.atleast_1d(axes), layers, strict=True):
         range(len(tokens)), [f"{t!r}  {n} nodes" for t, n in zip(tokens, nodes_T, strict=True)]
     )
     ax.set_title(f"MoE layer {layer}: chosen experts, colour = gate weight", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04)
     assert max(nodes_T) <= cfg.topk_group
 fig.tight_layout()
 plt.show()
@@ -194,7 +202,7 @@ print(f"V3 (M = 4): flat {flat_M[3]:.2f}, two-hop {hop_M[3]:.2f} copies per toke
 rows = next(corpus.eval_batches(8, 64 if SMALL else 256, max_batches=1))[:, :-1]
 held_out = probe_fn(model, jnp.asarray(rows, jnp.int32))
 scores_TE = held_out.scores_LBTE[0].reshape(-1, cfg.n_routed_experts)
-steps, gamma = (150 if SMALL else 400), 1e-3
+steps, gamma = (60 if SMALL else 80), 1e-3
 bias_NE, load_NE = routing.bias_balancing_run(scores_TE, cfg, gamma, steps)
 _, still_NE = routing.bias_balancing_run(scores_TE, cfg, 0.0, 2)
 ratio_N = np.asarray(load_NE.max(-1) / load_NE.mean(-1))
@@ -202,16 +210,19 @@ fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
 a.plot(ratio_N, label=f"gamma = {gamma:g}")
 a.axhline(float(still_NE[0].max() / still_NE[0].mean()), color="gray", ls="--", label="gamma = 0")
 a.axhline(1.0, color="k", lw=0.8, ls=":")
-a.set(xlabel="update step", ylabel="max / mean expert load", ylim=(0.9, None))
+a.set(xlabel="update step", ylabel="max / mean expert load", ylim=(0.95, None))
 a.set_title(
     f"{scores_TE.shape[0]} tokens, {cfg.n_routed_experts} experts, top-{cfg.num_experts_per_tok}",
     fontsize=10,
 )
 a.legend(fontsize=8)
-load_ratio_EN = np.asarray(load_NE / load_NE.mean(-1, keepdims=True)).T
-im = b.imshow(load_ratio_EN, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
-b.set(xlabel="update step", ylabel="routed expert", title="load / even share")
-fig.colorbar(im, ax=b)
+start_E = np.asarray(load_NE[0] / load_NE[0].mean())  # each expert's load before any update
+spread = (start_E - start_E.min()) / max(np.ptp(start_E), 1e-9)  # 0: least, 1: most loaded
+colours = plt.cm.coolwarm(spread)
+for e in range(cfg.n_routed_experts):
+    b.plot(np.asarray(bias_NE[:, e]), color=colours[e], lw=1.2)
+b.set(xlabel="update step", ylabel="routing bias b_i")
+b.set_title("each expert's bias; red: most loaded at the start, blue: least", fontsize=10)
 fig.tight_layout()
 plt.show()
 tenth = max(1, steps // 10)
