@@ -135,8 +135,9 @@ args = ["--preset", PRESET, "--dtype", dtype, "--out", str(run_dir), "--no-progr
 args += ["--mesh", f"node={mesh.shape['node']},gpu={mesh.shape['gpu']}", "--sample-tokens", "0"]
 if SMALL:
     args += ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3"]
-else:  # the default job: 300 steps of 16 x 128 tokens
-    args += ["--eval-every", "50"]
+else:  # the default job, 16 x 128 tokens a step: 300 steps take a few minutes on 2 cores
+    steps = int(os.environ.get("DEEPSEEK_JAX_NOTEBOOK_STEPS", "300"))
+    args += ["--steps", str(steps), "--eval-every", str(max(1, steps // 6))]
 live = LiveLoss(f"{PRESET} preset on {dict(mesh.shape)}", moe_layers=cfg.num_moe_layers)
 try:
     assert train_main(args, on_record=live.update) == 0
