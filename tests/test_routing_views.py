@@ -27,11 +27,13 @@ def test_route_probe_replays_the_model_routing():
     bias = model.moe_layers.mlp.e_score_correction_bias  # a non-zero bias must be honoured
     bias[...] = jax.random.uniform(jax.random.key(3), bias[...].shape, minval=-0.2, maxval=0.2)
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
-    probe = route_probe(model, ids)
+    probe = nnx.jit(route_probe)(model, ids)
     L = CFG.num_moe_layers
     assert probe.idx_LBTK.shape == (L, 2, 16, CFG.num_experts_per_tok)
     load_LE = jnp.stack([routing.expert_load(i, CFG.n_routed_experts) for i in probe.idx_LBTK])
-    np.testing.assert_array_equal(load_LE, model(ids).moe_stats.load_LE)
+    np.testing.assert_array_equal(
+        load_LE, nnx.jit(Transformer.__call__)(model, ids).moe_stats.load_LE
+    )
     # At most topk_group groups per token, and weights sum to the scaling factor.
     groups = np.asarray(probe.idx_LBTK) // (CFG.n_routed_experts // CFG.n_group)
     assert max(len(set(row)) for row in groups.reshape(-1, groups.shape[-1])) <= CFG.topk_group
@@ -76,7 +78,8 @@ def test_internode_copies_match_the_exchange_counters(path):
     graphdef, state = nnx.split(model)
     with jax.set_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
-        _, stats = nnx.merge(graphdef, state)(jax.device_put(x, P(("node", "gpu"))))
+        sharded = nnx.merge(graphdef, state)
+        _, stats = nnx.jit(MoE.__call__)(sharded, jax.device_put(x, P(("node", "gpu"))))
     rows_per_device = x.shape[0] // 8
     src_node = np.repeat(np.arange(x.shape[0]) // rows_per_device // 2, x.shape[1])
     flat, two_hop = internode_copies(np.asarray(idx), src_node, CFG.n_routed_experts // 4)
