@@ -181,7 +181,9 @@ assert diff < 1e-5, diff  # float32 storage: the same weights
 # Each MoE layer sends every token to `num_experts_per_tok` routed experts. The heat map
 # counts, on held-out text, how many tokens each expert receives relative to an even share
 # (1.0). The aux-loss-free bias (DeepSeek-V3 section 2.1.2) moves after every step to push
-# overloaded experts down and underloaded ones up; `moe_routing.ipynb` shows it alone.
+# overloaded experts down and underloaded ones up, by gamma = 0.001 a step: early in
+# training the routers specialise faster than that, so the load first grows uneven (the
+# balance curves above) before the bias catches up. `moe_routing.ipynb` shows the bias alone.
 
 # %% figure="expert_load"
 with jax.set_mesh(mesh):
