@@ -12,7 +12,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3; do \
 	  [ -x $$d/bin/python3 ] && $$d/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$d/bin/python3; exit 0; }; \
 	done)
 
-.PHONY: setup test test-all train bench bench-cpu lint params gpu-check clean
+.PHONY: setup test test-all train bench bench-cpu lint params gpu-check clean notebooks
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ $(TORCH_VENV)/.installed:
 
 bench-cpu: setup $(TORCH_VENV)/.installed
 	$(PY) -m experiments.bench_cpu --torch $(TORCH_VENV)/bin/python
+
+# Runs the notebooks at full size; each figure is saved as notebooks/<notebook>-<figure>.png.
+notebooks: setup
+	$(PY) -m experiments.notebooks --save-figures
 
 params: setup
 	$(PY) -m experiments.params --preset v3-671b

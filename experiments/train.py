@@ -106,14 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_record=None) -> int:
+    """on_record: called with each train / eval metrics record (a notebook's live plot)."""
     args = parse_args(argv)
     from deepseek_jax.train.runner import exit_code, run
     from experiments.machine_info import log_backend_choices
 
     log_backend_choices()  # one line per backend choice, with its reason
 
-    return exit_code(lambda: run(args))
+    return exit_code(lambda: run(args, on_record))
 
 
 if __name__ == "__main__":

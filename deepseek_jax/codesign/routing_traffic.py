@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from deepseek_jax.config import ModelConfig
 
 
@@ -51,3 +53,32 @@ def routing_traffic(
         experts_per_node=per_node,
         experts_per_token=m * per_node,
     )
+
+
+def internode_copies(
+    idx_TK: np.ndarray, src_node_T: np.ndarray, experts_per_node: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inter-node copies each token's dispatch sends, flat against two-hop.
+
+    Counted as ``moe.dispatch`` counts them (``MoEStats.internode``): the flat exchange
+    sends one copy per chosen expert on another node, the two-hop exchange one per other
+    node the token reaches (fanned out over NVLink there). The token's own node costs none.
+
+    Args:
+      idx_TK: the chosen experts [T, K] (any leading axes flattened by the caller).
+      src_node_T: the node each token starts on [T].
+      experts_per_node: routed experts per node (experts are laid out node-major).
+    Returns:
+      (flat_T, two_hop_T): int copies per token [T] each.
+    """
+    idx_TK, src_node_T = np.asarray(idx_TK), np.asarray(src_node_T)
+    if idx_TK.ndim != 2 or src_node_T.shape != idx_TK.shape[:1]:
+        raise ValueError(
+            f"internode_copies: idx_TK {idx_TK.shape} must be [T, K] and src_node_T "
+            f"{src_node_T.shape} [T]"
+        )
+    node_TK = np.sort(idx_TK // experts_per_node, axis=-1)
+    away_TK = node_TK != src_node_T[:, None]
+    new_TK = np.ones_like(away_TK)  # a node's first occurrence in the sorted row
+    new_TK[:, 1:] = node_TK[:, 1:] != node_TK[:, :-1]
+    return away_TK.sum(-1), (away_TK & new_TK).sum(-1)

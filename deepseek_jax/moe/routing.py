@@ -134,3 +134,27 @@ def update_bias(
     """Aux-loss-free balancing (V3TR 2.1.2): overloaded experts -gamma, underloaded +gamma."""
     load_E = load_E.astype(jnp.float32)
     return bias_E + gamma * jnp.sign(jnp.mean(load_E) - load_E).astype(bias_E.dtype)
+
+
+def bias_balancing_run(
+    scores_TE: Float[Array, "T E"], cfg: ModelConfig, gamma: float, steps: int
+) -> tuple[Float[Array, "N E"], Float[Array, "N E"]]:
+    """The bias update alone, on fixed scores: how aux-loss-free balancing steers the load.
+
+    Each of ``steps`` rounds routes the same tokens with the current bias, counts the load
+    and applies ``update_bias`` (the bias starts at zero). Training moves the gate too;
+    freezing it isolates the bias's effect.
+
+    Returns:
+      bias_NE: the bias each round routed with [steps, E] (row 0 is zero).
+      load_NE: the load it produced [steps, E].
+    """
+
+    def body(bias_E, _):
+        idx_TK, _ = route(scores_TE, bias_E, cfg)
+        load_E = expert_load(idx_TK, cfg.n_routed_experts)
+        return update_bias(bias_E, load_E, gamma), (bias_E, load_E)
+
+    bias0_E = jnp.zeros((cfg.n_routed_experts,), jnp.float32)
+    _, (bias_NE, load_NE) = jax.lax.scan(body, bias0_E, None, length=steps)
+    return bias_NE, load_NE

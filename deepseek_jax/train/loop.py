@@ -30,11 +30,14 @@ class Trainer:
         *,
         out_dir: str,
         progress: bool = True,
+        on_record=None,
     ):
+        """on_record: called with each train and eval record as it is logged (live plots)."""
         from deepseek_jax.train.runner import UserError
 
         self.cfg, self.tcfg, self.mesh, self.corpus = cfg, tcfg, mesh, corpus
         self.out_dir = out_dir
+        self.on_record = on_record
         self.lead = jax.process_index() == 0
         self.progress = progress and self.lead
         try:
@@ -100,6 +103,8 @@ class Trainer:
         rec = {"kind": "eval", "step": step, **sums}
         self.log.write(rec)
         self.history.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
         return sums
 
     def _record(self, step: int, metrics, bar) -> dict[str, Any]:
@@ -126,6 +131,8 @@ class Trainer:
             )
         self.log.write(rec)
         self.history.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
         if bar is not None:
             bar.set_postfix(
                 loss=f"{rec['loss']:.3f}",

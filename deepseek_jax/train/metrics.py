@@ -56,15 +56,14 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def plot_run(metrics_path: str, png_path: str) -> None:
     """Loss curves (train, eval, MTP) and expert balance (max/mean load) per MoE layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: switching the process's backend would break a notebook's.
+    from matplotlib.figure import Figure
 
     recs = read_metrics(metrics_path)
     train = [r for r in recs if r.get("kind") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
     if train:
         steps = [r["step"] for r in train]
         ax1.plot(steps, [r["ce"] for r in train], label="train CE", lw=1)
@@ -87,4 +86,3 @@ def plot_run(metrics_path: str, png_path: str) -> None:
         ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)

@@ -173,7 +173,8 @@ def _global_batch(corpus, seed: int, step: int, tcfg, sharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, np.asarray(rows, np.int32), shape)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, on_record=None) -> dict[str, Any]:
+    """on_record: called with each train / eval metrics record (e.g. a notebook's live plot)."""
     _setup_runtime(args)
     from deepseek_jax.train.loop import Trainer
 
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup.corpus,
         out_dir=args.out,
         progress=not args.no_progress,
+        on_record=on_record,
     )
     t0 = time.time()
     with _Stop() as stop:

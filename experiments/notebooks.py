@@ -1,0 +1,139 @@
+"""Run the notebooks top to bottom in a kernel of this Python: ``python -m experiments.notebooks``.
+
+``make notebooks`` runs them at full size and saves each figure as a PNG next to its
+notebook, ``<notebook>-<figure>.png``, named by the ``figure`` entry of the cell's metadata
+(``# %% figure="loss"`` in the percent-format twin). ``make test`` runs them with
+``--small`` (``DEEPSEEK_JAX_NOTEBOOK_SMALL=1``: a few steps of the ``tiny`` preset).
+
+The kernel is this interpreter, declared in a temporary kernelspec, with this repository
+first on ``PYTHONPATH``: no user-wide kernel is needed, and a clone tests its own code.
+The notebooks are only read; their stored copies stay without outputs.
+
+    python -m experiments.notebooks [--small] [--save-figures] [name ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = ("quickstart", "mla_memory", "moe_routing")
+SMALL_ENV = "DEEPSEEK_JAX_NOTEBOOK_SMALL"
+KERNEL = "deepseek-jax-notebooks"
+
+
+def kernel_spec_dir(where: Path, *, small: bool) -> Path:
+    """Writes a kernelspec that starts ``sys.executable`` with the run's environment."""
+    spec = where / "kernels" / KERNEL
+    spec.mkdir(parents=True, exist_ok=True)
+    path = os.environ.get("PYTHONPATH", "")
+    env = {
+        "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""),
+        SMALL_ENV: "1" if small else "0",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",  # figures become outputs
+    }
+    kernel = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"deepseek-jax ({sys.executable})",
+        "language": "python",
+        "env": env,
+    }
+    (spec / "kernel.json").write_text(json.dumps(kernel, indent=1))
+    return spec.parent
+
+
+def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = False):
+    """The notebook at ``path`` executed in a fresh kernel (cwd: its folder).
+
+    Raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) on the
+    first failing cell.
+    """
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    clock = [time.perf_counter()]
+
+    def report(cell, cell_index, **_):
+        now = time.perf_counter()
+        if progress:
+            first = "".join(cell.source).strip().splitlines()[:1] or [""]
+            print(f"  [{cell_index:2d}] {now - clock[0]:6.1f} s  {first[0][:70]}", flush=True)
+        clock[0] = now
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ksm = KernelSpecManager(kernel_dirs=[str(kernel_spec_dir(Path(tmp), small=small))])
+        km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
+        client = NotebookClient(
+            nb,
+            km=km,
+            timeout=timeout,
+            kernel_name=KERNEL,
+            resources={"metadata": {"path": str(path.parent)}},
+            on_cell_executed=report,
+        )
+        client.execute()
+    return nb
+
+
+def figures(nb) -> dict[str, list[bytes]]:
+    """PNG images by figure name: the image outputs of each cell whose metadata names one."""
+    import base64
+
+    out: dict[str, list[bytes]] = {}
+    for cell in nb.cells:
+        name = cell.get("metadata", {}).get("figure")
+        if cell.cell_type == "code" and name:
+            data = [o.get("data", {}) for o in cell.outputs]
+            out[name] = [base64.b64decode(d["image/png"]) for d in data if "image/png" in d]
+    return out
+
+
+def expected_figures(nb) -> list[str]:
+    """The figure names the notebook's cells declare (``figure`` in the cell metadata)."""
+    return [c.metadata["figure"] for c in nb.cells if c.get("metadata", {}).get("figure")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", default=list(NOTEBOOKS), help="notebooks to run")
+    ap.add_argument("--small", action="store_true", help="the test suite's short run")
+    ap.add_argument(
+        "--save-figures", action="store_true", help="write <notebook>-<figure>.png beside each"
+    )
+    args = ap.parse_args(argv)
+    for name in args.names:
+        path = NOTEBOOK_DIR / f"{Path(name).stem}.ipynb"
+        if not path.exists():
+            print(f"error: no notebook {path}", file=sys.stderr)
+            return 2
+        t0 = time.perf_counter()
+        print(f"{path.name}:", flush=True)
+        nb = execute(path, small=args.small, progress=True)
+        figs = figures(nb)
+        print(f"{path.name}: ran in {time.perf_counter() - t0:.0f} s, figures {sorted(figs)}")
+        empty = sorted(name for name, pngs in figs.items() if not pngs)
+        if empty:
+            print(f"error: {path.name}: figure cells {empty} drew no image", file=sys.stderr)
+            return 1
+        if args.save_figures:
+            for fig_name, pngs in figs.items():
+                for i, png in enumerate(pngs):
+                    suffix = f"-{i + 1}" if len(pngs) > 1 else ""
+                    target = path.with_name(f"{path.stem}-{fig_name}{suffix}.png")
+                    target.write_bytes(png)
+                    print(f"  {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
