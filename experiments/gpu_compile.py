@@ -31,11 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--remat", default="none", help="none | full | dots (train)")
     p.add_argument("--no-lhs", action="store_true", help="latency-hiding scheduler off (control)")
+    p.add_argument(
+        "--xla", action="append", default=[], help="extra XLA:GPU option key=value (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--hlo-out", help="also write the scheduled HLO text to this file")
     p.add_argument("--window-ops", type=int, default=4, help="compute ops listed per window")
     p.add_argument("overrides", nargs="*", help="model config key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def _mesh(text: str) -> dict[str, int]:
@@ -46,6 +49,16 @@ def _mesh(text: str) -> dict[str, int]:
             raise ValueError(f"--mesh {text!r}: expected stage=S,node=N,gpu=G")
         out[key.strip()] = int(val)
     return out
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, val = text.partition("=")
+    if not sep:
+        raise ValueError(f"--xla {text!r}: expected key=value")
+    low = val.lower()
+    if low in ("true", "false"):
+        return key.strip().lstrip("-"), low == "true"
+    return key.strip().lstrip("-"), int(val) if val.lstrip("-").isdigit() else val
 
 
 def _table(sched, n_ops: int) -> list[str]:
@@ -75,7 +88,9 @@ def run(args: argparse.Namespace) -> dict:
     shape = _mesh(args.mesh)
     mesh = gc.gpu_mesh(args.target, **shape)
     cfg = gc.gpu_config(get_preset(args.preset), dict(o.split("=", 1) for o in args.overrides))
-    options = {"xla_gpu_enable_latency_hiding_scheduler": False} if args.no_lhs else None
+    options = dict(_option(o) for o in args.xla)
+    if args.no_lhs:
+        options["xla_gpu_enable_latency_hiding_scheduler"] = False
     out = gc.compile_program(
         args.program, cfg, mesh, args.batch, args.seq_len, options=options, remat=args.remat
     )

@@ -130,10 +130,11 @@ def _model_state(cfg, mesh):
     from deepseek_jax.build import abstract_model
 
     graphdef, abs_state = nnx.split(abstract_model(cfg, layer_loop="scan"))
-    shardings = state_shardings(abs_state, mesh)
-    return graphdef, jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings
-    )
+
+    def one(s, a):  # a: an abstract nnx Variable
+        return a.replace(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s))
+
+    return graphdef, jax.tree.map(one, state_shardings(abs_state, mesh), abs_state)
 
 
 def _cache(graphdef, state, batch, max_len):
