@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup gpu-venv
-	$(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
 
 test-all: setup gpu-venv
-	$(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
 
 train: setup
 	$(PY) -m experiments.train $(ARGS)
