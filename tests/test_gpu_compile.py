@@ -24,7 +24,7 @@ BENCH = [
 ]  # fmt: skip
 
 
-def harness(*args: str, timeout: int = 900) -> dict:
+def harness(*args: str, timeout: int = 3600) -> dict:
     """The harness's JSON line, run in .venv-gpu (the CUDA plugin wheels)."""
     if not GPU_PY.exists():
         if os.environ.get("DEEPSEEK_JAX_REQUIRE_GPU_COMPILE"):
