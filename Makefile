@@ -12,7 +12,7 @@ PYTHON ?= $(shell for c in python3.13 python3.12 python3; do \
 	  [ -x $$d/bin/python3 ] && $$d/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$d/bin/python3; exit 0; }; \
 	done)
 
-.PHONY: setup test test-all train bench bench-cpu lint params gpu-check clean notebooks
+.PHONY: setup test test-all train bench bench-cpu lint params gpu-check gpu-compile gpu-venv clean notebooks
 
 setup: $(STAMP)
 
@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml
 	@$(PY) -c 'from cpu_kernels import attention as a; print("C++ causal attention (CPU, float32):", "built" if a.available() else "not built, no C++ compiler? MLA falls back to XLA einsums")'
 	@touch $(STAMP)
 
-test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
+test: setup gpu-venv
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
 
-test-all: setup
-	$(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
+test-all: setup gpu-venv
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
 
 train: setup
 	$(PY) -m experiments.train $(ARGS)
@@ -69,5 +69,27 @@ gpu-check:
 	@if [ -x $(PY) ]; then $(PY) -m experiments.gpu_check; \
 	else PYTHONPATH=. python3 -m experiments.gpu_check; fi
 
+# Deviceless GPU compile (no GPU needed): a second venv layered on $(VENV) that adds the CUDA
+# plugin wheels at exactly the installed jax version. Kept apart because with the plugin present a
+# plain `import jax` (without JAX_PLATFORMS=cpu) prints a cuDNN traceback.
+GPU_VENV := .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
+
+gpu-venv: $(GPU_STAMP)
+
+$(GPU_STAMP): $(STAMP)
+	rm -rf $(GPU_VENV)
+	$$($(PY) -c 'import sys; print(sys._base_executable)') -m venv $(GPU_VENV)
+	site=$$($(GPU_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo "import site; site.addsitedir('$$base')" > $$site/_deepseek_jax_main_venv.pth
+	v=$$($(PY) -c 'import jax; print(jax.__version__)'); \
+	  $(GPU_PY) -m pip install -q --no-deps "jax-cuda12-plugin==$$v" "jax-cuda12-pjrt==$$v"
+	@touch $(GPU_STAMP)
+
+gpu-compile: setup gpu-venv
+	JAX_PLATFORMS=cpu $(GPU_PY) -m experiments.gpu_compile $(ARGS)
+
 clean:
-	rm -rf $(VENV) $(TORCH_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) $(TORCH_VENV) .pytest_cache build *.egg-info

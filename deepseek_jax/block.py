@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import backends, sharding
+from deepseek_jax import backends, overlap, sharding
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
@@ -40,6 +40,10 @@ class Block(nnx.Module):
     def __call__(
         self, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]
     ) -> tuple[Float[Array, "B T D"], MoEStats | None]:
+        if self._dual(x_BTD.shape[0]):
+            with jax.named_scope("dual_overlap"):
+                x_BTD, stats = overlap.dual_block(self, x_BTD, positions_BT)
+            return sharding.constrain(x_BTD, ("batch", None, "embed")), stats
         with jax.named_scope("attention"):
             x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), positions_BT)
         with jax.named_scope("moe" if self.is_moe else "mlp"):
@@ -65,8 +69,15 @@ class Block(nnx.Module):
         )
         x_BTD = x_BTD + a_BTD
         h_BTD = self.post_attention_layernorm(x_BTD)
-        h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
+        if self._dual(x_BTD.shape[0]) and x_BTD.shape[1] > 1:  # prefill
+            h_BTD = overlap.dual_moe(self.mlp, h_BTD)[0]
+        else:
+            h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
         return x_BTD + h_BTD.astype(x_BTD.dtype), cache
+
+    def _dual(self, batch: int) -> bool:
+        """The dual micro-batch schedule (``cfg.overlap``) where expert parallelism runs."""
+        return self.is_moe and self.mlp.cfg.overlap == "dual" and overlap.can_split(self.mlp, batch)
 
 
 class StackStats(NamedTuple):

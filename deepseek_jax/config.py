@@ -21,6 +21,7 @@ EPDispatch = Literal["two_hop", "flat"]
 KernelBackend = Literal["xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
+Overlap = Literal["none", "dual"]
 # How the layer stacks run (block.run_blocks): a scan, unrolled, or "auto" (unrolled on CPU).
 LAYER_LOOPS = ("auto", "scan", "unroll")
 
@@ -116,6 +117,9 @@ class ModelConfig:
     ep_fp8_dispatch: bool = False  # dispatch payload E4M3 with 1x128 scales (V3TR 3.3.2)
     ep_kernel: KernelBackend = "xla"  # permute/combine: "xla" (jnp) or "pallas" (our kernel)
     ep_logfmt_bits: int = 0  # dispatch payload in LogFMT-n (ISCA 3.2), n in 4..16; 0: off
+    # MoE blocks under expert parallelism: "dual" splits each device's batch in two halves
+    # whose all-to-alls overlap the other half's compute (overlap.py); "none": one batch.
+    overlap: Overlap = "none"
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -232,6 +236,7 @@ class ModelConfig:
             "attention_backend",
             "ep_dispatch",
             "ep_kernel",
+            "overlap",
         ):
             allowed = typing.get_args(_field_types()[name])
             _require(
@@ -330,6 +335,7 @@ class ModelConfig:
             "ep_fp8_dispatch",
             "ep_kernel",
             "ep_logfmt_bits",
+            "overlap",
         ):
             d.pop(ours)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None

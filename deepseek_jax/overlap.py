@@ -1,0 +1,249 @@
+"""Dual micro-batch overlap of a MoE block (``overlap="dual"``).
+
+Design note.
+*What DeepSeek-V3 does* (V3TR 3.2.1, ISCA 2025 "dual micro-batch overlap"): each device
+splits its batch into two micro-batches and runs them offset by a phase, so that one
+micro-batch's dispatch and combine all-to-alls travel while the other computes attention or
+experts; the shared expert fills the gaps; the backward pass interleaves the same way.
+
+*What we do.* ``dual_block`` splits the local batch into halves A and B (each device keeps
+its own rows: no communication) and issues, in program order,
+    attention(A) | dispatch(A) + attention(B) | experts(A) + dispatch(B)
+    | combine(A) + experts(B) + shared(A) | combine(B) + shared(B),
+where ``+`` means "in the same phase". An ``optimization_barrier`` joins each phase's two
+results, so no op of a later phase can start before both are done and XLA cannot serialise
+the halves again; inside a phase the latency-hiding scheduler runs the collective of one
+half beside the compute of the other. The barrier's transpose is a barrier on the
+cotangents, so the backward pass keeps the same pairing in reverse. The MoE is the layer of
+``moe/layer.py`` cut at its collectives into three ``shard_map`` stages (dispatch with the
+router, experts, combine), each a call of the same ``moe/dispatch.py`` functions; prefill
+(``dual_moe``) runs the MoE phases the same way.
+
+*Equality.* Routing is per token and the einsum experts are exact (slots plus spill), so the
+block equals the unsplit one when no expert-parallel buffer overflows (capacities are sized
+per half): forward values and gradients to float32 rounding. Statistics: loads, dropped and
+sent counts are the sums over the halves; the balance loss is their mean (a mean over
+sequences, as unsplit).
+
+*What we simplify.* No deferral of combine(B) into the next block (a scan over layers ends
+each block at the loop boundary); no custom VJP or ``_scheduling_group_id`` pinning: the
+barriers alone (checked on the compiled GPU schedule by ``experiments.gpu_compile``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from deepseek_jax.fp8 import fp8_mode
+from deepseek_jax.moe import dispatch as dsp
+from deepseek_jax.moe.experts import routed_ffn
+from deepseek_jax.moe.layer import (
+    MoE,
+    MoEStats,
+    _expert_parallel_fits,
+    _expert_weights,
+    _laid_out,
+    _mesh_of,
+    _router,
+)
+from deepseek_jax.sharding import EXPERT_AXES, logical_to_spec
+
+OVERLAPS = ("none", "dual")
+_barrier = jax.lax.optimization_barrier
+
+
+class Dispatched(NamedTuple):
+    """One half after dispatch: per-device pieces stacked on a leading (node, gpu) axis."""
+
+    recv: dsp.Received
+    handle: Any  # FlatHandle | TwoHopHandle
+    weight_TK: Float[Array, "T K"]  # noqa: N815 - the gate weights (flat combine applies them)
+    stats: MoEStats
+
+
+def can_split(moe: MoE, batch: int) -> bool:
+    """Dual overlap applies under expert parallelism with halves that split over devices."""
+    return batch % 2 == 0 and _expert_parallel_fits(_mesh_of(()), batch // 2)
+
+
+def dual_block(block, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
+    """``block`` (a MoE ``Block``) in the dual micro-batch schedule: (x_BTD, MoEStats)."""
+
+    def attention(x, p):
+        return x + block.self_attn(block.input_layernorm(x), p)
+
+    xa, xb = split_halves(x_BTD)
+    pa, pb = split_halves(positions_BT)
+    xa = attention(xa, pa)
+    ha = block.post_attention_layernorm(xa)
+    (ya, yb), stats, (xb,) = _pipeline(
+        block.mlp, ha, lambda: (block.post_attention_layernorm(xb2 := attention(xb, pb)), (xb2,))
+    )
+    out = merge_halves(xa + ya.astype(xa.dtype), xb + yb.astype(xb.dtype))
+    return out, stats
+
+
+def dual_moe(moe: MoE, h_BTD: Float[Array, "B T D"]):
+    """The MoE layer alone in the dual schedule (prefill): (y_BTD, MoEStats)."""
+    ha, hb = split_halves(h_BTD)
+    (ya, yb), stats, _ = _pipeline(moe, ha, lambda: (hb, ()))
+    return merge_halves(ya, yb), stats
+
+
+def _pipeline(moe: MoE, ha, make_b):
+    """dispatch(A) + make_b() | experts(A) + dispatch(B) | combine(A) + experts(B) + shared(A)
+    | combine(B) + shared(B). ``make_b`` returns (B's MoE input, extras to carry)."""
+    st = _Stages(moe, ha.shape)
+    da = st.dispatch(ha)
+    hb, extra = make_b()
+    da, hb, extra = _barrier((da, hb, extra))
+    ea = st.experts(da.recv)
+    db = st.dispatch(hb)
+    ea, db = _barrier((ea, db))
+    ya = st.combine(ea, da)
+    eb = st.experts(db.recv)
+    sa = st.shared(ha)
+    ya, sa, eb = _barrier((ya, sa, eb))
+    yb = st.combine(eb, db) + st.shared(hb)
+    stats = MoEStats(
+        da.stats.load_E + db.stats.load_E,
+        (da.stats.balance_loss + db.stats.balance_loss) / 2,
+        *(a + b for a, b in zip(da.stats[2:], db.stats[2:], strict=True)),
+    )
+    return (ya + sa, yb), stats, extra
+
+
+class _Stages:
+    """The MoE layer's three shard_map stages for halves of ``tokens`` global tokens."""
+
+    def __init__(self, moe: MoE, shape_BTD: tuple[int, ...]):
+        cfg = moe.cfg
+        self.moe, self.cfg, self.opts = moe, cfg, moe.ep
+        self.mesh = _mesh_of(())
+        self.topo = dsp.Topology.for_mesh(cfg, self.mesh, self.opts.path)
+        self.T = math.prod(shape_BTD[:2]) // self.topo.devices  # local tokens of a half
+        self.seq = shape_BTD[1]
+        self.caps = dsp.Capacities.for_tokens(
+            self.T, cfg.num_experts_per_tok, self.topo, self.opts.capacity_factor
+        )
+        names = self.mesh.axis_names
+        self.data = logical_to_spec(("batch", None, None), mesh_axes=names)
+        self.experts_spec = logical_to_spec(("expert", None, None), mesh_axes=names)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def _smap(self, fn, in_specs, out_specs):
+        return jax.shard_map(
+            fn,
+            mesh=self.mesh,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            axis_names=set(EXPERT_AXES),
+            check_vma=self.opts.kernel != "pallas",
+        )
+
+    def dispatch(self, h_BTD) -> Dispatched:
+        moe, cfg, rep, dev = self.moe, self.cfg, P(), P(EXPERT_AXES)
+        bias = moe.e_score_correction_bias
+        has_bias = bias is not None
+        bias = bias[...] if has_bias else jnp.zeros((cfg.n_routed_experts,), jnp.float32)
+        args = (
+            _laid_out(h_BTD.astype(self.dtype), self.data, self.mesh),
+            _laid_out(moe.gate[...], rep, self.mesh),
+            _laid_out(bias, rep, self.mesh),
+        )
+        flat = self.opts.path == "flat"
+        handle = dsp.FlatHandle(dev) if flat else dsp.TwoHopHandle(dev, dev)
+        stats = MoEStats(rep, rep, rep, rep, rep)
+        out_specs = Dispatched(dsp.Received(dev, dev, dev), handle, dev, stats)
+        local = functools.partial(self._dispatch_local, has_bias=has_bias)
+        return self._smap(local, (self.data, rep, rep), out_specs)(*args)
+
+    def _dispatch_local(self, x_BTD, gate_DE, bias_E, *, has_bias: bool) -> Dispatched:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        idx_TK, weight_TK, load_E, loss = _router(
+            x_TD, gate_DE, bias_E if has_bias else None, self.cfg, B
+        )
+        if self.opts.path == "flat":
+            recv, handle, st = dsp.flat_dispatch(x_TD, idx_TK, self.topo, self.caps, self.opts)
+        else:
+            recv, handle, st = dsp.two_hop_dispatch(
+                x_TD, idx_TK, weight_TK, self.topo, self.caps, self.opts
+            )
+        stats = MoEStats(
+            jax.lax.psum(load_E, EXPERT_AXES),
+            jax.lax.pmean(loss, EXPERT_AXES),
+            *(jax.lax.psum(s, EXPERT_AXES) for s in st),
+        )
+        return Dispatched(recv, handle, weight_TK, stats)
+
+    def experts(self, recv: dsp.Received) -> Float[Array, "R D"]:
+        moe, dev, ex = self.moe, P(EXPERT_AXES), self.experts_spec
+        ws = [_laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
+        return self._smap(self._experts_local, (dsp.Received(dev, dev, dev), ex, ex, ex), dev)(
+            recv, *ws
+        )
+
+    def _experts_local(self, recv: dsp.Received, *ws) -> Float[Array, "R D"]:
+        cfg, El = self.cfg, self.topo.experts_per_device
+        assert ws[0].shape[0] == El, (ws[0].shape, self.topo)
+        sizes = dsp.SlotSizes.for_shapes(
+            self.T, cfg.num_experts_per_tok, El, max_capacity=recv.x_RD.shape[0]
+        )
+        ws = _expert_weights(cfg, recv.x_RD.dtype, *ws)
+        return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
+
+    def combine(self, y_RD, d: Dispatched) -> Float[Array, "B T D"]:
+        dev = P(EXPERT_AXES)
+        handle = jax.tree.map(lambda _: dev, d.handle)
+        fn = self._smap(self._combine_local, (dev, handle, dev), self.data)
+        return fn(y_RD, d.handle, d.weight_TK)
+
+    def _combine_local(self, y_RD, handle, weight_TK) -> Float[Array, "B T D"]:
+        dtype = jnp.dtype(self.opts.combine_dtype or self.dtype)
+        if self.opts.path == "flat":
+            y_TD = dsp.flat_combine(y_RD, weight_TK, handle, self.topo, self.caps, self.opts, dtype)
+        else:
+            y_TD = dsp.two_hop_combine(y_RD, handle, self.topo, self.caps, self.opts, dtype)
+        return y_TD.astype(self.dtype).reshape(self.T // self.seq, self.seq, -1)
+
+    def shared(self, h_BTD):
+        if self.moe.shared_experts is None:
+            return jnp.zeros(h_BTD.shape, self.dtype)
+        with jax.named_scope("shared_experts"):
+            return self.moe.shared_experts(h_BTD)
+
+
+# ------------------------------------------------------------------------ halves
+
+
+def _batch_spec():
+    mesh = _mesh_of(())
+    return mesh, logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0]
+
+
+def split_halves(x: Array) -> tuple[Array, Array]:
+    """Each device's rows (batch axis 0) cut in two: halves A and B, still batch-sharded."""
+    mesh, spec = _batch_spec()
+    s = P(spec)
+    fn = lambda x: (x[: x.shape[0] // 2], x[x.shape[0] // 2 :])  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=s, out_specs=(s, s), axis_names=set(EXPERT_AXES))(
+        x
+    )
+
+
+def merge_halves(a: Array, b: Array) -> Array:
+    """The inverse of ``split_halves``."""
+    mesh, spec = _batch_spec()
+    s = P(spec)
+    fn = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
+    return jax.shard_map(fn, mesh=mesh, in_specs=(s, s), out_specs=s, axis_names=set(EXPERT_AXES))(
+        a, b
+    )

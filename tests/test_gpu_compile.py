@@ -1,0 +1,124 @@
+"""The train step compiled for a (node=2, gpu=8) H100 cluster without a GPU (the harness
+``experiments.gpu_compile`` in the ``.venv-gpu`` of ``make gpu-compile``): with
+``overlap=dual`` every all-to-all should be async (MTP included) and hidden behind compute;
+the control (``overlap=none``, latency-hiding scheduler off) fails the same checks; V3's
+layer shape fits an 80 GB H100.
+
+Each figure comes from one compile in a subprocess (module-scoped): 2-3 CPU-minutes each.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GPU_PY = ROOT / ".venv-gpu" / "bin" / "python"
+# bench-small's shape: a scan over 2 MoE layers (no dense one) and the MTP module.
+BENCH = [
+    "--preset", "bench-small", "--batch", "32", "--seq-len", "256",
+    "num_hidden_layers=2", "first_k_dense_replace=0",
+]  # fmt: skip
+
+
+def harness(*args: str, timeout: int = 3600) -> dict:
+    """The harness's JSON line, run in .venv-gpu (the CUDA plugin wheels)."""
+    if not GPU_PY.exists():
+        if os.environ.get("DEEPSEEK_JAX_REQUIRE_GPU_COMPILE"):
+            pytest.fail(f"{GPU_PY} missing: run `make gpu-venv`")
+        pytest.skip(f"{GPU_PY} missing: `make gpu-venv` (make test builds it)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The conftest's CPU flags (8 host devices, LLVM -O0) do not change XLA:GPU's schedule;
+    # -O0 only shortens the LLVM part of the compile.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    out = subprocess.run(
+        [str(GPU_PY), "-m", "experiments.gpu_compile", "--json", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if out.returncode:
+        raise AssertionError(f"harness failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def dual() -> dict:
+    return harness(*BENCH, "overlap=dual")
+
+
+@pytest.fixture(scope="module")
+def control() -> dict:
+    return harness(*BENCH, "--no-lhs", "overlap=none")
+
+
+def test_dual_runs_both_halves_async(dual):
+    # 2 halves x 2 blocks (MoE scan body, MTP) x (8 forward: ids, weights and payload per
+    # dispatch hop, 2 combine hops; 6 backward: the float cotangents' way back).
+    assert dual["all_to_all_total"] == 2 * 2 * (8 + 6), dual
+    assert dual["all_to_all_overlapped"] > dual["all_to_all_total"] // 2, dual
+
+
+# Measured (jax 0.12.0.1, this BENCH, default GPU options): 14 of 56 all-to-alls sync (8
+# forward, 6 backward: the last combine hop of each block and the MTP block's tail, where
+# only shared(B) is left to overlap); with
+# xla_gpu_experimental_parallel_collective_overlap_limit=4, 9 sync.
+@pytest.mark.xfail(strict=True, reason="14 sync all-to-alls measured (target 0)")
+def test_dual_has_no_sync_all_to_all(dual):
+    assert dual["sync_all_to_all"] == 0, dual
+
+
+def test_control_fails_the_checks(control):
+    """Without the split and the scheduler the same checks fail (measured: 17 of 28
+    all-to-alls sync; XLA's default scheduler still leaves 11 with compute in the window)."""
+    assert control["sync_all_to_all"] > 0, control
+    assert control["all_to_all_hidden_fraction"] < 0.9, control
+
+
+# Measured: hidden fraction 0.22 forward, 0.31 backward (0.27 overall; overlap=none with
+# the scheduler on: 0.11 / 0.14, 7 of 28 sync). Not a scheduling
+# limit alone: at bench-small's width (D = 512) a half's attention or expert GEMMs last a
+# few to ~25 us under the cost model, while its padded buffers (capacity factor 3; hop 2
+# is [8, 792, 512] bf16 per half, 3.3 MB) take 18 us per gpu hop and 5 us per node hop,
+# four payload hops per half and pass (dispatch and combine).
+@pytest.mark.xfail(strict=True, reason="hidden fraction 0.22 fwd / 0.31 bwd measured (0.9)")
+def test_dual_hides_the_all_to_alls(dual):
+    for phase in ("forward", "backward"):
+        assert dual[f"all_to_all_hidden_fraction_{phase}"] >= 0.9, dual
+
+
+@pytest.mark.slow
+def test_v3_layer_shape_fits_an_h100():
+    """V3-671B at 4 layers (3 dense, 1 MoE) and the MTP module, 16 experts per device."""
+    out = harness(
+        "--preset", "v3-671b", "--batch", "16", "--seq-len", "4096",
+        "--remat", "full", "num_hidden_layers=4",
+    )  # fmt: skip
+    used = out["temp_bytes_per_device"] + out["argument_bytes_per_device"]
+    assert used < 80e9, out
+    print(json.dumps(out), file=sys.stderr)
+
+
+@pytest.mark.parametrize("program", ["train", "prefill", "decode"])
+def test_programs_build_on_abstract_state(program):
+    """The harness's programs trace and lower on ShapeDtypeStructs (here over 8 CPU devices;
+    the GPU compile itself runs in the subprocess tests above)."""
+    import jax
+
+    from deepseek_jax.codesign import gpu_compile as gc
+    from deepseek_jax.config import get_preset
+    from deepseek_jax.mesh import make_mesh
+
+    mesh = make_mesh(2, 4)
+    cfg = gc.gpu_config(get_preset("tiny"), {"overlap": "dual"})
+    build = {"train": gc._train, "prefill": gc._prefill, "decode": gc._decode}[program]
+    with jax.set_mesh(mesh):
+        text = build(cfg, mesh, 16, 8, "none").lower().as_text()
+    assert "all_to_all" in text  # the MoE layer ran expert-parallel
+    with pytest.raises(ValueError, match="--batch 12"):
+        gc.compile_program(program, cfg, mesh, 12, 8)

@@ -1,0 +1,105 @@
+"""Dual micro-batch overlap (overlap.py) equals the unsplit MoE block on (node, gpu) meshes of
+8 virtual CPU devices: forward values, gradients and statistics, two-hop and flat, with and
+without FP8 dispatch; prefill's MoE likewise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import overlap, sharding
+from deepseek_jax.block import Block
+from deepseek_jax.config import get_preset
+from deepseek_jax.mesh import make_mesh
+
+# D 64, 16 experts in 4 groups (2 kept), top-4, dropless buffers (capacities differ per half).
+BASE = ["n_routed_experts=16", "num_experts_per_tok=4", "ep_capacity_factor=none"]
+DATA = P(("node", "gpu"))
+B, T = 16, 8
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _run(cfg, mesh):
+    """Block forward + gradients w.r.t. parameters and x, on ``mesh``."""
+    block = Block(cfg, moe=True, rngs=nnx.Rngs(0))
+    block.mlp.e_score_correction_bias[...] = jnp.linspace(-0.3, 0.3, cfg.n_routed_experts)
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.float32)
+    probe = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    @jax.jit
+    def run(params, rest, x, probe, pos):
+        def f(params, x):
+            y, stats = nnx.merge(graphdef, params, rest, copy=True)(x, pos)
+            return jnp.sum(probe * y) + 0.1 * stats.balance_loss, (y, stats)
+
+        (_, (y, stats)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+        return y, stats, grads
+
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, sharding.state_shardings(params, mesh))
+        rest = jax.device_put(rest, sharding.state_shardings(rest, mesh))
+        args = [jax.device_put(a, DATA) for a in (x, probe, pos)]
+        assert overlap.can_split(block.mlp, B) == (mesh.size > 1)
+        return jax.device_get(run(params, rest, *args))
+
+
+CASES = [  # (mesh, path, fp8 dispatch); the rest of the cross product is marked slow
+    ((1, 8), "two_hop", False),
+    ((2, 4), "two_hop", True),
+    ((4, 2), "two_hop", False),
+    ((1, 8), "flat", True),
+    ((2, 4), "flat", False),
+    ((4, 2), "flat", True),
+]
+SLOW = [(m, p, not f) for m, p, f in CASES]
+
+
+@pytest.mark.parametrize(
+    "shape, path, fp8", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW]
+)
+def test_dual_equals_unsplit_block(shape, path, fp8):
+    mesh = make_mesh(*shape)
+    opts = [*BASE, f"ep_dispatch={path}", f"ep_fp8_dispatch={fp8}"]
+    y0, s0, (dp0, dx0) = _run(get_preset("tiny", opts), mesh)
+    y1, s1, (dp1, dx1) = _run(get_preset("tiny", [*opts, "overlap=dual"]), mesh)
+    assert int(s0.dropped) == int(s1.dropped) == 0
+    for name in ("load_E", "dropped", "internode", "intranode"):  # sums over the halves
+        np.testing.assert_array_equal(getattr(s1, name), getattr(s0, name), err_msg=name)
+    np.testing.assert_allclose(float(s1.balance_loss), float(s0.balance_loss), rtol=1e-6)
+    assert rel_err(y1, y0) < 1e-6
+    assert rel_err(dx1, dx0) < 1e-5
+    flat = jax.tree.leaves_with_path(dp1)
+    for (p, g), g0 in zip(flat, jax.tree.leaves(dp0), strict=True):
+        assert rel_err(g, g0) < 1e-5, jax.tree_util.keystr(p)
+
+
+def test_dual_moe_for_prefill_equals_unsplit():
+    mesh = make_mesh(2, 4)
+    cfg = get_preset("tiny", [*BASE, "overlap=dual"])
+    block = Block(cfg, moe=True, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(3), (B, T, cfg.hidden_size), jnp.float32)
+    graphdef, state = nnx.split(block.mlp)
+
+    @jax.jit
+    def both(state, h):
+        moe = nnx.merge(graphdef, state)
+        return moe(h), overlap.dual_moe(moe, h)
+
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        (y0, s0), (y1, s1) = jax.device_get(both(state, jax.device_put(h, DATA)))
+    assert rel_err(y1, y0) < 1e-6
+    np.testing.assert_array_equal(s1.load_E, s0.load_E)
+
+
+def test_overlap_field_is_validated():
+    with pytest.raises(ValueError, match="overlap"):
+        get_preset("tiny", ["overlap=triple"])

@@ -1,0 +1,83 @@
+# ruff: noqa: E501 - HLO lines are kept whole, as XLA prints them
+"""The scheduled-HLO reader of the deviceless GPU compile (codesign/schedule.py), on a small
+hand-written module whose figures follow from the cost model by hand."""
+
+import pytest
+
+from deepseek_jax.codesign.schedule import CostModel, Schedule, mesh_axes, shape_bytes, summary
+
+AXES = {"node": 2, "gpu": 4}
+G = "replica_groups=mesh['node'=2,'gpu'=4] {'gpu'}"
+N = "replica_groups=mesh['node'=2,'gpu'=4] {'node'}"
+HLO = f"""HloModule m, is_scheduled=true
+
+%fused_dot (p0: bf16[64,128], p1: bf16[128,256]) -> f32[64,256] {{
+  %p0 = bf16[64,128]{{1,0}} parameter(0)
+  %p1 = bf16[128,256]{{1,0}} parameter(1)
+  ROOT %dot.1 = f32[64,256]{{1,0}} dot(%p0, %p1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
+}}
+
+%cond (c: (s32[], bf16[4,16,8])) -> pred[] {{
+  %c = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+
+%body (b: (s32[], bf16[4,16,8])) -> (s32[], bf16[4,16,8]) {{
+  %b = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
+  %x = bf16[4,16,8]{{2,1,0}} get-tuple-element(%b), index=1
+  %a2a = bf16[4,16,8]{{2,1,0}} all-to-all(%x), channel_id=3, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/transpose(jvp(moe))/all_to_all"}}, backend_config={{"collective_backend_config":{{"is_sync":true}}}}
+  %j = s32[] get-tuple-element(%b), index=0
+  ROOT %t = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%j, %a2a)
+}}
+
+ENTRY %main (x: bf16[4,16,8], w: bf16[128,256], y: bf16[64,128]) -> bf16[4,16,8] {{
+  %x = bf16[4,16,8]{{2,1,0}} parameter(0)
+  %w = bf16[128,256]{{1,0}} parameter(1)
+  %y = bf16[64,128]{{1,0}} parameter(2)
+  %s = ((bf16[4,16,8]{{2,1,0}}), bf16[4,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=1, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/jvp(moe)/all_to_all"}}
+  %g = f32[64,256]{{1,0}} fusion(%y, %w), kind=kCustom, calls=%fused_dot
+  %d = bf16[4,16,8]{{2,1,0}} all-to-all-done(%s)
+  %s2 = ((bf16[2,16,8]{{2,1,0}}), bf16[2,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=2, {N}, dimensions={{0}}, metadata={{op_name="jit(f)/jvp(moe)/all_to_all"}}
+  %d2 = bf16[2,16,8]{{2,1,0}} all-to-all-done(%s2)
+  %z = s32[] constant(0)
+  %tup = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%z, %d)
+  %loop = (s32[], bf16[4,16,8]{{2,1,0}}) while(%tup), condition=%cond, body=%body
+  ROOT %out = bf16[4,16,8]{{2,1,0}} get-tuple-element(%loop), index=1
+}}
+"""
+
+
+def test_windows_sync_trips_and_hidden_fraction():
+    model = CostModel()
+    sched = Schedule(HLO, AXES, model)
+    by = {c.name: c for c in sched.collectives}
+    assert set(by) == {"s", "s2", "a2a"}
+    s, s2, loop = by["s"], by["s2"], by["a2a"]
+    assert s.window == ["g"] and s.overlapped and s.axes == ("gpu",)
+    assert s.compute_s == pytest.approx(2 * 64 * 256 * 128 / model.flops)
+    assert s.transfer_s == pytest.approx(1024 * 3 / 4 / 160e9)  # 3/4 of 4x16x8 bf16 leaves
+    assert s.hidden == pytest.approx(s.compute_s / s.transfer_s)  # 4.2 ns of 4.8 ns hidden
+    assert s2.is_async and not s2.overlapped and s2.hidden == 0.0 and s2.axes == ("node",)
+    assert not loop.is_async and loop.trips == 3 and loop.phase == "backward"
+    out = summary(sched)
+    assert out["all_to_all_total"] == 3 and out["all_to_all_overlapped"] == 1
+    assert out["sync_all_to_all"] == 1 and out["sync_all_to_all_backward"] == 1
+    t = [s.transfer_s, s2.transfer_s, 3 * loop.transfer_s]
+    assert out["all_to_all_hidden_fraction"] == pytest.approx(s.hidden * t[0] / sum(t))
+    assert out["all_to_all_hidden_fraction_backward"] == 0.0
+
+
+def test_shapes_and_replica_group_forms():
+    assert shape_bytes("((bf16[2,3]{1,0}), f32[4]{0})") == 2 * 6 + 16
+    assert shape_bytes("f8e4m3fn[128,128]{1,0}") == 128 * 128
+    assert mesh_axes("replica_groups={{0,1,2,3},{4,5,6,7}}", AXES) == ("gpu",)
+    assert mesh_axes("replica_groups={{0,4},{1,5},{2,6},{3,7}}", AXES) == ("node",)
+    assert mesh_axes("replica_groups=[4,2]<=[2,4]T(1,0)", AXES) == ("node",)
+    assert mesh_axes("replica_groups=mesh['axis_0'=8] {'axis_0'}", AXES) == ("node", "gpu")
+
+
+def test_not_a_compiled_module_is_named():
+    with pytest.raises(ValueError, match="ENTRY"):
+        Schedule("HloModule m\n", AXES)
