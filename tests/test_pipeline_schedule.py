@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 
 from deepseek_jax.pipeline.schedule import (
-    B,
     SCHEDULES,
-    W,
+    B,
     Costs,
     Op,
+    W,
     check,
     counts,
     make_schedule,
