@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -103,3 +104,16 @@ def test_checker_rejects_broken_tables():
 def test_bad_arguments(name, pp, m, match):
     with pytest.raises(ValueError, match=match):
         make_schedule(name, pp, m)
+
+
+def test_bench_pipeline(tmp_path, capsys):
+    from experiments.bench_pipeline import draw, main
+
+    out = main(["--no-plots"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == out and set(out) == {f"bubble_fraction_{n}" for n in SCHEDULES}
+    assert out["bubble_fraction_dualpipe"] < min(
+        out["bubble_fraction_1f1b"], out["bubble_fraction_zb1p"]
+    )
+    draw(make_schedule("dualpipe", 4, 8), UNIT, str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").stat().st_size > 0
