@@ -13,6 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.metrics import MetricsLogger, plot_run
@@ -252,7 +253,7 @@ class Trainer:
 
         model = nnx.merge(self.graphdef, self.state.params, self.state.rest)
         prompt = "def "
-        rows = math.prod(self.mesh.shape.values())  # one row per data-parallel shard
+        rows = data_parallel_size(self.mesh)  # one row per data-parallel shard
         ids = np.asarray([self.corpus.tokenizer.encode(prompt)] * rows, np.int32)
         with jax.set_mesh(self.mesh):
             ids = jax.device_put(ids, self.batch_sharding)

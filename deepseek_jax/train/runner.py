@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -101,7 +100,9 @@ def _build(args: argparse.Namespace) -> Setup:
         mesh = make_mesh(**_parse_mesh(args.mesh))
     except ValueError as e:
         raise UserError(str(e)) from None
-    dp = math.prod(mesh.shape.values())
+    from deepseek_jax.sharding import data_parallel_size
+
+    dp = data_parallel_size(mesh)
     if tcfg.batch_size % dp:
         raise UserError(
             f"--batch-size {tcfg.batch_size} is not divisible by the data-parallel "

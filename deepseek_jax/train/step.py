@@ -38,6 +38,18 @@ def _balance(out: ModelOutput) -> dict[str, Array]:
     }
 
 
+def head_loss(cfg: TrainConfig, model, h_BTD, ids_BT1):
+    """The last pipeline hop's loss from the final hidden state: head, MTP, ``total_loss``
+    (whose balance term then covers only the MTP modules)."""
+    ids_BT = ids_BT1[:, :-1]
+    positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+    hn_BTD = model.norm(h_BTD)
+    mtp_logits, mtp_stats = model._mtp(ids_BT, positions_BT, hn_BTD)
+    out = ModelOutput(model.head(hn_BTD), mtp_logits, None, mtp_stats)
+    loss, terms = total_loss(out, ids_BT1, cfg)
+    return loss, terms, mtp_stats
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
