@@ -417,3 +417,24 @@ def _per_layer(stats, plan: LayerPlan, m: int):
 
     load, bal, drop = (one(s) for s in stats)
     return load, bal / m, drop
+
+
+def pipeline_for(cfg: ModelConfig, tcfg, mesh: jax.sharding.Mesh) -> Pipeline | None:
+    """The run's pipeline (``tcfg.pipeline`` over the mesh's stages), or None. Raises
+    ValueError naming the fix for a bad combination."""
+    if tcfg.pipeline == "none":
+        return None
+    stages = 1
+    for a in sharding.mesh_axes_of("layers"):
+        stages *= dict(mesh.shape).get(a, 1)
+    if stages < 2:
+        raise ValueError(f"--pipeline {tcfg.pipeline}: the mesh has no stages; add stage=N")
+    pipe = Pipeline.build(cfg, tcfg.pipeline, stages, tcfg.microbatches)
+    local = tcfg.batch_size // sharding.data_parallel_size(mesh)
+    if local % tcfg.microbatches:
+        raise ValueError(
+            f"--pipeline: the local batch of {local} sequences does not split into "
+            f"{tcfg.microbatches} micro-batches; make --batch-size a multiple of "
+            f"{tcfg.microbatches} x the data-parallel size"
+        )
+    return pipe

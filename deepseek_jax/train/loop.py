@@ -13,6 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.pipeline.executor import pipeline_for
 from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
 from deepseek_jax.train.config import TrainConfig
@@ -49,7 +50,8 @@ class Trainer:
             self.graphdef, self.state, self.layout, tx = self._restore_or_init()
         except CheckpointError as e:
             raise UserError(str(e)) from None
-        self.train_step = jit_train_step(self.graphdef, tx, tcfg, self.layout, mesh)
+        pipe = pipeline_for(cfg, tcfg, mesh)
+        self.train_step = jit_train_step(self.graphdef, tx, tcfg, self.layout, mesh, pipe)
         self.eval_step = jit_eval_step(self.graphdef, tcfg, self.layout, mesh)
         self.batch_sharding = batch_sharding(mesh)
         self.log = MetricsLogger(out_dir, enabled=self.lead)

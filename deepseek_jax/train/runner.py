@@ -96,8 +96,13 @@ def _build(args: argparse.Namespace) -> Setup:
             keep=args.keep,
             remat=args.remat,
             layer_loop=args.layer_loop,
+            pipeline=getattr(args, "pipeline", "none"),
+            microbatches=getattr(args, "microbatches", 1),
         )
         mesh = make_mesh(**_parse_mesh(args.mesh))
+        from deepseek_jax.pipeline.executor import pipeline_for
+
+        pipeline_for(cfg, tcfg, mesh)  # a bad schedule / mesh / batch fails here, in one line
     except ValueError as e:
         raise UserError(str(e)) from None
     from deepseek_jax.sharding import data_parallel_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -11,7 +12,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Int
 
+from deepseek_jax.block import StackStats
 from deepseek_jax.model import ModelOutput
+from deepseek_jax.pipeline.executor import Pipeline
+from deepseek_jax.pipeline.executor import value_and_grad as pipeline_value_and_grad
 from deepseek_jax.sharding import logical_to_spec
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.loss import total_loss
@@ -57,6 +61,7 @@ def train_step(
     layout: Layout,
     state: TrainState,
     ids_BT1: Int[Array, "B T+1"],
+    pipe: Pipeline | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on a batch of T+1 tokens; returns the new state and metrics.
 
@@ -70,7 +75,19 @@ def train_step(
         loss, terms = total_loss(out, ids_BT1, cfg)
         return loss, (terms, out)
 
-    (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if pipe is None:
+        (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:  # the same mean loss and gradient, accumulated over micro-batches by a schedule
+        terms, grads, moe, mtp = pipeline_value_and_grad(
+            pipe,
+            graphdef,
+            state.params,
+            state.rest,
+            ids_BT1,
+            functools.partial(head_loss, cfg),
+            cfg.balance_alpha,
+        )
+        out = ModelOutput(None, None, None if moe is None else StackStats(*moe), mtp)
     grads = jax.reshard(grads, layout.params_zero)  # reduce-scatter (ZeRO-1)
     params_zero = jax.reshard(state.params, layout.params_zero)
     updates, opt_state = tx.update(grads, state.opt_state, params_zero)
@@ -94,9 +111,11 @@ def jit_train_step(
     cfg: TrainConfig,
     layout: Layout,
     mesh: jax.sharding.Mesh,
+    pipe: Pipeline | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Array]]]:
-    """``train_step`` jitted once: explicit in/out shardings, the state donated."""
-    fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids)  # noqa: E731
+    """``train_step`` jitted once: explicit in/out shardings, the state donated; ``pipe``
+    runs it pipelined over the mesh's stages."""
+    fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids, pipe)  # noqa: E731
     jitted = jax.jit(
         fn,
         in_shardings=(layout.state, batch_sharding(mesh)),
