@@ -135,6 +135,15 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
     return size
 
 
+def like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` resharded to ``ref``'s layout (same shape) under an Explicit mesh, else as is."""
+    want = getattr(jax.typeof(ref).sharding, "spec", None)
+    mesh = getattr(jax.typeof(ref).sharding, "mesh", None)
+    if want is None or mesh is None or mesh.empty or mesh._any_axis_manual:
+        return x
+    return x if jax.typeof(x).sharding.spec == want else jax.reshard(x, want)
+
+
 def relayout_dim(x: jax.Array, dim: int, name: str | None) -> jax.Array:
     """``x`` with dimension ``dim`` laid out over logical axis ``name`` (None: replicated),
     its other dimensions as they are; a no-op without an Explicit mesh or when already so.
