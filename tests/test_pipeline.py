@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.build import init_model
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.pipeline.executor import Pipeline, layer_plan, pipeline_for, value_and_grad
+from deepseek_jax.pipeline.executor import value_and_grad
+from deepseek_jax.pipeline.placement import Pipeline, layer_plan, pipeline_for
 from deepseek_jax.pipeline.schedule import make_schedule
 from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.config import TrainConfig

@@ -13,7 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.pipeline.executor import pipeline_for
+from deepseek_jax.pipeline.placement import pipeline_for
 from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
 from deepseek_jax.train.config import TrainConfig

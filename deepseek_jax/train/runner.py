@@ -100,7 +100,7 @@ def _build(args: argparse.Namespace) -> Setup:
             microbatches=getattr(args, "microbatches", 1),
         )
         mesh = make_mesh(**_parse_mesh(args.mesh))
-        from deepseek_jax.pipeline.executor import pipeline_for
+        from deepseek_jax.pipeline.placement import pipeline_for
 
         pipeline_for(cfg, tcfg, mesh)  # a bad schedule / mesh / batch fails here, in one line
     except ValueError as e:

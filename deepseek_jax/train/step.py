@@ -14,8 +14,8 @@ from jaxtyping import Array, Int
 
 from deepseek_jax.block import StackStats
 from deepseek_jax.model import ModelOutput
-from deepseek_jax.pipeline.executor import Pipeline
 from deepseek_jax.pipeline.executor import value_and_grad as pipeline_value_and_grad
+from deepseek_jax.pipeline.placement import Pipeline
 from deepseek_jax.sharding import logical_to_spec
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.loss import total_loss
