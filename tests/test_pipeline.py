@@ -165,3 +165,19 @@ def test_pipelined_training_logs_the_same_losses_and_checkpoints_cross(tmp_path,
     assert main(QUICK + ["--steps", "6", "--mesh", "node=2,gpu=4", "--out", str(piped)]) == 0
     assert capsys.readouterr().out.count("resumed from") == 2
     np.testing.assert_allclose(_train_losses(plain)[-1], _train_losses(piped)[-1], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["scan", "unroll"])
+def test_unpipelined_forward_on_a_stage_mesh(loop):
+    """tiny (1 dense layer: not divisible by 2 stages) initialises and runs on a stage mesh
+    under both layer loops, equal to the same model on a (node, gpu) mesh."""
+    cfg = get_preset("tiny")
+    ids = jax.random.randint(jax.random.key(0), (8, 16), 0, cfg.vocab_size)
+    logits = []
+    for mesh in (make_mesh(2, 2, stage=2), make_mesh(2, 4)):
+        model = init_model(cfg, mesh, seed=1, layer_loop=loop)
+        with jax.set_mesh(mesh):
+            x = jax.device_put(ids, P(("node", "gpu"), None))
+            logits.append(np.asarray(nnx.jit(lambda m, x: m(x).logits_BTV)(model, x)))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
