@@ -92,8 +92,9 @@ def value_and_grad(
       head_loss: the last hop's loss from the final hidden state (it runs the head and MTP).
       balance_alpha: weight of each main-stack MoE layer's balance loss in the objective.
     Returns:
-      (loss, terms, grads like ``params``, per-layer (load_LE, balance_L, dropped_L) of the
-      main MoE stack, the same of the MTP modules or None).
+      (loss terms averaged over micro-batches, ``terms["loss"]`` the objective; grads like
+      ``params``; (load_LE, balance_L, dropped_L) per layer of the main MoE stack or None;
+      the MTP modules' ``StackStats`` or None). Loads are summed over micro-batches.
     """
     sched, plan = pipe.sched, pipe.plan
     m = sched.microbatches
@@ -106,8 +107,8 @@ def value_and_grad(
     ids = microbatches(ids_BT1, m)
     tables_np = tick_tables(sched, plan)
     tables = {k: jnp.asarray(v) for k, v in tables_np.items()}
-    used = {k for k in ("act_down", "act_up", "act_self", "grad_down", "grad_up", "grad_self")}
-    used = sorted(k for k in used if tables_np[f"{k}_on"].any())
+    channels = ("act_down", "act_up", "act_self", "grad_down", "grad_up", "grad_self")
+    used = [k for k in channels if tables_np[f"{k}_on"].any()]  # ppermute only these
     kinds = sorted({int(k) for k in np.unique(tables_np["kind"])})
     T, D = ids.shape[-1] - 1, pipe.hidden
     buf_spec = sharding.spec((None, None, "batch", None, None))
