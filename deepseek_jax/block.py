@@ -120,6 +120,8 @@ def run_blocks(
     if remat:
         body = nnx.remat(body, policy=remat_policy, prevent_cse=False)
 
+    # A stage-sharded layer axis is gathered first: neither a scan nor unstack slices it.
+    blocks = _gather_layers(blocks)
     if resolve_layer_loop(loop) == "unroll":
         x_BTD, stats = _unrolled(body, x_BTD, blocks)
     else:
@@ -136,6 +138,11 @@ def run_blocks(
     if stats is None:
         return x_BTD, None
     return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped)
+
+
+def _gather_layers(blocks: Block) -> Block:
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: sharding.relayout_dim(a, 0, None), state))
 
 
 def _unrolled(body, x_BTD, blocks: Block):

@@ -142,7 +142,8 @@ class Transformer(nnx.Module):
         step = jax.vmap(lambda b, load: update_bias(b, load, gamma))
         if moe_stats is not None:
             bias = self.moe_layers.mlp.e_score_correction_bias
-            bias[...] = step(bias[...], moe_stats.load_LE)
+            # the load may be laid out otherwise (gathered layers, pipeline stages)
+            bias[...] = step(bias[...], sharding.like(moe_stats.load_LE, bias[...]))
         for k, module in enumerate(self.mtp):
             bias = module.block.mlp.e_score_correction_bias
             bias[...] = update_bias(bias[...], mtp_stats.load_LE[k], gamma)

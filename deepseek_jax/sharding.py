@@ -127,14 +127,63 @@ def variable_names(v: nnx.Variable) -> tuple[str | None, ...] | None:
     return v.get_metadata().get("out_sharding")
 
 
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    """Devices the batch is split over (``stage`` holds layers, not data)."""
+    size = 1
+    for a in mesh_axes_of("batch"):
+        size *= dict(mesh.shape).get(a, 1)
+    return size
+
+
+def like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` resharded to ``ref``'s layout (same shape) under an Explicit mesh, else as is."""
+    want = getattr(jax.typeof(ref).sharding, "spec", None)
+    mesh = getattr(jax.typeof(ref).sharding, "mesh", None)
+    if want is None or mesh is None or mesh.empty or mesh._any_axis_manual:
+        return x
+    return x if jax.typeof(x).sharding.spec == want else jax.reshard(x, want)
+
+
+def relayout_dim(x: jax.Array, dim: int, name: str | None) -> jax.Array:
+    """``x`` with dimension ``dim`` laid out over logical axis ``name`` (None: replicated),
+    its other dimensions as they are; a no-op without an Explicit mesh or when already so.
+
+    Layer stacks sharded over ``layers`` must be gathered before a scan or an unstack walks
+    them (a slice of a sharded axis has no layout), and pipeline stages re-stack them.
+    """
+    sh = jax.typeof(x).sharding
+    mesh = getattr(sh, "mesh", None)
+    if mesh is None or mesh.empty or mesh._any_axis_manual:
+        return x
+    spec = list(sh.spec) + [None] * (x.ndim - len(sh.spec))
+    want = None if name is None else logical_to_spec((name,), mesh_axes=mesh.axis_names)[0]
+    if spec[dim] == want:
+        return x
+    spec[dim] = want
+    return jax.reshard(x, P(*spec))
+
+
+def _divisible(p: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
+    """Drops the mesh axes of a dimension they do not divide (1 dense layer, 2 stages)."""
+    out = []
+    for e, n in zip(list(p) + [None] * (len(shape) - len(p)), shape, strict=True):
+        axes = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+        size = 1
+        for a in axes:
+            size *= mesh.shape[a]
+        out.append(e if n % size == 0 else None)
+    return P(*out)
+
+
 def state_shardings(abs_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """NamedShardings for every Variable of an abstract state, from its logical names."""
+    """NamedShardings for every Variable of an abstract state, from its logical names; an
+    axis a mesh axis does not divide stays unsharded."""
 
     def one(v):
         names = variable_names(v) if isinstance(v, nnx.Variable) else None
-        ndim = len(v.shape) if hasattr(v, "shape") else len(v.value.shape)
-        p = logical_to_spec(names, mesh_axes=mesh.axis_names) if names else P(*[None] * ndim)
-        return NamedSharding(mesh, p)
+        shape = v.shape if hasattr(v, "shape") else v.value.shape
+        p = logical_to_spec(names, mesh_axes=mesh.axis_names) if names else P(*[None] * len(shape))
+        return NamedSharding(mesh, _divisible(p, shape, mesh))
 
     return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -18,7 +18,7 @@ import sys
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from deepseek_jax.config import PRESETS
-    from deepseek_jax.train.config import LAYER_LOOPS, REMATS, TrainConfig
+    from deepseek_jax.train.config import LAYER_LOOPS, PIPELINES, REMATS, TrainConfig
 
     d = TrainConfig()
     ap = argparse.ArgumentParser(
@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up")
     ap.add_argument(
-        "--mesh", default=None, help="device mesh as node=N,gpu=G (default: one node per process)"
+        "--mesh",
+        default=None,
+        help="device mesh as [stage=S,]node=N,gpu=G (default: one node per process)",
     )
     ap.add_argument(
         "--out",
@@ -83,6 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=LAYER_LOOPS,
         help="run the layer stacks in a scan (compile time flat in depth) or unrolled "
         "(faster on CPU); auto: unrolled on CPU",
+    )
+    ap.add_argument(
+        "--pipeline",
+        default=d.pipeline,
+        choices=PIPELINES,
+        help="pipeline schedule over the mesh's stage axis (needs --mesh stage=N,...)",
+    )
+    ap.add_argument(
+        "--microbatches",
+        type=int,
+        default=d.microbatches,
+        help="pipelined micro-batches per step, each from every device's local batch",
     )
     ap.add_argument(
         "--dtype",

@@ -185,13 +185,16 @@ def routing_table(user: UserSetup | None = None) -> Table:
 def pipeline_table(
     pp: int = 16, f: float = 1.0, b: float = 2.0, w: float = 1.0, fb: float | None = None
 ) -> Table:
-    """V3TR Table 2 evaluated at one (PP, F, B, W, F&B)."""
+    """V3TR Table 2 at one (PP, F, B, W, F&B): our counts from the schedule tables, the
+    paper's formulas and memory columns beside them."""
     rows = []
     for name in SCHEDULES:
         s = pipeline_schedule(name, pp, f, b, w, fb)
         paper_params, paper_acts = (2, pp + 1) if name == "DualPipe" else (1, pp)
+        exact = abs(s.bubble - s.formula_bubble) <= 1e-9 * max(1.0, s.formula_bubble)
+        note = "" if exact else f"{s.formula}; the formula assumes F = B - W = W"
         rows += [
-            Row(name, "bubble", s.bubble, None, s.formula, ".1f"),
+            Row(name, "bubble (table)", s.bubble, s.formula_bubble, note, ".1f"),
             Row(name, "param copies", s.param_copies, paper_params, fmt=".0f"),
             Row(name, "activation micro-batches", s.activation_microbatches, paper_acts, fmt=".0f"),
         ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from deepseek_jax.config import LAYER_LOOPS
+from deepseek_jax.pipeline.schedule import SCHEDULES
 
 REMATS = ("none", "full", "dots")
+PIPELINES = ("none", *SCHEDULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,8 @@ class TrainConfig:
     bias_gamma: float = 1e-3  # aux-loss-free bias update speed
     remat: str = "none"
     layer_loop: str = "auto"  # scan or unroll the layer stacks; auto: unroll on CPU
+    pipeline: str = "none"  # schedule over the mesh's stage axis (pipeline/schedule.py)
+    microbatches: int = 1  # per step, each from every device's local batch (pipelined)
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -42,6 +46,7 @@ class TrainConfig:
             "ckpt_every",
             "keep",
             "eval_batches",
+            "microbatches",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)}: must be positive")
@@ -55,6 +60,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
         if self.remat not in REMATS:
             raise ValueError(f"TrainConfig.remat = {self.remat!r}: must be one of {REMATS}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(
+                f"TrainConfig.pipeline = {self.pipeline!r}: must be one of {PIPELINES}"
+            )
+        if self.microbatches > 1 and self.pipeline == "none":
+            raise ValueError(
+                f"TrainConfig.microbatches = {self.microbatches}: needs a --pipeline schedule"
+            )
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(
                 f"TrainConfig.layer_loop = {self.layer_loop!r}: must be one of {LAYER_LOOPS}"

@@ -13,6 +13,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.pipeline.placement import pipeline_for
+from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.metrics import MetricsLogger, plot_run
@@ -51,7 +53,8 @@ class Trainer:
             self.graphdef, self.state, self.layout, tx = self._restore_or_init()
         except CheckpointError as e:
             raise UserError(str(e)) from None
-        self.train_step = jit_train_step(self.graphdef, tx, tcfg, self.layout, mesh)
+        pipe = pipeline_for(cfg, tcfg, mesh)
+        self.train_step = jit_train_step(self.graphdef, tx, tcfg, self.layout, mesh, pipe)
         self.eval_step = jit_eval_step(self.graphdef, tcfg, self.layout, mesh)
         self.batch_sharding = batch_sharding(mesh)
         self.log = MetricsLogger(out_dir, enabled=self.lead)
@@ -259,7 +262,7 @@ class Trainer:
 
         model = nnx.merge(self.graphdef, self.state.params, self.state.rest)
         prompt = "def "
-        rows = math.prod(self.mesh.shape.values())  # one row per data-parallel shard
+        rows = data_parallel_size(self.mesh)  # one row per data-parallel shard
         ids = np.asarray([self.corpus.tokenizer.encode(prompt)] * rows, np.int32)
         with jax.set_mesh(self.mesh):
             ids = jax.device_put(ids, self.batch_sharding)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -98,11 +97,18 @@ def _build(args: argparse.Namespace) -> Setup:
             keep=args.keep,
             remat=args.remat,
             layer_loop=args.layer_loop,
+            pipeline=getattr(args, "pipeline", "none"),
+            microbatches=getattr(args, "microbatches", 1),
         )
         mesh = make_mesh(**_parse_mesh(args.mesh))
+        from deepseek_jax.pipeline.placement import pipeline_for
+
+        pipeline_for(cfg, tcfg, mesh)  # a bad schedule / mesh / batch fails here, in one line
     except ValueError as e:
         raise UserError(str(e)) from None
-    dp = math.prod(mesh.shape.values())
+    from deepseek_jax.sharding import data_parallel_size
+
+    dp = data_parallel_size(mesh)
     if tcfg.batch_size % dp:
         raise UserError(
             f"--batch-size {tcfg.batch_size} is not divisible by the data-parallel "

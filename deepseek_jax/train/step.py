@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -11,7 +12,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Int
 
+from deepseek_jax.block import StackStats
 from deepseek_jax.model import ModelOutput
+from deepseek_jax.pipeline.executor import value_and_grad as pipeline_value_and_grad
+from deepseek_jax.pipeline.placement import Pipeline
 from deepseek_jax.sharding import logical_to_spec
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.loss import total_loss
@@ -38,6 +42,18 @@ def _balance(out: ModelOutput) -> dict[str, Array]:
     }
 
 
+def head_loss(cfg: TrainConfig, model, h_BTD, ids_BT1):
+    """The last pipeline hop's loss from the final hidden state: head, MTP, ``total_loss``
+    (whose balance term then covers only the MTP modules)."""
+    ids_BT = ids_BT1[:, :-1]
+    positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+    hn_BTD = model.norm(h_BTD)
+    mtp_logits, mtp_stats = model._mtp(ids_BT, positions_BT, hn_BTD)
+    out = ModelOutput(model.head(hn_BTD), mtp_logits, None, mtp_stats)
+    loss, terms = total_loss(out, ids_BT1, cfg)
+    return loss, terms, mtp_stats
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -45,6 +61,7 @@ def train_step(
     layout: Layout,
     state: TrainState,
     ids_BT1: Int[Array, "B T+1"],
+    pipe: Pipeline | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on a batch of T+1 tokens; returns the new state and metrics.
 
@@ -58,7 +75,19 @@ def train_step(
         loss, terms = total_loss(out, ids_BT1, cfg)
         return loss, (terms, out)
 
-    (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if pipe is None:
+        (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    else:  # the same mean loss and gradient, accumulated over micro-batches by a schedule
+        terms, grads, moe, mtp = pipeline_value_and_grad(
+            pipe,
+            graphdef,
+            state.params,
+            state.rest,
+            ids_BT1,
+            functools.partial(head_loss, cfg),
+            cfg.balance_alpha,
+        )
+        out = ModelOutput(None, None, None if moe is None else StackStats(*moe), mtp)
     grads = jax.reshard(grads, layout.params_zero)  # reduce-scatter (ZeRO-1)
     params_zero = jax.reshard(state.params, layout.params_zero)
     updates, opt_state = tx.update(grads, state.opt_state, params_zero)
@@ -82,9 +111,11 @@ def jit_train_step(
     cfg: TrainConfig,
     layout: Layout,
     mesh: jax.sharding.Mesh,
+    pipe: Pipeline | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Array]]]:
-    """``train_step`` jitted once: explicit in/out shardings, the state donated."""
-    fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids)  # noqa: E731
+    """``train_step`` jitted once: explicit in/out shardings, the state donated; ``pipe``
+    runs it pipelined over the mesh's stages."""
+    fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids, pipe)  # noqa: E731
     jitted = jax.jit(
         fn,
         in_shardings=(layout.state, batch_sharding(mesh)),

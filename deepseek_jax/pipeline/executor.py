@@ -1,0 +1,288 @@
+"""One executor for every schedule table: a lockstep loop under ``shard_map`` over stages.
+
+Design note. DeepSeek-V3 pipelines 16 ways with DualPipe (V3TR 3.2.1). Here a schedule is
+data (``schedule.py``); this file runs any table. The layer stacks are re-stacked per
+(stage, chunk) by a gather, ``[PP, C, K, ...]`` over the ``layers`` mesh axis: K is the
+largest number of layers a chunk holds, shorter chunks are padded and their padded layers
+skipped by a mask, so stages may hold unequal counts (61 layers over 16 stages) and the
+dense first layers are simply stage 0's first layers. DualPipe's second copy of the
+parameters is the same gather taking each layer twice; the gather's transpose sums the two
+copies' gradients, and drops the padding's. Embedding, final norm, head and MTP modules
+are passed to every stage whole; the first hop embeds, the last hop runs the head and MTP
+(which reuse the embedding and head): each stage's share of those shared gradients is
+summed over stages explicitly (``psum``), which is the tied-weights all-reduce.
+
+Each tick every stage runs its slot of the table (``lax.switch`` on the slot's kind: F, B,
+W, full backward, or DualPipe's F&B pair), then activations move one stage forward and
+gradients one stage back by ``ppermute`` (both ways for DualPipe; DualPipeV's turn at the
+last stage is a local copy). A forward stores its input; B and W recompute the chunk under
+``jax.vjp`` (B: input gradient only, W: weight gradient only, as the zero-bubble split
+needs), so nothing but the stored inputs and output gradients crosses ticks. Simplified:
+every micro-batch's input and output gradient are kept for the whole step (the table's
+activation count is what a freeing runtime would hold), an F&B pair runs its halves one
+after the other (the hook for the dual micro-batch overlap of ``overlap.py`` is
+``branch`` below, kinds FB and FBW), the embedding is computed on every hop and kept only
+on the first, and compute overlaps the ppermutes only as far as XLA schedules it (the GPU
+compile check of the stage transfers belongs on ``tick``'s ppermutes). Placement of layers
+and micro-batches is in ``placement.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import sharding
+from deepseek_jax.pipeline.placement import (
+    LayerPlan,
+    Pipeline,
+    microbatches,
+    split_layers,
+    tick_tables,
+    to_stages,
+)
+
+KINDS = ("idle", "F", "B", "W", "BW", "FB", "FBW")  # slot kinds, by the phases they hold
+
+
+def _take(tree, c):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False), tree)
+
+
+def _add_at(tree, c, delta):
+    def one(acc, d):
+        cur = jax.lax.dynamic_index_in_dim(acc, c, 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(acc, cur + d.astype(acc.dtype), c, 0)
+
+    return jax.tree.map(one, tree, delta)
+
+
+def _write(buf, on, c, mb, val):
+    """buf[c, mb] = val where ``on``; a received transfer lands in its (chunk, micro-batch)."""
+    return buf.at[c, mb].set(jnp.where(on, val.astype(buf.dtype), buf[c, mb]))
+
+
+def _layer(stack: nnx.Module, k: int) -> nnx.Module:
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[k], state))
+
+
+HeadLoss = Callable  # (model, h_BTD, ids_BT1) -> (loss, terms: dict, mtp_stats | None)
+
+
+def value_and_grad(
+    pipe: Pipeline,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    ids_BT1: jax.Array,
+    head_loss: HeadLoss,
+    balance_alpha: float,
+):
+    """The mean loss over the micro-batches, its gradient and the MoE statistics.
+
+    Args:
+      graphdef, params, rest: the Transformer as ``nnx.split(model, nnx.Param, ...)``.
+      ids_BT1: [B, T+1] tokens laid out over ``batch``.
+      head_loss: the last hop's loss from the final hidden state (it runs the head and MTP).
+      balance_alpha: weight of each main-stack MoE layer's balance loss in the objective.
+    Returns:
+      (loss terms averaged over micro-batches, ``terms["loss"]`` the objective; grads like
+      ``params``; (load_LE, balance_L, dropped_L) per layer of the main MoE stack or None;
+      the MTP modules' ``StackStats`` or None). Loads are summed over micro-batches.
+    """
+    sched, plan = pipe.sched, pipe.plan
+    m = sched.microbatches
+    mesh = jax.sharding.get_abstract_mesh()
+    stage_axes = tuple(a for a in sharding.mesh_axes_of("layers") if a in mesh.axis_names)
+    layers_p, shared_p = split_layers(params)
+    layers_r, shared_r = split_layers(rest)
+    stage_p, gather_vjp = jax.vjp(lambda lp: to_stages(lp, plan), layers_p)
+    stage_r = to_stages(layers_r, plan)
+    ids = microbatches(ids_BT1, m)
+    tables_np = tick_tables(sched, plan)
+    tables = {k: jnp.asarray(v) for k, v in tables_np.items()}
+    channels = ("act_down", "act_up", "act_self", "grad_down", "grad_up", "grad_self")
+    used = [k for k in channels if tables_np[f"{k}_on"].any()]  # ppermute only these
+    kinds = sorted({int(k) for k in np.unique(tables_np["kind"])})
+    T, D = ids.shape[-1] - 1, pipe.hidden
+    buf_spec = sharding.spec((None, None, "batch", None, None))
+    act_dtype = jnp.dtype(pipe.dtype)
+    zeros_buf = jnp.zeros((sched.chunks, m, ids.shape[1], T, D), act_dtype, out_sharding=buf_spec)
+    n = len(sched.paths[0])
+    first_c = jnp.asarray(plan.part_of == 0)
+    last_c = jnp.asarray(plan.part_of == n - 1)
+    dense_valid, moe_valid = jnp.asarray(plan.dense_valid), jnp.asarray(plan.moe_valid)
+
+    def body(sp, sr, shp, shr, ids, xin, dys):
+        stage = jax.lax.axis_index(stage_axes)
+        sp, sr = jax.tree.map(lambda a: a[0], (sp, sr))
+        dvalid, mvalid = dense_valid[stage], moe_valid[stage]
+
+        def chunk(p_c, sh_p, x_in, ids_BT1, c):
+            r_c = _take(sr, c)
+            model = nnx.merge(graphdef, nnx.State({**sh_p, **p_c}), nnx.State({**shr, **r_c}))
+            ids_BT = ids_BT1[:, :-1]
+            pos_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+            emb = model.embed_tokens(ids_BT).astype(x_in.dtype)
+            x = jnp.where(first_c[stage, c], emb, x_in)
+            if "dense_layers" in p_c:
+                for k in range(dvalid.shape[-1]):
+                    y, _ = _layer(model.dense_layers, k)(x, pos_BT)
+                    x = jnp.where(dvalid[c, k], y.astype(x.dtype), x)
+            loads, bals, drops = [], [], []
+            if "moe_layers" in p_c:
+                for k in range(mvalid.shape[-1]):
+                    y, st = _layer(model.moe_layers, k)(x, pos_BT)
+                    v = mvalid[c, k]
+                    x = jnp.where(v, y.astype(x.dtype), x)
+                    loads.append(jnp.where(v, st.load_E, 0.0))
+                    bals.append(jnp.where(v, st.balance_loss, 0.0))
+                    drops.append(jnp.where(v, st.dropped, 0))
+            head = lambda h: head_loss(model, h, ids_BT1)  # noqa: E731
+            shapes = jax.eval_shape(head, x)
+            none = lambda h: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+            h_loss, h_terms, mtp = jax.lax.cond(last_c[stage, c], head, none, x)
+            moe_bal = sum(bals, jnp.zeros((), jnp.float32))
+            loss = balance_alpha * moe_bal + h_loss
+            terms = {**h_terms, "balance": h_terms["balance"] + moe_bal, "loss": loss}
+            stats = tuple(jnp.stack(a) for a in (loads, bals, drops)) if loads else ()
+            return (x, loss), (terms, stats, mtp)
+
+        carry0 = {
+            "xin": xin,
+            "dys": dys,
+            "g_p": jax.tree.map(jnp.zeros_like, sp),
+            "g_sh": jax.tree.map(jnp.zeros_like, shp),
+        }
+        (_, _), aux0 = jax.eval_shape(lambda: chunk(_take(sp, 0), shp, xin[0, 0], ids[0], 0))
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+        terms0, stats0, mtp0 = aux0
+        carry0["terms"] = zeros(terms0)
+        carry0["stats"] = zeros(
+            jax.tree.map(lambda s: jax.ShapeDtypeStruct((sched.chunks, *s.shape), s.dtype), stats0)
+        )
+        carry0["mtp"] = zeros(mtp0)
+        blank = jnp.zeros_like(xin[0, 0])
+        inv_m = jnp.asarray(1.0 / m, jnp.float32)
+
+        def run_f(carry, row):
+            c, mb = row["f_c"], row["f_mb"]
+            (y, _), (terms, stats, mtp) = chunk(_take(sp, c), shp, carry["xin"][c, mb], ids[mb], c)
+            carry = dict(carry)
+            carry["terms"] = jax.tree.map(lambda a, b: a + b, carry["terms"], terms)
+            carry["stats"] = _add_at(carry["stats"], c, stats)
+            carry["mtp"] = jax.tree.map(lambda a, b: a + b, carry["mtp"], mtp)
+            return carry, y
+
+        def run_b(carry, row, *, grad_x: bool, grad_w: bool):
+            c, mb = row["b_c"], row["b_mb"]
+            x_in, dy, p_c = carry["xin"][c, mb], carry["dys"][c, mb], _take(sp, c)
+            f = lambda p, sh, x: chunk(p, sh, x, ids[mb], c)[0]  # noqa: E731
+            cot = (dy, inv_m)
+            carry = dict(carry)
+            dx = blank
+            if grad_w:
+                _, vjp = jax.vjp(f, p_c, shp, x_in)
+                gp, gsh, dx_ = vjp(cot)
+                carry["g_p"] = _add_at(carry["g_p"], c, gp)
+                carry["g_sh"] = jax.tree.map(lambda a, b: a + b, carry["g_sh"], gsh)
+                dx = dx_ if grad_x else blank
+            elif grad_x:
+                _, vjp = jax.vjp(lambda x: f(p_c, shp, x), x_in)
+                (dx,) = vjp(cot)
+            return carry, dx
+
+        def branch(kind):
+            # FB / FBW run their two halves in turn: overlap.py's dual micro-batch
+            # interleave (one half's all-to-alls beside the other's compute) plugs in here.
+            def run(carry, row):
+                y = dx = blank
+                if "F" in KINDS[kind]:
+                    carry, y = run_f(carry, row)
+                if KINDS[kind] != "F" and kind:
+                    phases = KINDS[kind].replace("F", "")
+                    carry, dx = run_b(carry, row, grad_x="B" in phases, grad_w="W" in phases)
+                return carry, y, dx
+
+            return run
+
+        branches = [branch(k) for k in kinds]
+        kind_index = jnp.asarray(np.searchsorted(kinds, np.arange(len(KINDS))), jnp.int32)
+
+        def tick(carry, tab):
+            row = {k: v[stage] for k, v in tab.items()}
+            carry, y, dx = jax.lax.switch(kind_index[row["kind"]], branches, carry, row)
+            for ch in used:
+                kind, way = ch.split("_")
+                val = y if kind == "act" else dx
+                if way != "self":
+                    pp = sched.pp
+                    perm = (
+                        [(s, s + 1) for s in range(pp - 1)]
+                        if way == "down"
+                        else [(s, s - 1) for s in range(1, pp)]
+                    )
+                    val = jax.lax.ppermute(val, stage_axes, perm)
+                key = "xin" if kind == "act" else "dys"
+                carry[key] = _write(
+                    carry[key], row[f"{ch}_on"] > 0, row[f"{ch}_c"], row[f"{ch}_mb"], val
+                )
+            return carry, None
+
+        carry, _ = jax.lax.scan(tick, carry0, tables)
+        total = lambda t: jax.lax.psum(t, stage_axes)  # noqa: E731
+        out_terms = jax.tree.map(lambda a: total(a) / m, carry["terms"])
+        expand = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+        return (
+            out_terms,
+            expand(carry["g_p"]),
+            total(carry["g_sh"]),
+            expand(carry["stats"]),
+            total(carry["mtp"]),
+        )
+
+    st = P(stage_axes)
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(st, st, P(), P(), P(), P(), P()),
+        out_specs=(P(), st, P(), st, P()),
+        axis_names=set(stage_axes),
+        check_vma=False,
+    )
+    terms, g_stage, g_shared, stats, mtp = fn(
+        stage_p, stage_r, shared_p, shared_r, ids, zeros_buf, zeros_buf
+    )
+    (g_layers,) = gather_vjp(g_stage)
+    grads = _like(params, {**g_shared, **g_layers})
+    return terms, grads, _per_layer(stats, plan, m), mtp
+
+
+def _like(ref: nnx.State, tree) -> nnx.State:
+    """``tree``'s leaves in ``ref``'s structure, matched by key path (the vjp of the gather
+    returns plain dicts where ``ref`` has States)."""
+    key = lambda path: jax.tree_util.keystr(path).replace(".value", "")  # noqa: E731
+    by_path = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(ref)
+    return jax.tree.unflatten(treedef, [by_path[key(p)] for p, _ in paths])
+
+
+def _per_layer(stats, plan: LayerPlan, m: int):
+    """[PP, C, Km, ...] per-chunk MoE statistics -> [Lm, ...] per layer of the main stack."""
+    if not stats:
+        return None
+    n_layers = int(plan.moe_idx[plan.moe_valid].max()) + 1
+    idx, valid = plan.moe_idx[plan.moe_valid], plan.moe_valid
+
+    def one(a):
+        picked = sharding.relayout_dim(a, 0, None)[valid]
+        return jnp.zeros((n_layers, *a.shape[3:]), a.dtype).at[idx].add(picked)
+
+    load, bal, drop = (one(s) for s in stats)
+    return load, bal / m, drop
