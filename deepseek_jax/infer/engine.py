@@ -293,6 +293,14 @@ class Engine:
             r.pending, r.draft, r.q = emitted[-1], new_draft[i], new_q[i]
             self._emit(r, emitted)
 
+    def abort_all(self, reason: str = "abort") -> None:
+        """Ends every request (e.g. after a failed step) and returns all pages."""
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        for req in [*self.waiting, *self.prefilling, *self.running]:
+            self._finish(req, reason)
+
     # ---------------------------------------------------------------- outputs
 
     def _emit(self, req: Request, tokens: list[int]) -> None:
