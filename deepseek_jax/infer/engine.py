@@ -31,11 +31,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from deepseek_jax.infer import programs
-from deepseek_jax.infer.paged import PageAllocator, PagedDecoder
+from deepseek_jax.infer.paged import PageAllocator
 from deepseek_jax.infer.sampling import RowSampling, SamplingParams
+from deepseek_jax.infer.stage import Stage, hand_off
 from deepseek_jax.model import Transformer
 
 # on_update(request, new tokens, finish reason or None), called from the engine's thread.
@@ -88,11 +88,16 @@ class Engine:
         speculative: bool = False,
         batch_buckets: tuple[int, ...] | None = None,
         page_buckets: tuple[int, ...] | None = None,
+        prefill_mesh: jax.sharding.Mesh | None = None,
+        decode_mesh: jax.sharding.Mesh | None = None,
     ):
         """page_size, num_pages: the pool (page 0 is the trash page). max_batch: running +
         prefilling requests. prefill_chunk: prompt tokens per prefill call.
         batch_buckets / page_buckets: compiled batch rows and page-table widths (default:
-        powers of two up to max_batch / the context's pages; the last must cover them)."""
+        powers of two up to max_batch / the context's pages; the last must cover them).
+        prefill_mesh / decode_mesh: run prefill and decode on these meshes (``stage.py``),
+        e.g. prefill expert-parallel over all devices and decode over a smaller group;
+        a finished prefill's pages are handed from one pool to the other."""
         cfg = model.cfg
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers)")
@@ -100,19 +105,25 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.alloc = PageAllocator(num_pages, page_size)
         self.max_context = cfg.max_position_embeddings
-        self.batch_buckets = batch_buckets or buckets(max_batch)
+        self.decode = Stage.build(model, decode_mesh, num_pages, page_size)
+        self.prefill = self.decode
+        if prefill_mesh is not decode_mesh:
+            self.prefill = Stage.build(model, prefill_mesh, num_pages, page_size)
+        shards = self.decode.batch_shards
+        self.batch_buckets = batch_buckets or buckets(max(max_batch, shards), start=shards)
         self.page_buckets = page_buckets or buckets(self.alloc.pages_for(self.max_context))
         if self.batch_buckets[-1] < max_batch:
             raise ValueError(f"batch_buckets {batch_buckets} do not reach max_batch {max_batch}")
+        if any(b % shards for b in self.batch_buckets):
+            raise ValueError(
+                f"batch_buckets {batch_buckets}: the decode mesh needs multiples of {shards}"
+            )
         self.chunk_buckets = buckets(prefill_chunk, start=min(8, prefill_chunk))
-        dec = PagedDecoder(model)
-        graphdef, self.state = nnx.split(dec)
-        self.caches = jax.jit(partial(dec.init_cache, num_pages, page_size))()
         self.compilations: collections.Counter[str] = collections.Counter()
         donate = dict(donate_argnums=(1,))
-        g = graphdef
+        g, pg = self.decode.graphdef, self.prefill.graphdef
         self._prefill = jax.jit(
-            self._counted("prefill", partial(programs.prefill_chunk, g, mtp=speculative)),
+            self._counted("prefill", partial(programs.prefill_chunk, pg, mtp=speculative)),
             **donate,
         )
         self._decode = jax.jit(self._counted("decode", partial(programs.decode_step, g)), **donate)
@@ -238,22 +249,28 @@ class Engine:
         start, n_prompt = req.prefilled, len(req.prompt)
         n = min(self.prefill_chunk, n_prompt - start)
         T = _fit(self.chunk_buckets, n)
-        ids, nxt = np.zeros((1, T), np.int32), np.zeros((1, T), np.int32)
+        R = self.prefill.batch_shards  # row 0 is the request; padding fills the mesh's rows
+        ids, nxt = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
         ids[0, :n] = req.prompt[start : start + n]
         after = req.prompt[start + 1 : start + n + 1]
         nxt[0, : len(after)] = after
         req.lens_needed = start + n
-        table = self._table([req], 1)
+        table = self._table([req], R)
         final = start + n == n_prompt
-        tok, draft, q, self.caches = self._prefill(
-            self.state, self.caches, ids, nxt, np.int32(n - 1), np.asarray([start], np.int32),
-            table, self._sampling([req], 1), np.bool_(final),
-        )  # fmt: skip
+        stage = self.prefill
+        with stage.on():
+            tok, draft, q, stage.caches = self._prefill(
+                stage.state, stage.caches, ids, nxt, np.int32(n - 1),
+                np.asarray([start] + [0] * (R - 1), np.int32), table, self._sampling([req], R),
+                np.bool_(final),
+            )  # fmt: skip
         req.prefilled = req.lens = start + n
         self.stats["prefill_tokens"] += n
         if not final:
             return
         self.prefilling.remove(req)
+        if self.prefill is not self.decode:
+            hand_off(self.prefill, self.decode, table[0])
         req.pending, req.draft = int(tok[0]), int(draft[0])
         req.q = np.asarray(q[0]) if self.speculative else None
         self.running.append(req)
@@ -272,7 +289,10 @@ class Engine:
         samp = self._sampling(reqs, B)
         self.stats["decode_steps"] += 1
         if not self.speculative:
-            nxt, self.caches = self._decode(self.state, self.caches, tok, lens, table, samp)
+            with self.decode.on():
+                nxt, self.decode.caches = self._decode(
+                    self.decode.state, self.decode.caches, tok, lens, table, samp
+                )
             for r, t in zip(reqs, np.asarray(nxt).tolist(), strict=False):
                 r.lens += 1
                 r.pending = t
@@ -281,8 +301,11 @@ class Engine:
         draft = np.asarray([r.draft for r in reqs] + [0] * pad, np.int32)
         q = np.zeros((B, self.cfg.vocab_size), np.float32)
         q[: len(reqs)] = np.stack([r.q for r in reqs])
-        out = self._spec(self.state, self.caches, tok, draft, q, lens, table, samp)
-        y1, y2, acc, new_draft, new_q, self.caches = out
+        with self.decode.on():
+            out = self._spec(
+                self.decode.state, self.decode.caches, tok, draft, q, lens, table, samp
+            )
+        y1, y2, acc, new_draft, new_q, self.decode.caches = out
         y1, y2, acc, new_draft = (np.asarray(a).tolist() for a in (y1, y2, acc, new_draft))
         new_q = np.asarray(new_q)
         for i, r in enumerate(reqs):

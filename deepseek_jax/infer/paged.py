@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.layers import matmul
@@ -126,7 +127,11 @@ class PagedLayer:
     ) -> PagedLayer:
         """Stores row b's T new entries at positions ``lens_B[b] + t`` through its table."""
         page_BT, slot_BT = page_slots(table_BM, lens_B, ckv_BTC.shape[1], self.page_size)
-        put = lambda buf, new: buf.at[page_BT, slot_BT].set(new.astype(buf.dtype))  # noqa: E731
+
+        def put(buf, new):  # the pool is replicated on a mesh; the rows may be batch-sharded
+            new = sharding.constrain(new.astype(buf.dtype), (None, None, None))
+            return buf.at[page_BT, slot_BT].set(new)
+
         return PagedLayer(put(self.ckv_NPC, ckv_BTC), put(self.krope_NPR, krope_BTR))
 
     def gather(self, table_BM: Int[Array, "B M"]) -> tuple[Array, Array]:
@@ -134,7 +139,10 @@ class PagedLayer:
         B, M = table_BM.shape
         ckv = self.ckv_NPC[table_BM].reshape(B, M * self.page_size, -1)
         krope = self.krope_NPR[table_BM].reshape(B, M * self.page_size, -1)
-        return ckv, krope
+        return (
+            sharding.constrain(ckv, ("batch", "seq", "kv_lora")),
+            sharding.constrain(krope, ("batch", "seq", "head_dim")),
+        )
 
 
 def page_slots(table_BM, lens_B, T: int, page_size: int):

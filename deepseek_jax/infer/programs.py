@@ -16,28 +16,30 @@ DRAFT_STREAM = 3  # the random stream of MTP drafts (0: tokens; 1, 2: verificati
 
 
 def prefill_chunk(
-    graphdef, state, caches, ids_1T, next_ids_1T, last, lens_1, table_1M, samp, final, *, mtp: bool
+    graphdef, state, caches, ids_RT, next_ids_RT, last, lens_R, table_RM, samp, final, *, mtp: bool
 ):
-    """T prompt tokens of one request at positions ``lens_1 ..`` (the first ``last + 1``
-    real). Samples the token after position ``last`` (used on the final chunk). With
+    """T prompt tokens of one request at positions ``lens_R ..`` (the first ``last + 1``
+    real), in row 0 of R rows (the others: padding through the trash page, so that the
+    rows split over a mesh's batch axis). Samples the token after position ``last`` (used
+    on the final chunk). With
     ``mtp``, also runs the MTP layer over the chunk (its inputs: each position's hidden
-    state and the token after it, ``next_ids_1T``, the sampled token after the prompt's
+    state and the token after it, ``next_ids_RT``, the sampled token after the prompt's
     last) and drafts the token after the sampled one.
 
-    Returns (token [1], draft [1], draft distribution [1, V], caches); without ``mtp`` the
-    draft is the token and the distribution is empty [1, 0].
+    Returns (token [R], draft [R], draft distribution [R, V], caches); without ``mtp`` the
+    draft is the token and the distribution is empty [R, 0].
     """
     dec = nnx.merge(graphdef, state)
-    logits_1TV, h_1TD, caches = dec.forward(ids_1T, caches, table_1M, lens_1)
-    pos_1 = lens_1 + last + 1  # position of the sampled token
-    tok_1, _ = sample(logits_1TV[:, last], samp, pos_1)
+    logits_RTV, h_RTD, caches = dec.forward(ids_RT, caches, table_RM, lens_R)
+    pos_R = lens_R + last + 1  # position of the sampled token
+    tok_R, _ = sample(logits_RTV[:, last], samp, pos_R)
     if not mtp:
-        return tok_1, tok_1, jnp.zeros((1, 0), jnp.float32), caches
-    nxt_1 = jnp.where(final, tok_1, next_ids_1T[:, last])
-    next_ids_1T = next_ids_1T.at[:, last].set(nxt_1)
-    dlogits_1TV, caches = dec.draft(h_1TD, next_ids_1T, caches, table_1M, lens_1)
-    draft_1, q_1V = sample(dlogits_1TV[:, last], samp, pos_1 + 1, DRAFT_STREAM)
-    return tok_1, draft_1, q_1V, caches
+        return tok_R, tok_R, jnp.zeros((tok_R.shape[0], 0), jnp.float32), caches
+    nxt_R = jnp.where(final, tok_R, next_ids_RT[:, last])
+    next_ids_RT = next_ids_RT.at[:, last].set(nxt_R)
+    dlogits_RTV, caches = dec.draft(h_RTD, next_ids_RT, caches, table_RM, lens_R)
+    draft_R, q_RV = sample(dlogits_RTV[:, last], samp, pos_R + 1, DRAFT_STREAM)
+    return tok_R, draft_R, q_RV, caches
 
 
 def decode_step(graphdef, state, caches, tok_B, lens_B, table_BM, samp):

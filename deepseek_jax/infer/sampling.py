@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -56,7 +58,7 @@ class RowSampling:
 def distribution(logits_BV: Float[Array, "B V"], s: RowSampling) -> Float[Array, "B V"]:
     """The distribution each row samples from: softmax(logits / T) cut to its top-k and
     nucleus, renormalised; one-hot at the argmax for greedy rows."""
-    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = _replicated(logits_BV.astype(jnp.float32))
     V = logits_BV.shape[-1]
     greedy_B = s.temperature_B <= 0
     z_BV = logits_BV / jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
@@ -70,6 +72,11 @@ def distribution(logits_BV: Float[Array, "B V"], s: RowSampling) -> Float[Array,
     probs_BV = jax.nn.softmax(jnp.where(z_BV < cut_B1, -jnp.inf, z_BV), axis=-1)
     onehot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), V, dtype=jnp.float32)
     return jnp.where(greedy_B[:, None], onehot_BV, probs_BV)
+
+
+def _replicated(x_BV: Array) -> Array:
+    """Rows of a batch-sharded program meet their (replicated) per-row keys and settings."""
+    return sharding.constrain(x_BV, (None, None))
 
 
 def row_keys(s: RowSampling, pos_B: Int[Array, " B"], stream: int) -> Array:
@@ -89,6 +96,7 @@ def sample(
     logits_BV: Float[Array, "B V"], s: RowSampling, pos_B: Int[Array, " B"], stream: int = 0
 ) -> tuple[Int[Array, " B"], Float[Array, "B V"]]:
     """(token, the distribution it was drawn from) per row; greedy rows take the argmax."""
+    logits_BV = _replicated(logits_BV)
     probs_BV = distribution(logits_BV, s)
     tok_B = draw(probs_BV, row_keys(s, pos_B, stream))
     greedy_tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
