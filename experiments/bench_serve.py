@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     rng = np.random.default_rng(1)
     total = args.prompt_len + args.new_tokens + 1
-    pages_for = lambda n: -(-n // args.page_size)  # noqa: E731
-    # The bench's requests, or 16 of the load test's (<= 48 + 32 tokens), + the trash page.
-    pages = max(pages_for(total) * max(levels), pages_for(81) * 16) + 1
+    pages = (-(-total // args.page_size)) * max(levels) + 1  # + the trash page
     shapes = dict(page_size=args.page_size, num_pages=pages, max_batch=max(levels),
                   prefill_chunk=args.prompt_len)  # fmt: skip
     engine = Engine(model, **shapes)
@@ -165,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({cap['gqa_bytes_per_token_bf16']} B/token)")  # fmt: skip
     load = {}
     if args.load_s > 0:
-        from experiments.serve_load import http_load
+        from experiments.serve_load import http_load, load_engine
 
-        load = http_load(engine, cfg, args.load_s, args.load_clients)
+        eng = load_engine(model, args.load_clients, args.page_size)
+        load = http_load(eng, cfg, args.load_s, args.load_clients)
         lost += load["lost"]
         print(f"HTTP load {args.load_s:g} s: {load}")
     row = {f"decode_tokens_per_s_c{c}": round(out[c]["decode_tokens_per_s"], 1) for c in levels}

@@ -82,6 +82,23 @@ def _error(status, content, headers) -> str:
     return "rejected_ok" if 400 <= status < 500 else "lost"
 
 
+def load_engine(model, clients: int = 16, page_size: int = 16):
+    """An engine whose compiled shapes the load's requests (<= 48 + 32 tokens) all share:
+    one batch bucket, one page bucket, prefill chunks of 8 and 16; compiled here."""
+    from deepseek_jax.infer.engine import Engine
+    from deepseek_jax.infer.sampling import SamplingParams
+
+    pages = -(-(48 + 32 + 1) // page_size)
+    engine = Engine(
+        model, page_size=page_size, num_pages=pages * clients + 1, max_batch=clients,
+        prefill_chunk=16, batch_buckets=(clients,), page_buckets=(pages,),
+    )  # fmt: skip
+    for n in (5, 12):  # both chunk sizes, and the decode step
+        engine.submit([1] * n, SamplingParams(max_tokens=2))
+    engine.run_until_done()
+    return engine
+
+
 def http_load(engine, cfg, seconds: float, clients: int = 16) -> dict:
     import httpx
     import uvicorn
