@@ -90,6 +90,7 @@ class Engine:
         page_buckets: tuple[int, ...] | None = None,
         prefill_mesh: jax.sharding.Mesh | None = None,
         decode_mesh: jax.sharding.Mesh | None = None,
+        attention: str = "auto",
     ):
         """page_size, num_pages: the pool (page 0 is the trash page). max_batch: running +
         prefilling requests. prefill_chunk: prompt tokens per prefill call.
@@ -97,7 +98,8 @@ class Engine:
         powers of two up to max_batch / the context's pages; the last must cover them).
         prefill_mesh / decode_mesh: run prefill and decode on these meshes (``stage.py``),
         e.g. prefill expert-parallel over all devices and decode over a smaller group;
-        a finished prefill's pages are handed from one pool to the other."""
+        a finished prefill's pages are handed from one pool to the other.
+        attention: ``PagedDecoder``'s (auto: the Pallas decode kernel on GPU)."""
         cfg = model.cfg
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers)")
@@ -105,10 +107,10 @@ class Engine:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.alloc = PageAllocator(num_pages, page_size)
         self.max_context = cfg.max_position_embeddings
-        self.decode = Stage.build(model, decode_mesh, num_pages, page_size)
+        self.decode = Stage.build(model, decode_mesh, num_pages, page_size, attention)
         self.prefill = self.decode
         if prefill_mesh is not decode_mesh:
-            self.prefill = Stage.build(model, prefill_mesh, num_pages, page_size)
+            self.prefill = Stage.build(model, prefill_mesh, num_pages, page_size, attention)
         shards = self.decode.batch_shards
         self.batch_buckets = batch_buckets or buckets(max(max_batch, shards), start=shards)
         self.page_buckets = page_buckets or buckets(self.alloc.pages_for(self.max_context))

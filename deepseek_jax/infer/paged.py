@@ -35,6 +35,7 @@ from deepseek_jax.layers import matmul
 from deepseek_jax.layers.rope import rope_cos_sin, softmax_scale
 from deepseek_jax.mla import _cast, _out_proj, mla_latent_kv, mla_queries
 from deepseek_jax.model import Transformer
+from pallas_kernels.mla_decode import mla_decode
 
 TRASH_PAGE = 0
 
@@ -161,9 +162,13 @@ def mla_paged(
     table_BM: Int[Array, "B M"],
     lens_B: Int[Array, " B"],
     cfg: ModelConfig,
+    attention: str = "xla",
 ) -> tuple[Float[Array, "B T D"], PagedLayer]:
     """``mla_absorbed`` through a page table: row b's token t sits at ``lens_B[b] + t`` and
-    sees that row's positions up to its own. Returns (y_BTD, the cache with T new entries)."""
+    sees that row's positions up to its own. ``attention="pallas"``: one-token steps run
+    the Pallas decode kernel (``pallas_kernels/mla_decode.py``; interpret mode off GPU),
+    outside a multi-device mesh.
+    Returns (y_BTD, the cache with T new entries)."""
     dt = jnp.dtype(cfg.dtype)
     x_BTD = x_BTD.astype(dt)
     positions_BT = lens_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
@@ -174,12 +179,23 @@ def mla_paged(
         qlat_BTHC = jnp.einsum("bthn,chn->bthc", qnope_BTHN, wuk_CHN)  # absorb W_uk
     with jax.named_scope("mla_cache_write"):
         cache = cache.write(*mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg), table_BM, lens_B)
-        ckv_BSC, krope_BSR = cache.gather(table_BM)
-        ckv_BSC, krope_BSR = ckv_BSC.astype(dt), krope_BSR.astype(dt)
-    with jax.named_scope("mla_attend_latent"):
-        olat_BTHC = latent_attention_reference(
-            qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, positions_BT, cfg
-        )
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh.empty or mesh.size == 1  # the kernel is not partitioned over a mesh
+    if attention == "pallas" and x_BTD.shape[1] == 1 and one_device:
+        with jax.named_scope("mla_decode_kernel"):
+            scale = softmax_scale(cfg)
+            olat_BHC = mla_decode(
+                qlat_BTHC[:, 0] * scale, qrope_BTHR[:, 0] * scale, cache.ckv_NPC,
+                cache.krope_NPR, table_BM, lens_B + 1,
+                interpret=jax.default_backend() != "gpu",
+            )  # fmt: skip
+            olat_BTHC = olat_BHC[:, None].astype(dt)
+    else:
+        with jax.named_scope("mla_attend_latent"):
+            ckv_BSC, krope_BSR = (a.astype(dt) for a in cache.gather(table_BM))
+            olat_BTHC = latent_attention_reference(
+                qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, positions_BT, cfg
+            )
     with jax.named_scope("mla_out"):
         out_BTHO = jnp.einsum("bthc,cho->btho", olat_BTHC, wuv_CHO)  # absorb W_uv
         return _out_proj(w, out_BTHO, cfg), cache
@@ -206,11 +222,11 @@ def latent_attention_reference(
     return jnp.einsum("bths,bsc->bthc", probs_BTHS, ckv_BSC)
 
 
-def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg):
+def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
     """``Block.decode`` with paged attention."""
-    a_BTD, cache = mla_paged(
-        block.self_attn.weights(), block.input_layernorm(x_BTD), cache, table_BM, lens_B, cfg
-    )
+    x_in = block.input_layernorm(x_BTD)
+    w = block.self_attn.weights()
+    a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
     x_BTD = x_BTD + a_BTD
     h_BTD = block.post_attention_layernorm(x_BTD)
     h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
@@ -224,7 +240,14 @@ class PagedDecoder(nnx.Module):
     has one).
     """
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, attention: str = "auto"):
+        """attention: ``auto`` (the Pallas kernel on GPU, else XLA einsums), ``xla``,
+        ``pallas`` (interpret mode off GPU: slow, for tests)."""
+        if attention not in ("auto", "xla", "pallas"):
+            raise ValueError(f"attention: unknown {attention!r}; choose auto, xla or pallas")
+        if attention == "auto":
+            attention = "pallas" if jax.default_backend() == "gpu" else "xla"
+        self.attention = attention
         dec = UnrolledDecoder(model)
         self.cfg, self.dtype = dec.cfg, dec.dtype
         self.embed_tokens, self.norm, self.lm_head = dec.embed_tokens, dec.norm, dec.lm_head
@@ -256,7 +279,7 @@ class PagedDecoder(nnx.Module):
         x_BTD = self.embed_tokens(ids_BT)
         new = []
         for layer, c in zip(self.layers, caches, strict=False):
-            x_BTD, c = _block(layer, x_BTD, c, table_BM, lens_B, self.cfg)
+            x_BTD, c = _block(layer, x_BTD, c, table_BM, lens_B, self.cfg, self.attention)
             new.append(c)
         h_BTD = self.norm(x_BTD).astype(self.dtype)
         return self.head(h_BTD), h_BTD, new + list(caches[len(self.layers) :])
@@ -274,5 +297,5 @@ class PagedDecoder(nnx.Module):
         m = self.mtp
         cat = jnp.concatenate([m.enorm(self.embed_tokens(next_ids_BT)), m.hnorm(h_BTD)], -1)
         x_BTD = matmul(cat.astype(self.dtype), m.eh_proj[...].astype(self.dtype))
-        x_BTD, c = _block(m.block, x_BTD, caches[-1], table_BM, lens_B, self.cfg)
+        x_BTD, c = _block(m.block, x_BTD, caches[-1], table_BM, lens_B, self.cfg, self.attention)
         return self.head(m.norm(x_BTD).astype(self.dtype)), [*caches[:-1], c]

@@ -33,13 +33,15 @@ class Stage:
     caches: list[PagedLayer]
 
     @classmethod
-    def build(cls, model: Transformer, mesh, num_pages: int, page_size: int) -> Stage:
+    def build(
+        cls, model: Transformer, mesh, num_pages: int, page_size: int, attention: str = "auto"
+    ) -> Stage:
         """The model's weights on ``mesh`` (by their logical names), and an empty pool."""
         if mesh is not None:
             graphdef, state = nnx.split(model)
             model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
         with cls._on(mesh):
-            dec = PagedDecoder(model)
+            dec = PagedDecoder(model, attention)
             graphdef, state = nnx.split(dec)
             caches = jax.jit(partial(dec.init_cache, num_pages, page_size))()
         return cls(mesh, graphdef, state, caches)
