@@ -41,6 +41,7 @@ bench: setup
 	$(PY) -m experiments.bench_ep
 	$(PY) -m experiments.fp8_parity
 	$(PY) -m experiments.bench_generate
+	$(PY) -m experiments.bench_serve
 
 params: setup
 	$(PY) -m experiments.params --preset v3-671b

@@ -10,7 +10,9 @@
    request's first, over the span from the first request's first token to the last
    token), time to first token and time per output token (p50, p99), peak pages in use.
 2. MTP speculative decoding at batch 1: the same requests through the speculative engine;
-   acceptance rate of the drafts and decode tokens/s against plain decoding.
+   acceptance rate of the drafts and decode tokens/s against plain decoding, and the cost
+   of a speculative step in plain steps (what bounds the speed-up at a given acceptance:
+   random weights accept almost nothing, a trained MTP module 80-90 %).
 3. Cache capacity: bytes per token of the latent cache (BF16) and how many requests at
    ``--context`` tokens a ``--cache-gib`` budget holds, against a GQA model of the same
    width (``--gqa-kv-heads`` KV heads of hidden/heads dims; ``deepseek_jax.codesign``).
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latent cache: {per_token} bytes/token (float32, {cfg.num_hidden_layers} layers; "
           f"the MTP layer adds {per_token // cfg.num_hidden_layers})")  # fmt: skip
 
-    acceptance = speedup = float("nan")
+    acceptance = speedup = step_cost = float("nan")
     if not args.no_mtp and cfg.num_nextn_predict_layers:
         spec = Engine(model, **shapes, speculative=True)
         prompts = rng.integers(0, cfg.vocab_size, (1, args.prompt_len)).tolist()
@@ -153,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         lost += s["lost"] + plain["lost"]
         acceptance = spec.stats["accepted"] / max(spec.stats["drafted"], 1)
         speedup = s["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+        # A speculative step emits 1 + (accepted) tokens: its cost relative to a plain step.
+        step_cost = (1 + acceptance) * plain["decode_tokens_per_s"] / s["decode_tokens_per_s"]
         print(f"MTP speculative, batch 1: acceptance {acceptance:.1%}, decode "
               f"{s['decode_tokens_per_s']:.1f} vs {plain['decode_tokens_per_s']:.1f} tokens/s "
-              f"plain: {speedup:.2f}x")  # fmt: skip
+              f"plain: {speedup:.2f}x; a speculative step costs {step_cost:.2f} plain steps, "
+              f"so acceptance a gives (1 + a) / {step_cost:.2f} (a = 0.85: "
+              f"{1.85 / step_cost:.2f}x)")  # fmt: skip
     cap = capacity(cfg, args)
     print(f"resident requests at {args.context} tokens in {args.cache_gib:g} GiB (BF16): "
           f"MLA {cap['resident_requests_mla']} ({cap['mla_bytes_per_token_bf16']} B/token) vs "
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_pages_in_use": cmax["peak_pages"],
         "mtp_acceptance": round(acceptance, 3) if acceptance == acceptance else None,
         "mtp_speedup": round(speedup, 3) if speedup == speedup else None,
+        "mtp_step_cost": round(step_cost, 3) if step_cost == step_cost else None,
         "lost_requests": lost,
         **cap,
     }

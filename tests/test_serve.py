@@ -197,3 +197,10 @@ def test_bench_serve_script(capsys, load_s):
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
     assert 0 <= last["mtp_acceptance"] <= 1 and last["mtp_speedup"] > 0
     assert last["resident_requests_mla"] > last["resident_requests_gqa"] > 0
+
+
+def test_serve_script_reports_bad_sources(capsys):
+    from experiments.serve import main
+
+    assert main(["--hf", "/nonexistent", "--port", "0"]) == 2
+    assert "error" in capsys.readouterr().err
