@@ -42,6 +42,7 @@ bench: setup
 	$(PY) -m experiments.fp8_parity
 	$(PY) -m experiments.bench_generate
 	$(PY) -m experiments.bench_pipeline
+	$(PY) -m experiments.bench_serve
 
 # Our CPU path vs XLA alone vs PyTorch, native and as an AVX2 machine (README table).
 # PyTorch runs in its own Python 3.11 venv (torch's CPU wheel); the test suite never uses it.

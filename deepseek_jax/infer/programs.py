@@ -1,0 +1,79 @@
+"""The serving engine's compiled programs: a prefill chunk, a decode step, a speculative step.
+
+Each is a pure function of (model state, page pool, batch arrays) that returns new tokens
+and the pool (donated). ``PagedDecoder`` is rebuilt from (graphdef, state) inside the
+trace. Shapes are fixed by the caller's buckets: B rows, M page-table slots, T tokens.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.infer.sampling import RowSampling, distribution, sample, verify
+
+DRAFT_STREAM = 3  # the random stream of MTP drafts (0: tokens; 1, 2: verification)
+
+
+def prefill_chunk(
+    graphdef, state, caches, ids_RT, next_ids_RT, last, lens_R, table_RM, samp, final, *, mtp: bool
+):
+    """T prompt tokens of one request at positions ``lens_R ..`` (the first ``last + 1``
+    real), in row 0 of R rows (the others: padding through the trash page, so that the
+    rows split over a mesh's batch axis). Samples the token after position ``last`` (used
+    on the final chunk). With
+    ``mtp``, also runs the MTP layer over the chunk (its inputs: each position's hidden
+    state and the token after it, ``next_ids_RT``, the sampled token after the prompt's
+    last) and drafts the token after the sampled one.
+
+    Returns (token [R], draft [R], draft distribution [R, V], caches); without ``mtp`` the
+    draft is the token and the distribution is empty [R, 0].
+    """
+    dec = nnx.merge(graphdef, state)
+    logits_RTV, h_RTD, caches = dec.forward(ids_RT, caches, table_RM, lens_R)
+    pos_R = lens_R + last + 1  # position of the sampled token
+    tok_R, _ = sample(logits_RTV[:, last], samp, pos_R)
+    if not mtp:
+        return tok_R, tok_R, jnp.zeros((tok_R.shape[0], 0), jnp.float32), caches
+    nxt_R = jnp.where(final, tok_R, next_ids_RT[:, last])
+    next_ids_RT = next_ids_RT.at[:, last].set(nxt_R)
+    dlogits_RTV, caches = dec.draft(h_RTD, next_ids_RT, caches, table_RM, lens_R)
+    draft_R, q_RV = sample(dlogits_RTV[:, last], samp, pos_R + 1, DRAFT_STREAM)
+    return tok_R, draft_R, q_RV, caches
+
+
+def decode_step(graphdef, state, caches, tok_B, lens_B, table_BM, samp):
+    """One token per row: ``tok_B`` goes into the cache at ``lens_B``; returns the next
+    token [B] and the caches."""
+    dec = nnx.merge(graphdef, state)
+    logits_B1V, _, caches = dec.forward(tok_B[:, None], caches, table_BM, lens_B)
+    nxt_B, _ = sample(logits_B1V[:, 0], samp, lens_B + 1)
+    return nxt_B, caches
+
+
+def speculative_step(
+    graphdef, state, caches, tok_B, draft_B, q_BV, lens_B, table_BM, samp: RowSampling
+):
+    """Verifies last step's MTP draft and drafts again (V3TR 2.2, used for decoding).
+
+    The main model runs on [token, draft] at positions lens, lens + 1. Its first logits
+    verify the draft (``sampling.verify``): y1 is the draft when accepted, else the
+    corrected token; its second logits give y2, the token after an accepted draft. The MTP
+    layer then runs on (hidden at lens, y1) and (hidden at lens + 1, y2); the output at the
+    last accepted position drafts the next token. A rejected draft's cache entries at
+    lens + 1 (main and MTP) are rolled back by the caller advancing ``lens`` by one only.
+
+    Returns (y1 [B], y2 [B], accepted [B] bool, next draft [B], its distribution [B, V],
+    caches).
+    """
+    dec = nnx.merge(graphdef, state)
+    ids_B2 = jnp.stack([tok_B, draft_B], axis=1)
+    logits_B2V, h_B2D, caches = dec.forward(ids_B2, caches, table_BM, lens_B)
+    p_BV = distribution(logits_B2V[:, 0], samp)
+    accepted_B, y1_B = verify(draft_B, q_BV, p_BV, samp, lens_B + 1)
+    y2_B, _ = sample(logits_B2V[:, 1], samp, lens_B + 2)
+    dlogits_B2V, caches = dec.draft(h_B2D, jnp.stack([y1_B, y2_B], 1), caches, table_BM, lens_B)
+    idx_B = accepted_B.astype(jnp.int32)
+    dlogits_BV = jnp.take_along_axis(dlogits_B2V, idx_B[:, None, None], axis=1)[:, 0]
+    draft_B, q_BV = sample(dlogits_BV, samp, lens_B + 2 + idx_B, DRAFT_STREAM)
+    return y1_B, y2_B, accepted_B, draft_B, q_BV, caches
