@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 
 class UserError(Exception):
@@ -51,18 +50,6 @@ def _setup_runtime(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
-def _parse_mesh(text: str | None) -> dict[str, int]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, _, val = part.partition("=")
-        if key.strip() not in ("node", "gpu", "stage") or not val.strip().isdigit():
-            raise UserError(f"--mesh {text!r}: expected node=N,gpu=G")
-        out[key.strip()] = int(val)
-    return out
-
-
 @dataclasses.dataclass
 class Setup:
     cfg: Any
@@ -73,7 +60,7 @@ class Setup:
 
 def _build(args: argparse.Namespace) -> Setup:
     from deepseek_jax.config import get_preset
-    from deepseek_jax.mesh import make_mesh
+    from deepseek_jax.mesh import make_mesh, parse_mesh_spec
     from deepseek_jax.train.config import TrainConfig
     from deepseek_jax.train.data import DataConfig, load_corpus
 
@@ -98,7 +85,7 @@ def _build(args: argparse.Namespace) -> Setup:
             remat=args.remat,
             layer_loop=args.layer_loop,
         )
-        mesh = make_mesh(**_parse_mesh(args.mesh))
+        mesh = make_mesh(**parse_mesh_spec(args.mesh))
     except ValueError as e:
         raise UserError(str(e)) from None
     dp = math.prod(mesh.shape.values())
@@ -163,31 +150,32 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _global_batch(corpus, seed: int, step: int, tcfg, sharding) -> jax.Array:
-    """This process's rows of the step's batch, assembled into one global array."""
-    rows = corpus.process_batch(
-        seed, step, tcfg.batch_size, tcfg.seq_len, jax.process_index(), jax.process_count()
-    )
-    shape = (tcfg.batch_size, tcfg.seq_len + 1)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(rows, np.int32), shape)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains; the loop's domain errors (a corpus that does not fit the model, an
+    incompatible or corrupt checkpoint, a diverged loss) become one-line ``UserError``s."""
     _setup_runtime(args)
-    from deepseek_jax.train.loop import Trainer
+    from deepseek_jax.train.checkpoint import CheckpointError
+    from deepseek_jax.train.loop import Trainer, TrainingDiverged
 
     setup = _build(args)
-    trainer = Trainer(
-        setup.cfg,
-        setup.tcfg,
-        setup.mesh,
-        setup.corpus,
-        out_dir=args.out,
-        progress=not args.no_progress,
-    )
+    try:
+        trainer = Trainer(
+            setup.cfg,
+            setup.tcfg,
+            setup.mesh,
+            setup.corpus,
+            out_dir=args.out,
+            progress=not args.no_progress,
+            allow_config_change=args.allow_config_change,
+        )
+    except ValueError as e:  # CheckpointError included
+        raise UserError(str(e)) from None
     t0 = time.time()
     with _Stop() as stop:
-        summary = trainer.fit(stop, _global_batch)
+        try:
+            summary = trainer.fit(stop)
+        except (CheckpointError, TrainingDiverged) as e:
+            raise UserError(str(e)) from None
     summary["wall_s"] = time.time() - t0
     trainer.report(summary, sample_tokens=args.sample_tokens)
     return summary
