@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, UInt
 
-from deepseek_jax.fp8_quant import TILE, dequantize_tiles, quantize_tiles
+from deepseek_jax.fp8_quant import E4M3, TILE, dequantize_tiles, quantize_tiles
 
 LOG_RANGE = 32 * math.log(2.0)  # the 2^32 dynamic-range clamp
 Rounding = Literal["linear", "log"]
@@ -123,7 +123,7 @@ def logfmt_quantize(
 
 
 # ------------------------------------------------------------ baselines for comparison
-FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+FP8_DTYPES = {"e4m3": E4M3, "e5m2": jnp.float8_e5m2}
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))
