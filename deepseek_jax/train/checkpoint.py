@@ -133,7 +133,9 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any], step: int) ->
         if k not in skip
     ]
     if step > 0:
-        pairs += [(k, saved.get("train", {}), now.get("train", {}), k) for k in SCHEDULE_FIELDS]
+        pairs += [
+            (f"train.{k}", saved.get("train", {}), now.get("train", {}), k) for k in SCHEDULE_FIELDS
+        ]
         pairs.append(("data", saved, now, "data"))
     return [
         f"{name}: saved {a[k]!r}, now {b[k]!r}"
