@@ -1,9 +1,9 @@
 // Causal softmax attention for XLA:CPU, called through the XLA FFI (see attention.py).
 //
-//   dsj_attention_fwd: o[B, T, H, Dv] and lse[B, H, T] (each row's log-sum-exp) from
-//                      q[B, T, H, Dk] (already scaled), k[B, T, H, Dk], v[B, T, H, Dv];
-//                      query t sees keys 0..t.
-//   dsj_attention_bwd: dq, dk, dv from q, k, v, o, lse and do.
+//   DsjAttentionFwd: o[B, T, H, Dv] and lse[B, H, T] (each row's log-sum-exp) from
+//                    q[B, T, H, Dk] (already scaled), k[B, T, H, Dk], v[B, T, H, Dv];
+//                    query t sees keys 0..t.
+//   DsjAttentionBwd: dq, dk, dv from q, k, v, o, lse and do.
 //
 // Why: XLA:CPU runs the attention core as batched small dots with the mask, the exp and
 // the reductions as separate passes over [B, H, T, T] scores: ~40 ms forward and backward

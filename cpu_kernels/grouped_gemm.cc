@@ -1,8 +1,8 @@
 // Grouped GEMMs for XLA:CPU, called through the XLA FFI (see grouped_gemm.py).
 //
 // Rows are sorted by group (expert); group g owns rows [start_g, start_g + size_g).
-//   dsj_gmm:  y[A, N]     = x[rows of g, K] @ w[g][K, N]      (forward, and dx with w^T)
-//   dsj_tgmm: dw[G, K, N] = x[rows of g, K]^T @ dy[rows of g, N]  (weight gradient)
+//   DsjGmm:  y[A, N]     = x[rows of g, K] @ w[g][K, N]      (forward, and dx with w^T)
+//   DsjTgmm: dw[G, K, N] = x[rows of g, K]^T @ dy[rows of g, N]  (weight gradient)
 // Rows past the last group are left zero, as jax.lax.ragged_dot does.
 //
 // Why: XLA:CPU has no fast grouped GEMM. Its batched dot over dense capacity slots pays

@@ -85,7 +85,7 @@ class StackStats(NamedTuple):
 
     load_LE: Float[Array, "L E"]
     balance_loss_L: Float[Array, " L"]
-    dropped_L: Int[Array, " L"]  # noqa: N815 - assignments dropped by full EP buffers
+    dropped_L: Int[Array, " L"]  # assignments dropped by full EP buffers
 
 
 def stacked_blocks(cfg: ModelConfig, n: int, *, moe: bool, rngs: nnx.Rngs) -> Block:

@@ -8,7 +8,6 @@ under ``jit`` with those out-shardings, so each device only ever materialises it
 from __future__ import annotations
 
 import jax
-import numpy as np
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
@@ -37,11 +36,3 @@ def init_model(
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
-
-
-def count_params(state: nnx.State) -> int:
-    """Number of parameter scalars (Params only; routing biases excluded)."""
-    leaves = jax.tree.leaves(
-        nnx.state(state, nnx.Param) if not isinstance(state, nnx.State) else state.filter(nnx.Param)
-    )
-    return int(sum(np.prod(x.shape) for x in leaves))

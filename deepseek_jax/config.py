@@ -1,6 +1,6 @@
 """Model configuration: frozen data with Hugging Face DeepseekV3 field names.
 
-A released ``config.json`` loads as is (``ModelConfig.from_hf_config``); presets are built
+A released ``config.json`` loads as is (``interop.hf_config.config_from_hf``); presets are built
 with ``dataclasses.replace`` on one base; ``key=value`` overrides are type-checked. Every
 invalid value raises a ``ValueError`` that names the field and the rule it breaks.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import typing
 from typing import Any, Literal
 
@@ -266,45 +265,18 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- constructors
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
-        """Builds a config from a released ``config.json`` (a path, a folder or a dict).
-
-        Unknown keys (``architectures``, ``torch_dtype``, ...) are ignored; YaRN comes from
-        ``rope_scaling`` or the newer ``rope_parameters``; V2 checkpoints carry
-        ``scoring_func='softmax'`` and ``topk_method='group_limited_greedy'``.
-        """
-        if isinstance(path_or_dict, dict):
-            raw = dict(path_or_dict)
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no Hugging Face config at {path}")
-            with open(path) as f:
-                raw = json.load(f)
-        fields = _field_types()
-        kwargs: dict[str, Any] = {
-            k: v for k, v in raw.items() if k in fields and k != "rope_scaling"
-        }
-        rope = raw.get("rope_scaling") or raw.get("rope_parameters")
-        kwargs["rope_scaling"] = RopeScaling.from_dict(rope)
-        if rope and "rope_theta" in rope:  # transformers >= 5 keeps theta in rope_parameters
-            kwargs["rope_theta"] = rope["rope_theta"]
-        if "scoring_func" not in raw and raw.get("topk_method") in (
-            "greedy",
-            "group_limited_greedy",
-        ):
-            kwargs["scoring_func"] = "softmax"
-        if raw.get("topk_method") == "greedy":  # V2-Lite: no groups
-            kwargs.setdefault("n_group", 1)
-            kwargs.setdefault("topk_group", 1)
-        for key in ("n_group", "topk_group"):
-            if kwargs.get(key) is None:
-                kwargs[key] = 1
-        if kwargs.get("n_routed_experts") is None:
-            raise ValueError("config.json: dense models (n_routed_experts null) are not supported")
-        return cls(**{k: _coerce(k, v, fields[k]) for k, v in kwargs.items()})
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """A config from field values (JSON types: ints accepted for floats, a dict for
+        ``rope_scaling``); raises naming an unknown field or a value of the wrong type.
+        Hugging Face configs go through ``interop.hf_config.config_from_hf``."""
+        types = _field_types()
+        unknown = sorted(set(fields) - set(types))
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}")
+        fields = dict(fields)
+        if isinstance(fields.get("rope_scaling"), dict):
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        return cls(**{k: _coerce(k, v, types[k]) for k, v in fields.items()})
 
     def with_overrides(
         self, overrides: dict[str, str] | list[str] | tuple[str, ...]
@@ -324,20 +296,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` contents for this config."""
         d = dataclasses.asdict(self)
-        for ours in (
-            "dtype",
-            "fp8",
-            "fp8_backend",
-            "moe_backend",
-            "attention_backend",
-            "ep_dispatch",
-            "ep_capacity_factor",
-            "ep_fp8_dispatch",
-            "ep_kernel",
-            "ep_logfmt_bits",
-            "overlap",
-        ):
-            d.pop(ours)
+        for ours in RUN_OPTION_FIELDS:
+            d.pop(ours, None)
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d.update(
             model_type="deepseek_v3",
@@ -348,6 +308,24 @@ class ModelConfig:
             attention_bias=False,
         )
         return d
+
+
+# How a run computes, not what the model is: absent from HF's config.json, free to change
+# when a checkpoint is resumed (``train.checkpoint.resume_differences``). A new field that
+# only changes how the same function is computed belongs here.
+RUN_OPTION_FIELDS = (
+    "dtype",
+    "fp8",
+    "fp8_backend",
+    "moe_backend",
+    "attention_backend",
+    "ep_dispatch",
+    "ep_capacity_factor",
+    "ep_fp8_dispatch",
+    "ep_kernel",
+    "ep_logfmt_bits",
+    "overlap",
+)
 
 
 # -------------------------------------------------------------------- helpers

@@ -38,219 +38,26 @@ re-quantised in the backward pass. Dimensions that are not multiples of 128 get 
 last tile whose scale comes from its own elements; GEMMs zero-pad K. Backends: ``xla``
 (plain jnp: a batched FP8 dot per K slice, then the scaled FP32 sum; XLA:CPU upcasts) and
 ``pallas`` (our kernel, ``pallas_kernels/fp8_matmul.py``: Mosaic GPU wgmma on Hopper,
-interpret mode elsewhere). The FP8 dispatch payload (power-of-two scales, ``pow2=True``
-here) belongs to ``moe/dispatch.py``; E5M2 and delayed scaling are not used.
+interpret mode elsewhere). The FP8 dispatch payload (``moe/payload.py``) uses the same
+1x128 tiles and scale policy (FP32 scales, not powers of two); ``pow2=True`` is kept only
+for comparison. E5M2 and delayed scaling are not used.
+
+*Modules, bottom up* (imports form a DAG): ``fp8_quant.py`` (the one tile quantiser and
+its constants), ``fp8_gemm.py`` (block-scaled GEMMs), ``fp8_vjp.py`` (the custom VJPs),
+this file (the FP8 linears the model calls).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from deepseek_jax import fp8_vjp
-from pallas_kernels import fp8_matmul as kernels
-
-E4M3 = jnp.float8_e4m3fn
-E4M3_MAX = 448.0
-TILE = 128  # quantisation group and promotion interval N_C (V3TR 3.3.2)
-Backend = Literal["xla", "pallas"]
-_TINY = 1e-30  # floor on max-abs: all-zero tiles get a finite scale and quantise to 0
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pad_to(x: Array, axis: int, multiple: int) -> Array:
-    n = x.shape[axis]
-    extra = _cdiv(n, multiple) * multiple - n
-    if extra == 0:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(x, pads)
-
-
-def _scale(amax: Array, pow2: bool) -> Array:
-    """FP32 dequantisation scale s = amax / 448 (x ~ q s); rounded up to 2^k if pow2."""
-    s = jnp.maximum(amax.astype(jnp.float32), _TINY) / E4M3_MAX
-    if not pow2:
-        return s
-    mant, exp = jnp.frexp(s)  # s = mant 2^exp, mant in [0.5, 1): exact, unlike exp2(log2)
-    return jnp.ldexp(jnp.ones_like(s), jnp.where(mant == 0.5, exp - 1, exp))
-
-
-def _to_e4m3(x: Array) -> Array:
-    # Clip: an FP32 ratio can land a hair above 448, and E4M3FN has no inf (overflow -> NaN).
-    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
-
-
-# ------------------------------------------------------------------------ quantisation
-
-
-def quantize_tiles(x: Array, *, axis: int = -1, pow2: bool = False) -> tuple[Array, Array]:
-    """1x128 tiles along ``axis`` (128x1 when ``axis`` is the token axis), E4M3.
-
-    Args:
-      x: any float array; ``axis`` need not be a multiple of 128 (partial last tile).
-    Returns:
-      q: E4M3, x's shape.
-      s: FP32 scales, x's shape with ``axis`` replaced by ceil(n / 128); x ~ q * s.
-    """
-    axis = axis % x.ndim
-    n = x.shape[axis]
-    xt = jnp.moveaxis(_pad_to(x.astype(jnp.float32), axis, TILE), axis, -1)
-    xt = xt.reshape(*xt.shape[:-1], xt.shape[-1] // TILE, TILE)
-    s = _scale(jnp.max(jnp.abs(xt), axis=-1, initial=0.0), pow2)
-    q = _to_e4m3(xt / s[..., None]).reshape(*xt.shape[:-2], xt.shape[-2] * TILE)[..., :n]
-    return jnp.moveaxis(q, -1, axis), jnp.moveaxis(s, -1, axis)
-
-
-def dequantize_tiles(q: Array, s: Array, *, axis: int = -1) -> Float[Array, "..."]:
-    """Inverse of ``quantize_tiles`` in FP32."""
-    axis = axis % q.ndim
-    s_full = jnp.repeat(s, TILE, axis=axis)
-    s_full = lax.slice_in_dim(s_full, 0, q.shape[axis], axis=axis)
-    return q.astype(jnp.float32) * s_full
-
-
-def quantize_blocks(w: Float[Array, "... K N"], *, pow2: bool = False) -> tuple[Array, Array]:
-    """128x128 blocks over the last two axes (leading axes, e.g. experts, are batch).
-
-    Returns:
-      q: E4M3, w's shape.
-      s: FP32 scales [..., ceil(K/128), ceil(N/128)]; w ~ q * s per block.
-    """
-    K, N = w.shape[-2:]
-    wp = _pad_to(_pad_to(w.astype(jnp.float32), -1, TILE), -2, TILE)
-    G, H = wp.shape[-2] // TILE, wp.shape[-1] // TILE
-    wb = wp.reshape(*w.shape[:-2], G, TILE, H, TILE)
-    s = _scale(jnp.max(jnp.abs(wb), axis=(-3, -1)), pow2)
-    q = _to_e4m3(wb / s[..., :, None, :, None]).reshape(wp.shape)[..., :K, :N]
-    return q, s
-
-
-def dequantize_blocks(q: Array, s: Array) -> Float[Array, "... K N"]:
-    """Inverse of ``quantize_blocks`` in FP32."""
-    K, N = q.shape[-2:]
-    s_full = jnp.repeat(jnp.repeat(s, TILE, axis=-2), TILE, axis=-1)[..., :K, :N]
-    return q.astype(jnp.float32) * s_full
-
-
-def quantize_tensor(x: Array) -> tuple[Array, Array]:
-    """Per-tensor E4M3 (one FP32 scale): the coarse baseline fine-grained tiling beats."""
-    s = _scale(jnp.max(jnp.abs(x)), False)
-    return _to_e4m3(x.astype(jnp.float32) / s), s
-
-
-def block_rows(s_RC: Float[Array, "... R/128 C/128"], rows: int) -> Float[Array, "... R C/128"]:
-    """128x128 block scales of a K-major [R, C] operand as the NT GEMM's per-row scales.
-
-    The GEMM wants one scale per row per 128-K slice; row r takes block (r // 128, g).
-    """
-    return jnp.repeat(s_RC, TILE, axis=-2)[..., :rows, :]
-
-
-# ------------------------------------------------------------------------ block-scaled GEMM
-
-
-def scaled_matmul_reference(
-    a8_MK: Array, sa_MG: Float[Array, "M G"], b8_NK: Array, sb_NG: Float[Array, "N G"]
-) -> Float[Array, "M N"]:
-    """out = sum_g (a[:, g] . b[:, g]) sa[:, g] sb[:, g]^T, in FP32 (the slow twin).
-
-    Each 128-wide K slice g is accumulated on its own in FP32 (exact FP8 products, FP32
-    sums, ``HIGHEST`` precision so no TF32 on GPU), scaled by both operands' scales, then
-    added: promotion every 128 elements (V3TR 3.3.2).
-    """
-    G = sa_MG.shape[-1]
-    a = _pad_to(a8_MK.astype(jnp.float32), -1, TILE).reshape(a8_MK.shape[0], G, TILE)
-    b = _pad_to(b8_NK.astype(jnp.float32), -1, TILE).reshape(b8_NK.shape[0], G, TILE)
-    part_GMN = jnp.einsum("mgk,ngk->gmn", a, b, precision=lax.Precision.HIGHEST)
-    return jnp.sum(part_GMN * sa_MG.T[:, :, None] * sb_NG.T[:, None, :], axis=0)
-
-
-def _scaled_matmul_xla(a8, sa, b8, sb, out_dtype):
-    """Batched ([Bt, M, K] x [Bt, N, K]) FP8 dot per K slice, then the scaled FP32 sum."""
-    Bt, M, K = a8.shape
-    N, G = b8.shape[1], sa.shape[-1]
-    a = _pad_to(a8, -1, TILE).reshape(Bt, M, G, TILE)
-    b = _pad_to(b8, -1, TILE).reshape(Bt, N, G, TILE)
-    dims = (((3,), (3,)), ((0, 2), (0, 2)))
-    part = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)  # [Bt, G, M, N]
-    sa_t, sb_t = jnp.swapaxes(sa, 1, 2), jnp.swapaxes(sb, 1, 2)
-    out = jnp.sum(part * sa_t[:, :, :, None] * sb_t[:, :, None, :], axis=1)
-    return out.astype(out_dtype)
-
-
-def scaled_matmul(
-    a8: Array,
-    sa: Array,
-    b8: Array,
-    sb: Array,
-    *,
-    backend: Backend = "xla",
-    out_dtype=jnp.float32,
-) -> Array:
-    """The NT block-scaled GEMM on either backend, batched over an optional leading axis.
-
-    Args:
-      a8: E4M3 [(Bt,) M, K]; sa: FP32 [(Bt,) M, ceil(K/128)].
-      b8: E4M3 [(Bt,) N, K] (K-major); sb: FP32 [(Bt,) N, ceil(K/128)].
-    Returns:
-      [(Bt,) M, N] in ``out_dtype``, accumulated in FP32 with per-128-K promotion.
-    """
-    batched = a8.ndim == 3
-    if not batched:
-        a8, sa, b8, sb = a8[None], sa[None], b8[None], sb[None]
-    if backend == "xla":
-        out = _scaled_matmul_xla(a8, sa, b8, sb, out_dtype)
-    elif backend == "pallas":
-        out = kernels.fp8_matmul(a8, sa, b8, sb, out_dtype=out_dtype)
-    else:
-        raise ValueError(f"fp8 backend must be 'xla' or 'pallas', got {backend!r}")
-    return out if batched else out[0]
-
-
-def grouped_scaled_matmul(
-    a8_MK: Array,
-    sa_MG: Array,
-    b8_ENK: Array,
-    sb_ENG: Array,
-    group_ids_B: Int[Array, " B"],
-    *,
-    backend: Backend = "xla",
-    out_dtype=jnp.float32,
-) -> Array:
-    """m-grouped contiguous NT GEMM: 128-row block b of ``a`` uses expert group_ids[b].
-
-    Args:
-      a8_MK: rows sorted by expert, each expert's rows padded to a multiple of 128
-        (M = 128 B); sa_MG its 1x128 scales.
-      b8_ENK, sb_ENG: per-expert K-major weights and per-row scales.
-      group_ids_B: the expert of each 128-row block.
-    """
-    if backend == "pallas":
-        return kernels.fp8_grouped_matmul(
-            a8_MK, sa_MG, b8_ENK, sb_ENG, group_ids_B, out_dtype=out_dtype
-        )
-    if backend != "xla":
-        raise ValueError(f"fp8 backend must be 'xla' or 'pallas', got {backend!r}")
-    B = group_ids_B.shape[0]
-    a = a8_MK.reshape(B, TILE, -1)
-    sa = sa_MG.reshape(B, TILE, -1)
-    # Gathering whole expert weights per row block: fine for tests and small MoEs.
-    out = _scaled_matmul_xla(a, sa, b8_ENK[group_ids_B], sb_ENG[group_ids_B], out_dtype)
-    return out.reshape(B * TILE, -1)
-
-
-# ------------------------------------------------------------------------ FP8 layers
+from deepseek_jax.fp8_gemm import Backend, contiguous_layout
 
 
 def _auto_sharded(fn, x: Array):
@@ -359,30 +166,3 @@ def fp8_grouped_ffn(
         return jnp.zeros((A + 1, y_PD.shape[1]), y_PD.dtype).at[row_P].set(y_PD)[:A]
 
     return _auto_sharded(ffn, x_AD)(x_AD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
-
-
-def contiguous_layout(
-    group_sizes_E: Int[Array, " E"], rows: int
-) -> tuple[Int[Array, " P"], Int[Array, " B"]]:
-    """Padded positions of ``rows`` expert-sorted rows, each group padded to 128.
-
-    Returns:
-      row_P: source row of each padded position (``rows`` for padding), static
-        P = 128 * (ceil(rows / 128) + E), enough for any group sizes.
-      group_ids_B: the expert of each 128-row block (the last expert for unused blocks).
-    """
-    E = group_sizes_E.shape[0]
-    B = _cdiv(rows, TILE) + E
-    sizes = group_sizes_E.astype(jnp.int32)
-    blocks_E = (sizes + TILE - 1) // TILE
-    pstart_E = (jnp.cumsum(blocks_E) - blocks_E) * TILE
-    start_E = jnp.cumsum(sizes) - sizes
-    p = jnp.arange(B * TILE, dtype=jnp.int32)
-    group_ids_B = jnp.minimum(
-        jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(B), side="right"), E - 1
-    ).astype(jnp.int32)
-    e_P = jnp.repeat(group_ids_B, TILE)
-    local = p - pstart_E[e_P]
-    valid = (local >= 0) & (local < sizes[e_P])
-    row_P = jnp.where(valid, start_E[e_P] + local, rows)
-    return row_P, group_ids_B

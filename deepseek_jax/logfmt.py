@@ -29,15 +29,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, UInt
 
-TILE = 128
+from deepseek_jax.fp8_quant import E4M3, TILE, dequantize_tiles, quantize_tiles
+
 LOG_RANGE = 32 * math.log(2.0)  # the 2^32 dynamic-range clamp
 Rounding = Literal["linear", "log"]
 
 
 class LogFMTTiles(NamedTuple):
-    codes_TD: UInt[Array, "T D"]  # noqa: N815 - sign at bit n-1, magnitude below
-    lo_TG: Float[Array, "T G"]  # noqa: N815 - per 1x128 tile: min log|x|, clamped
-    hi_TG: Float[Array, "T G"]  # noqa: N815 - max log|x|; G = D / 128
+    codes_TD: UInt[Array, "T D"]  # sign at bit n-1, magnitude below
+    lo_TG: Float[Array, "T G"]  # per 1x128 tile: min log|x|, clamped
+    hi_TG: Float[Array, "T G"]  # max log|x|; G = D / 128
 
 
 def _check(n_bits: int, d: int) -> None:
@@ -122,20 +123,16 @@ def logfmt_quantize(
 
 
 # ------------------------------------------------------------ baselines for comparison
-FP8_DTYPES = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+FP8_DTYPES = {"e4m3": E4M3, "e5m2": jnp.float8_e5m2}
 
 
 @functools.partial(jax.jit, static_argnames=("fmt",))
 def fp8_quantize_1x128(x_TD: Float[Array, "T D"], fmt: str = "e4m3") -> Float[Array, "T D"]:
-    """FP8 round trip with one float32 max-abs scale per 1x128 tile (V3TR 3.3.1)."""
-    *lead, d = x_TD.shape
-    _check(8, d)
-    f8 = FP8_DTYPES[fmt]
-    x_TGC = x_TD.astype(jnp.float32).reshape(*lead, d // TILE, TILE)
-    amax_TG1 = jnp.max(jnp.abs(x_TGC), axis=-1, keepdims=True)
-    scale_TG1 = jnp.where(amax_TG1 > 0, amax_TG1 / float(jnp.finfo(f8).max), 1.0)
-    q_TGC = (x_TGC / scale_TG1).astype(f8).astype(jnp.float32) * scale_TG1
-    return q_TGC.reshape(x_TD.shape).astype(x_TD.dtype)
+    """FP8 round trip with one float32 max-abs scale per 1x128 tile (V3TR 3.3.1), by the
+    package's one tile quantiser (``fp8_quant``: its floor and clip policy)."""
+    _check(8, x_TD.shape[-1])
+    q_TD, s_TG = quantize_tiles(x_TD, axis=-1, dtype=FP8_DTYPES[fmt])
+    return dequantize_tiles(q_TD, s_TG, axis=-1, dtype=x_TD.dtype)
 
 
 def bf16_quantize(x: Float[Array, "..."]) -> Float[Array, "..."]:

@@ -81,6 +81,22 @@ def _check_hosts(grid: np.ndarray) -> None:
         )
 
 
+def parse_mesh_spec(text: str | None) -> dict[str, int]:
+    """``"node=2,gpu=4"`` (``stage=S`` optional) -> keyword arguments of ``make_mesh``.
+
+    Empty or None gives {} (every default). Raises ValueError naming the bad spec.
+    """
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        key, _, val = part.partition("=")
+        if key.strip() not in (NODE, GPU, STAGE) or not val.strip().isdigit():
+            raise ValueError(f"--mesh {text!r}: expected node=N,gpu=G (optionally stage=S)")
+        out[key.strip()] = int(val)
+    return out
+
+
 def single_device_mesh() -> Mesh:
     """A (node=1, gpu=1) mesh on the first device: the unsharded reference."""
     return make_mesh(1, 1, devices=jax.devices()[:1])

@@ -66,8 +66,8 @@ class LatentCache:
     ``krope_BSR`` is in the half-split rope layout that ``apply_rope`` outputs.
     """
 
-    ckv_BSC: Float[Array, "B S C"]  # noqa: N815 (shape suffix, house style)
-    krope_BSR: Float[Array, "B S R"]  # noqa: N815
+    ckv_BSC: Float[Array, "B S C"]
+    krope_BSR: Float[Array, "B S R"]
 
     NAMES = {"ckv_BSC": ("batch", "seq", "kv_lora"), "krope_BSR": ("batch", "seq", "head_dim")}
 

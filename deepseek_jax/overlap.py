@@ -64,7 +64,7 @@ class Dispatched(NamedTuple):
 
     recv: dsp.Received
     handle: Any  # FlatHandle | TwoHopHandle
-    weight_TK: Float[Array, "T K"]  # noqa: N815 - the gate weights (flat combine applies them)
+    weight_TK: Float[Array, "T K"]  # the gate weights (flat combine applies them)
     stats: MoEStats
 
 

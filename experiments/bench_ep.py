@@ -22,26 +22,22 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import sharding  # noqa: E402
-from deepseek_jax.config import get_preset  # noqa: E402
-from deepseek_jax.mesh import make_mesh  # noqa: E402
-from deepseek_jax.moe.dispatch import EPOptions  # noqa: E402
-from deepseek_jax.moe.layer import MoE  # noqa: E402
-from experiments.machine_info import (  # noqa: E402
-    describe,
-    log_backend_choices,
-    print_description,
-)
+from deepseek_jax import sharding
+from deepseek_jax.config import get_preset
+from deepseek_jax.mesh import make_mesh
+from deepseek_jax.moe.dispatch import EPOptions
+from deepseek_jax.moe.layer import MoE
+from experiments.machine_info import describe, log_backend_choices, print_description
 
 MESHES = ((8, 1), (2, 4))
 PATHS = ("flat", "two_hop")

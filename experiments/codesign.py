@@ -34,20 +34,18 @@ def load_config(spec: str) -> tuple[str, ModelConfig]:
     """A preset name, or a path to a Hugging Face config.json (or its folder)."""
     if spec in PRESETS:
         return spec, get_preset(spec)
-    return os.path.basename(
-        os.path.dirname(os.path.abspath(spec))
-    ) or spec, ModelConfig.from_hf_config(spec)
+    from deepseek_jax.interop.hf_config import config_from_hf
+
+    path = os.path.abspath(spec)
+    name = os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+    return name or spec, config_from_hf(spec)
 
 
-def activated_from_abstract_init(cfg: ModelConfig) -> float | None:
-    """abstract_report's activated parameters, or None while the model does not build."""
-    try:
-        from deepseek_jax.codesign.params import abstract_report
+def activated_from_abstract_init(cfg: ModelConfig) -> float:
+    """Activated parameters per token, counted on the model's abstract init."""
+    from deepseek_jax.codesign.params import abstract_report
 
-        return abstract_report(cfg).activated_params
-    except Exception as e:  # noqa: BLE001 - any failure means: fall back to the analytic count
-        print(f"(abstract init unavailable: {type(e).__name__}: {e}; analytic parameter counts)")
-        return None
+    return abstract_report(cfg).activated_params
 
 
 def user_setup(args) -> report.UserSetup | None:

@@ -46,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deepseek_jax.interop.train_checkpoint import hf_to_run, run_to_hf
-    from deepseek_jax.mesh import make_mesh
-    from deepseek_jax.train.runner import _parse_mesh, exit_code
+    from deepseek_jax.mesh import make_mesh, parse_mesh_spec
+    from deepseek_jax.train.runner import exit_code
 
     def convert():
-        mesh = make_mesh(**_parse_mesh(args.mesh))
+        mesh = make_mesh(**parse_mesh_spec(args.mesh))
         if args.direction == "hf-to-run":
             n = hf_to_run(args.hf_dir, args.run_dir, mesh=mesh)
             print(f"{args.hf_dir} -> {args.run_dir}/checkpoints/0 ({n / 1e6:.2f} M parameters)")

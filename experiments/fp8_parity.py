@@ -150,18 +150,18 @@ def quantisation_errors(seed: int = 0) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
-    from deepseek_jax import fp8
+    from deepseek_jax import fp8_quant
 
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(k1, (2048, 2048), jnp.float32)
     x = x * jnp.where(jax.random.uniform(k2, (1, 2048)) < 0.005, 1000.0, 1.0)
     x = x * jnp.where(jax.random.uniform(k3, (2048, 1)) < 0.002, 100.0, 1.0)
     rel = lambda y: float(jnp.linalg.norm(y - x) / jnp.linalg.norm(x))  # noqa: E731
-    q, s = fp8.quantize_tensor(x)
+    q, s = fp8_quant.quantize_tensor(x)
     return {
         "err_per_tensor": rel(q.astype(jnp.float32) * s),
-        "err_1x128": rel(fp8.dequantize_tiles(*fp8.quantize_tiles(x))),
-        "err_128x128": rel(fp8.dequantize_blocks(*fp8.quantize_blocks(x))),
+        "err_1x128": rel(fp8_quant.dequantize_tiles(*fp8_quant.quantize_tiles(x))),
+        "err_128x128": rel(fp8_quant.dequantize_blocks(*fp8_quant.quantize_blocks(x))),
     }
 
 

@@ -16,9 +16,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin must not try to open a GPU
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import json
+import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

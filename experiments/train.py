@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sample-tokens", type=int, default=64, help="tokens generated at the end (0: none)"
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if the architecture, data or schedule differ from the checkpoint's "
+        "(listed as warnings); by default that is refused",
+    )
     ap.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port")
     ap.add_argument("--num-processes", type=int, default=None, help="multi-host: processes")
     ap.add_argument("--process-id", type=int, default=None, help="multi-host: this process")

@@ -5,8 +5,11 @@ DeepSeek-V3 (V3TR 3.3.2, 3.2.2) sends the dispatch payload in FP8 with one FP32 
 combine payload in BF16. The two data movements around the all-to-alls are:
 - ``permute_quantize``: ``send[s] = x[src[s]]`` (zero where ``src[s]`` is out of range),
   rows of the destination-sorted send buffer gathered from token order, quantised to
-  E4M3 in the same pass: ``scale = max|tile| / 448`` (floored at 1e-30),
-  ``q = clip(x / scale, +-448)``. With ``quantize=False`` it is the plain gather.
+  E4M3 in the same pass by the package's one tile quantiser
+  (``deepseek_jax.fp8_quant.quantize_groups``: ``scale = max(max|tile|, 1e-30) / 448``,
+  ``q = clip(x / scale, +-448)``), which the kernel body calls on the [rows, 128] tile it
+  holds and the reference on the padded rows. With ``quantize=False`` it is the plain
+  gather.
 - ``combine``: ``out[t] = sum_j w[t, j] * y[row[t, j]]`` in FP32, rows out of range add
   nothing: each token reads back its copies' results and sums them with their weights.
   This is the scatter-add "results back to token order" written as a gather per token, so
@@ -30,12 +33,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import backends
-
-F8 = jnp.float8_e4m3fn
-E4M3_MAX = 448.0
-TILE = 128  # columns per scale (1x128 tiles, V3TR 3.3.2) and per grid step
-_TINY = 1e-30  # floor on max-abs: an all-zero tile gets a finite scale and quantises to 0
+from deepseek_jax.backends import pallas_interpret
+from deepseek_jax.fp8_quant import (
+    E4M3,
+    TILE,
+    dequantize_tiles,
+    pad_to_multiple,
+    quantize_groups,
+    quantize_tiles,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +61,12 @@ class BlockSizes:
 
 def quantize_rows(x_SD: Float[Array, "S D"]) -> tuple[Array, Float[Array, "S B"]]:
     """E4M3 with one FP32 scale per 1x128 tile (B = ceil(D / 128)); x ~ q * scale."""
-    S, D = x_SD.shape
-    x_SBt = _pad(x_SD.astype(jnp.float32), 1, TILE).reshape(S, -1, TILE)
-    scale_SB = jnp.maximum(jnp.max(jnp.abs(x_SBt), axis=-1), _TINY) / E4M3_MAX
-    q_SBt = jnp.clip(x_SBt / scale_SB[..., None], -E4M3_MAX, E4M3_MAX).astype(F8)
-    return q_SBt.reshape(S, -1)[:, :D], scale_SB
+    return quantize_tiles(x_SD, axis=-1)
 
 
 def dequantize_rows(q_SD: Array, scale_SB: Float[Array, "S B"], dtype=jnp.float32) -> Array:
     """Inverse of ``quantize_rows``; works on any leading axes."""
-    D = q_SD.shape[-1]
-    s_SD = jnp.repeat(scale_SB, TILE, axis=-1)[..., :D]
-    return (q_SD.astype(jnp.float32) * s_SD).astype(dtype)
+    return dequantize_tiles(q_SD, scale_SB, axis=-1, dtype=dtype)
 
 
 def permute_quantize_reference(
@@ -114,9 +114,8 @@ def permute_quantize_kernel(src_ref, x_ref, q_ref, *scale_ref):
     if not scale_ref:
         q_ref[...] = v_bC
         return
-    v_bC = v_bC.astype(jnp.float32)
-    s_b1 = jnp.maximum(jnp.max(jnp.abs(v_bC), axis=1, keepdims=True), _TINY) / E4M3_MAX
-    q_ref[...] = jnp.clip(v_bC / s_b1, -E4M3_MAX, E4M3_MAX).astype(q_ref.dtype)
+    q_bC, s_b1 = quantize_groups(v_bC, axis=1, dtype=q_ref.dtype)
+    q_ref[...] = q_bC
     scale_ref[0][...] = s_b1
 
 
@@ -158,10 +157,10 @@ def permute_quantize(
     S, D = src_S.shape[0], x_TD.shape[1]
     b = block_sizes.block_rows
     T = x_TD.shape[0]
-    x_TDp = _pad(x_TD, 1, TILE)
-    src_Sp = _pad(src_S.astype(jnp.int32), 0, b, value=T)
+    x_TDp = pad_to_multiple(x_TD, 1, TILE)
+    src_Sp = pad_to_multiple(src_S.astype(jnp.int32), 0, b, value=T)
     Sp, Dp = src_Sp.shape[0], x_TDp.shape[1]
-    out_shape = [_like(x_TDp, (Sp, Dp), F8 if quantize else x_TD.dtype)]
+    out_shape = [_like(x_TDp, (Sp, Dp), E4M3 if quantize else x_TD.dtype)]
     out_specs = [pl.BlockSpec((b, TILE), lambda i, j: (i, j))]
     if quantize:
         out_shape.append(_like(x_TDp, (Sp, Dp // TILE), jnp.float32))
@@ -197,9 +196,9 @@ def combine(
     """
     T, D, S = row_TJ.shape[0], y_SD.shape[1], y_SD.shape[0]
     b = block_sizes.block_rows
-    row_TpJ = _pad(row_TJ.astype(jnp.int32), 0, b, value=S)
-    w_TpJ = _pad(w_TJ.astype(jnp.float32), 0, b)
-    y_SDp = _pad(y_SD, 1, TILE)
+    row_TpJ = pad_to_multiple(row_TJ.astype(jnp.int32), 0, b, value=S)
+    w_TpJ = pad_to_multiple(w_TJ.astype(jnp.float32), 0, b)
+    y_SDp = pad_to_multiple(y_SD, 1, TILE)
     Tp, J, Dp = row_TpJ.shape[0], row_TJ.shape[1], y_SDp.shape[1]
     out = pl.pallas_call(
         combine_kernel,
@@ -225,13 +224,4 @@ def _like(x: Array, shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def _interpret(interpret: bool | None) -> bool:
-    return backends.pallas_interpret(interpret)
-
-
-def _pad(x: Array, axis: int, multiple: int, value=0) -> Array:
-    extra = -x.shape[axis] % multiple
-    if extra == 0:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, extra)
-    return jnp.pad(x, pads, constant_values=value)
+    return pallas_interpret(interpret)

@@ -4,7 +4,7 @@ out[M, N] = sum_g (a[:, g] . b[:, g]) * sa[:, g] * sb[:, g]^T, g = 128-wide K sl
 a [M, K] and b [N, K] are E4M3 and both K-major ("NT", what Hopper's FP8 wgmma needs for
 B), sa [M, G] / sb [N, G] FP32 scales per row per K slice. Each slice is accumulated on
 its own in FP32 and promoted into an FP32 accumulator with both scales (V3TR 3.3.2); a
-weight's 128x128 block scale is passed repeated over its 128 rows (``fp8.block_rows``).
+weight's 128x128 block scale is passed repeated over its 128 rows (``fp8_quant.block_rows``).
 The grouped variant takes rows sorted by expert, each expert's rows padded to a multiple
 of 128, and one expert id per 128-row block (DeepGEMM's m-grouped contiguous layout).
 
@@ -34,8 +34,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from deepseek_jax import backends
+from deepseek_jax.fp8_quant import TILE as SLICE  # promotion interval N_C, grouped row alignment
+from deepseek_jax.fp8_quant import pad_to_multiple
 
-SLICE = 128  # promotion interval along K (N_C) and the grouped row alignment
+# Max |out - reference| / max |reference| of the compiled Mosaic kernel (FP32 output): the
+# tolerance of its GPU test and of ``experiments.gpu_check``. Hopper's FP8 wgmma keeps ~14
+# bits while it sums one 128-wide K slice (V3TR 3.3.2; promotion to FP32 happens between
+# slices), so a correct kernel measures 1.9e-4 to 2.8e-4 on an H200
+# (results/gpu_check_h200.log; XLA's own FP8 dot: 2.8e-4); a wrong scale, tile or group is
+# off by 1e-2 or more. The interpret kernel sums exactly as the reference does (1e-5).
+MOSAIC_REL_TOL = 1e-3
 _WG_ROWS = 64  # rows per compute warpgroup (one wgmma M)
 _SMEM_BYTES = 220 * 1024  # of Hopper's 227 KiB per block, leaving room for barriers
 
@@ -66,8 +74,8 @@ class BlockSizes:
 def fp8_matmul_reference(a8, sa, b8, sb, *, out_dtype=jnp.float32):
     """The plain-jnp twin: [(Bt,) M, K] x [(Bt,) N, K] -> [(Bt,) M, N], promotion per slice."""
     G = sa.shape[-1]
-    a = _pad(a8.astype(jnp.float32), -1, G * SLICE)
-    b = _pad(b8.astype(jnp.float32), -1, G * SLICE)
+    a = pad_to_multiple(a8.astype(jnp.float32), -1, SLICE)
+    b = pad_to_multiple(b8.astype(jnp.float32), -1, SLICE)
     a = a.reshape(*a.shape[:-1], G, SLICE)
     b = b.reshape(*b.shape[:-1], G, SLICE)
     part = jnp.einsum("...mgk,...ngk->...gmn", a, b, precision=lax.Precision.HIGHEST)
@@ -278,19 +286,6 @@ def _mosaic(a8, sa, b8, sb, group_ids, out_dtype, bs: BlockSizes, interpret: boo
 # ------------------------------------------------------------------------ wrappers
 
 
-def _pad(x, axis: int, size: int):
-    axis = axis % x.ndim
-    if x.shape[axis] == size:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pads)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _choose(impl, interpret):
     """Defaults (``backends``): Mosaic GPU compiled on a GPU; pallas_call in interpret mode
     elsewhere."""
@@ -309,14 +304,12 @@ def _choose(impl, interpret):
 
 def _padded_operands(a8, sa, b8, sb, bs: BlockSizes, k_multiple: int):
     """Zero-pads M to block_m, N to block_n, K to ``k_multiple`` (scales alongside)."""
-    M, K = a8.shape[-2:]
-    N = b8.shape[-2]
-    Kp = _round_up(K, k_multiple)
-    Mp, Np = _round_up(M, bs.block_m), _round_up(N, bs.block_n)
-    a8 = _pad(_pad(a8, -1, Kp), -2, Mp)
-    b8 = _pad(_pad(b8, -1, Kp), -2, Np)
-    sa = _pad(_pad(sa, -1, Kp // SLICE), -2, Mp)
-    sb = _pad(_pad(sb, -1, Kp // SLICE), -2, Np)
+    pad = pad_to_multiple
+    kg = k_multiple // SLICE  # scales: one per 128-K slice
+    a8 = pad(pad(a8, -1, k_multiple), -2, bs.block_m)
+    b8 = pad(pad(b8, -1, k_multiple), -2, bs.block_n)
+    sa = pad(pad(sa, -1, kg), -2, bs.block_m)
+    sb = pad(pad(sb, -1, kg), -2, bs.block_n)
     return a8, sa, b8, sb
 
 

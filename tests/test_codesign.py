@@ -24,10 +24,10 @@ G = 1e9
 def test_kv_cache_table1():
     v3 = mla_kv_bytes_per_token(V3)
     assert v3 == (512 + 64) * 61 * 2 == 70_272
-    assert dense_kv_bytes_per_token(QWEN25_72B) == 327_680
-    assert dense_kv_bytes_per_token(LLAMA31_405B) == 516_096
-    assert round(327_680 / v3, 2) == 4.66
-    assert round(516_096 / v3, 2) == 7.34  # the paper prints 7.28
+    qwen, llama = dense_kv_bytes_per_token(QWEN25_72B), dense_kv_bytes_per_token(LLAMA31_405B)
+    assert (qwen, llama) == (327_680, 516_096)
+    assert round(qwen / v3, 2) == 4.66
+    assert round(llama / v3, 2) == 7.34  # the paper prints 7.28
     assert mha_kv_bytes_per_token(V3) == 128 * (192 + 128) * 61 * 2
 
 
@@ -51,10 +51,8 @@ def test_analytic_params_match_reference_and_abstract_init():
     p2 = flops.moe_params(V2)
     assert round(p2.total / G, 2) == 235.74 and round(p2.activated / G, 2) == 21.38
     assert flops.mla_params(V3) == 187_105_280
-    try:
-        from deepseek_jax.codesign.params import abstract_report
-    except ImportError as e:
-        pytest.skip(f"model does not build yet: {e}")
+    from deepseek_jax.codesign.params import abstract_report
+
     for name in ("v3-671b", "v2-236b", "small"):
         rep, ours = abstract_report(PRESETS[name]), flops.moe_params(PRESETS[name])
         assert (rep.total_params, rep.activated_params) == (ours.total, ours.activated)
@@ -69,7 +67,7 @@ def test_throughput_table4():
     assert 100 * flops.mfu(t_nc, H800.bf16_tflops) == pytest.approx(43.73, abs=0.1)
     assert 100 * flops.mfu(t_c, H800.bf16_tflops) == pytest.approx(38.94, abs=0.1)
     assert flops.tokens_per_day(t_c, 2048, c) == pytest.approx(272.8e9)
-    assert round(272.8e9 / 86400 / 2048) == 1542  # about 1.54k tokens/s per H800
+    assert round(t_c * 1e12 / c) == 1542  # tokens/s per H800 (paper: about 1.54k)
 
 
 def test_ep_decode_bound():
@@ -138,12 +136,38 @@ def test_topology_costs_close_to_paper():
         assert usd / t.endpoints / 1e3 == pytest.approx(paper[4], rel=0.01)
 
 
-def test_every_paper_row_matches_or_is_explained():
+# The rows that do not match the paper within 1 %, each with the largest relative gap it may
+# have and why; every other row with a paper value must match, note or not.
+DEVIATIONS = {
+    # The paper's dense rows do not follow from the formula and the public configs (the
+    # values we do get are pinned in test_training_flops_table2).
+    ("training_flops", "Qwen-2.5 72B dense", "GFLOPs/token"): 0.15,
+    ("training_flops", "LLaMA-3.1 405B dense", "GFLOPs/token"): 0.02,
+    # The paper rounds: "about 67", "about 1200", "about 13".
+    ("ep_decode", "V3, H800 400 Gb/s IB", "tokens/s"): 0.02,
+    ("ep_decode", "V3, GB200 NVL72", "tokens/s"): 0.02,
+    ("routing", "V3, H800", "experts/token at equal cost"): 0.04,
+}
+
+
+def test_every_paper_row_matches_or_is_a_listed_deviation():
+    seen, matched = set(), 0
     for t in report.all_tables():
         for r in t.rows:
-            if r.paper is None or r.note:
+            if r.paper is None:
                 continue
-            assert r.ours == pytest.approx(r.paper, rel=0.01, abs=0.006), (t.key, r)
+            key = (t.key, r.row, r.quantity)
+            close = r.ours == pytest.approx(r.paper, rel=0.01, abs=0.006)
+            if key in DEVIATIONS:
+                seen.add(key)
+                assert not close, f"{key} now matches: drop it from DEVIATIONS"
+                assert r.note, f"{key}: the table must say why it deviates"
+                assert abs(r.ours - r.paper) <= DEVIATIONS[key] * abs(r.paper), (key, r)
+            else:
+                assert close, (key, r)
+                matched += 1
+    assert seen == set(DEVIATIONS)
+    assert matched >= 30  # the tables still carry their paper values
 
 
 def test_hardware_presets():

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from deepseek_jax.config import PRESETS, ModelConfig, RopeScaling, get_preset
+from deepseek_jax.config import PRESETS, RopeScaling, get_preset
+from deepseek_jax.interop.hf_config import config_from_hf
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -137,14 +138,14 @@ V3_JSON = {
 }
 
 
-def test_from_hf_config_v3(tmp_path):
+def test_config_from_hf_v3(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(V3_JSON))
-    c = ModelConfig.from_hf_config(tmp_path)
+    c = config_from_hf(tmp_path)
     assert c == dataclasses.replace(get_preset("v3-671b"), initializer_range=0.02)
-    assert ModelConfig.from_hf_config(V3_JSON) == c
+    assert config_from_hf(V3_JSON) == c
 
 
-def test_from_hf_config_rope_parameters_and_v2():
+def test_config_from_hf_rope_parameters_and_v2():
     d = dict(V3_JSON)
     d.pop("rope_scaling")
     d["rope_parameters"] = {
@@ -164,18 +165,18 @@ def test_from_hf_config_rope_parameters_and_v2():
         n_group=8,
         topk_group=3,
     )
-    c = ModelConfig.from_hf_config(d)
+    c = config_from_hf(d)
     assert c.rope_scaling.factor == 4.0 and c.rope_theta == 5e4
     assert c.rope_scaling.mscale == pytest.approx(0.707)
     assert c.scoring_func == "softmax" and not c.has_routing_bias
 
 
-def test_from_hf_config_errors(tmp_path):
+def test_config_from_hf_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ModelConfig.from_hf_config(tmp_path)
+        config_from_hf(tmp_path)
     with pytest.raises(ValueError, match="n_group"):
-        ModelConfig.from_hf_config({**V3_JSON, "n_group": 7})
+        config_from_hf({**V3_JSON, "n_group": 7})
     with pytest.raises(ValueError, match="rope_scaling"):
-        ModelConfig.from_hf_config({**V3_JSON, "rope_scaling": {"type": "dynamic", "factor": 2}})
+        config_from_hf({**V3_JSON, "rope_scaling": {"type": "dynamic", "factor": 2}})
     with pytest.raises(ValueError, match="hidden_size: expected int"):
-        ModelConfig.from_hf_config({**V3_JSON, "hidden_size": "big"})
+        config_from_hf({**V3_JSON, "hidden_size": "big"})

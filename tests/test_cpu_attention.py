@@ -13,15 +13,11 @@ from cpu_kernels import attention, build
 from deepseek_jax import mla
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
+from tests.numerics import rel_err
 
 pytestmark = pytest.mark.skipif(
     not attention.available(), reason="the C++ attention kernel does not build here"
 )
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def problem(B, T, H, K, O, seed=0, scale=0.5):

@@ -16,16 +16,12 @@ from deepseek_jax.mesh import make_mesh
 from deepseek_jax.moe import dispatch, routing
 from deepseek_jax.moe.dispatch import Capacities, EPOptions, Topology
 from deepseek_jax.moe.layer import MoE
+from tests.numerics import rel_err
 
 # D 64, 16 experts in 4 groups (2 kept), top-4: on (node=4, gpu=2) the node limit bites.
 CFG = get_preset("tiny", ["n_routed_experts=16", "num_experts_per_tok=4"])
 DATA = P(("node", "gpu"))
 DROPLESS = EPOptions(capacity_factor=None)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _inputs(B=16, T=8):

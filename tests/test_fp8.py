@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax import fp8
+from deepseek_jax import fp8, fp8_gemm, fp8_quant
 from deepseek_jax.config import get_preset
+from tests.numerics import rel_err
 
 E4M3_EPS = 2.0**-4  # half an ulp of a 3-bit mantissa, relative
 SUB_ULP = 2.0**-10  # half the E4M3FN subnormal spacing 2^-9, in units of the scale
@@ -14,11 +15,6 @@ SUB_ULP = 2.0**-10  # half the E4M3FN subnormal spacing 2^-9, in units of the sc
 
 def _normal(seed, shape, scale=1.0):
     return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _within_e4m3(x, dq, s_full):
@@ -33,11 +29,13 @@ def _within_e4m3(x, dq, s_full):
 @pytest.mark.parametrize("pow2", [False, True])
 def test_tile_round_trip_within_e4m3(shape, axis, pow2):
     x = _normal(0, shape) * jnp.exp(_normal(1, shape, 2.0))  # a wide dynamic range
-    q, s = jax.jit(fp8.quantize_tiles, static_argnames=("axis", "pow2"))(x, axis=axis, pow2=pow2)
-    assert q.dtype == fp8.E4M3 and q.shape == x.shape and s.dtype == jnp.float32
+    q, s = jax.jit(fp8_quant.quantize_tiles, static_argnames=("axis", "pow2"))(
+        x, axis=axis, pow2=pow2
+    )
+    assert q.dtype == fp8_quant.E4M3 and q.shape == x.shape and s.dtype == jnp.float32
     n = shape[axis]
     assert s.shape[axis] == -(-n // 128)
-    dq = jax.jit(fp8.dequantize_tiles, static_argnames="axis")(q, s, axis=axis)
+    dq = jax.jit(fp8_quant.dequantize_tiles, static_argnames="axis")(q, s, axis=axis)
     s_full = jnp.moveaxis(jnp.repeat(jnp.moveaxis(s, axis, -1), 128, -1)[..., :n], -1, axis)
     _within_e4m3(x, dq, s_full)
     assert float(jnp.max(jnp.abs(q.astype(jnp.float32)))) <= 448.0
@@ -50,22 +48,51 @@ def test_partial_tile_has_its_own_scale_and_zero_tiles_stay_finite():
         [jnp.full((2, 128), 1000.0), jnp.full((2, 5), 0.5), jnp.zeros((2, 0))], axis=1
     )
     x = x.at[1].set(0.0)
-    q, s = fp8.quantize_tiles(x)
+    q, s = fp8_quant.quantize_tiles(x)
     np.testing.assert_allclose(s[0], [1000.0 / 448, 0.5 / 448], rtol=1e-6)
-    assert np.all(np.isfinite(np.asarray(fp8.dequantize_tiles(q, s))))
+    assert np.all(np.isfinite(np.asarray(fp8_quant.dequantize_tiles(q, s))))
     assert np.all(np.asarray(q[1].astype(jnp.float32)) == 0)
+
+
+def test_every_fp8_quantiser_is_the_one_primitive():
+    """The dispatch payload (reference and kernel body), LogFMT's FP8 baseline and the
+    official weight format quantise exactly like ``fp8_quant`` on the policy's edge cases:
+    an all-zero tile, a tile below the max-abs floor, a partial tile, values at the clip."""
+    from deepseek_jax.interop import fp8_weights
+    from deepseek_jax.logfmt import fp8_quantize_1x128
+    from pallas_kernels import dispatch as kd
+
+    x = _normal(7, (6, 256)) * jnp.exp(_normal(8, (6, 1), 3.0))
+    x = x.at[1].set(0.0).at[2, :128].set(1e-33).at[3, 5].set(448.0 * 1.0000001)
+    q, s = fp8_quant.quantize_tiles(x)
+    codes = lambda q: np.asarray(q.astype(jnp.float32))  # noqa: E731
+    for q2, s2 in (
+        kd.quantize_rows(x),
+        kd.permute_quantize(x, jnp.arange(6), interpret=True),
+    ):
+        np.testing.assert_array_equal(codes(q2), codes(q))
+        np.testing.assert_array_equal(np.asarray(s2), np.asarray(s))
+    np.testing.assert_array_equal(
+        np.asarray(fp8_quantize_1x128(x)), np.asarray(fp8_quant.dequantize_tiles(q, s))
+    )
+    w = np.asarray(x[:, :200]).T  # [200, 6]: partial blocks on both axes
+    qb, sb = fp8_quant.quantize_blocks(jnp.asarray(w))
+    qw, sw = fp8_weights.quantize_blocks(w)
+    np.testing.assert_array_equal(qw.astype(np.float32), codes(qb))
+    np.testing.assert_array_equal(sw, np.asarray(sb))
+    assert np.all(codes(q)[1] == 0) and np.all(np.isfinite(np.asarray(s)))
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130), (2, 130, 260)])
 def test_block_round_trip_within_e4m3(shape):
     w = _normal(2, shape, 0.02)
-    q, s = fp8.quantize_blocks(w)
+    q, s = fp8_quant.quantize_blocks(w)
     assert s.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
-    dq = fp8.dequantize_blocks(q, s)
+    dq = fp8_quant.dequantize_blocks(q, s)
     s_full = jnp.repeat(jnp.repeat(s, 128, -2), 128, -1)[..., : shape[-2], : shape[-1]]
     _within_e4m3(w, dq, s_full)
     # One quantised copy serves W and W^T: block quantisation commutes with transposition.
-    qt, st = fp8.quantize_blocks(jnp.swapaxes(w, -1, -2))
+    qt, st = fp8_quant.quantize_blocks(jnp.swapaxes(w, -1, -2))
     np.testing.assert_array_equal(
         np.asarray(jnp.swapaxes(qt, -1, -2).astype(jnp.float32)), np.asarray(q.astype(jnp.float32))
     )
@@ -74,9 +101,9 @@ def test_block_round_trip_within_e4m3(shape):
 
 def test_fine_grained_tiles_beat_per_tensor_on_outliers():
     x = _normal(3, (256, 512)).at[::37, ::61].multiply(1000.0)  # a few huge outliers
-    q, s = fp8.quantize_tensor(x)
-    err_tensor = _rel(q.astype(jnp.float32) * s, x)
-    err_tiles = _rel(fp8.dequantize_tiles(*fp8.quantize_tiles(x)), x)
+    q, s = fp8_quant.quantize_tensor(x)
+    err_tensor = rel_err(q.astype(jnp.float32) * s, x)
+    err_tiles = rel_err(fp8_quant.dequantize_tiles(*fp8_quant.quantize_tiles(x)), x)
     assert err_tiles < err_tensor / 2
 
 
@@ -85,16 +112,16 @@ def test_fine_grained_tiles_beat_per_tensor_on_outliers():
 
 @pytest.mark.parametrize("M,N,K", [(64, 96, 512), (33, 130, 300)])
 def test_gemm_reference_equals_float64_on_dequantised_inputs(M, N, K):
-    a8, sa = fp8.quantize_tiles(_normal(4, (M, K), 3.0))
-    b8, sb = fp8.quantize_tiles(_normal(5, (N, K), 0.1))
+    a8, sa = fp8_quant.quantize_tiles(_normal(4, (M, K), 3.0))
+    b8, sb = fp8_quant.quantize_tiles(_normal(5, (N, K), 0.1))
     ref64 = (
-        np.asarray(fp8.dequantize_tiles(a8, sa), np.float64)
-        @ np.asarray(fp8.dequantize_tiles(b8, sb), np.float64).T
+        np.asarray(fp8_quant.dequantize_tiles(a8, sa), np.float64)
+        @ np.asarray(fp8_quant.dequantize_tiles(b8, sb), np.float64).T
     )
-    out = jax.jit(fp8.scaled_matmul_reference)(a8, sa, b8, sb)
+    out = jax.jit(fp8_gemm.scaled_matmul_reference)(a8, sa, b8, sb)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref64, rtol=2e-5, atol=1e-6 * np.abs(ref64).max())
-    xla = jax.jit(fp8.scaled_matmul)(a8, sa, b8, sb)
+    xla = jax.jit(fp8_gemm.scaled_matmul)(a8, sa, b8, sb)
     np.testing.assert_allclose(np.asarray(xla), np.asarray(out), rtol=1e-6, atol=1e-6)
 
 
@@ -106,9 +133,9 @@ def _dequantised_operands(x, w, dy):
     """Exactly the FP8 operands the recipe feeds its three GEMMs (fp8.py design note)."""
 
     def dq_tiles(a, axis):
-        return fp8.dequantize_tiles(*fp8.quantize_tiles(a, axis=axis), axis=axis)
+        return fp8_quant.dequantize_tiles(*fp8_quant.quantize_tiles(a, axis=axis), axis=axis)
 
-    w_dq = fp8.dequantize_blocks(*fp8.quantize_blocks(w))
+    w_dq = fp8_quant.dequantize_blocks(*fp8_quant.quantize_blocks(w))
     return dq_tiles(x, -1), dq_tiles(dy, -1), w_dq, dq_tiles(x, 0), dq_tiles(dy, 0)
 
 
@@ -132,7 +159,7 @@ def test_fp8_linear_fprop_dgrad_wgrad():
         np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     # Against a float32 linear on the unquantised values: within FP8 precision.
     for g, want in zip(got, f32, strict=True):
-        assert _rel(g, want) < 0.05
+        assert rel_err(g, want) < 0.05
 
 
 def test_fp8_linear_keeps_dtypes_and_leading_axes():
@@ -146,7 +173,7 @@ def test_fp8_linear_keeps_dtypes_and_leading_axes():
         jnp.bfloat16,
         jnp.float32,
     )
-    assert _rel(y.astype(jnp.float32), x.astype(jnp.float32) @ w) < 0.05
+    assert rel_err(y.astype(jnp.float32), x.astype(jnp.float32) @ w) < 0.05
 
 
 def test_pallas_backend_equals_xla_backend():
@@ -194,7 +221,7 @@ def test_expert_ffn_is_each_experts_fp8_swiglu():
         jax.jit(jax.grad(g, (0, 1, 2, 3)))(x, *ws),
         strict=True,
     ):
-        assert _rel(a, b) < FLIPS
+        assert rel_err(a, b) < FLIPS
 
 
 def test_grouped_ffn_matches_per_expert_fp8():
@@ -215,9 +242,9 @@ def test_grouped_ffn_matches_per_expert_fp8():
     value_grad = lambda f: jax.jit(jax.value_and_grad(loss(f), (0, 1, 2, 3)))  # noqa: E731
     (vg, gg), (vp, gp) = value_grad(grouped)(x, *ws), value_grad(per_expert)(x, *ws)
     assert abs(float(vg - vp)) < FLIPS * abs(float(vp))
-    assert _rel(jax.jit(grouped)(x, *ws), jax.jit(per_expert)(x, *ws)) < FLIPS
+    assert rel_err(jax.jit(grouped)(x, *ws), jax.jit(per_expert)(x, *ws)) < FLIPS
     for a, b in zip(gg, gp, strict=True):
-        assert _rel(a, b) < FLIPS
+        assert rel_err(a, b) < FLIPS
 
 
 # ---------------------------------------------------------------------------- the model
@@ -236,7 +263,7 @@ def test_config_switch_puts_the_large_linears_in_fp8():
         outs[flag] = (nnx.jit(logits)(model), str(jax.make_jaxpr(logits)(model)))
     assert "f8_e4m3fn" not in outs[False][1] and "f8_e4m3fn" in outs[True][1]
     # The router sees FP8-perturbed inputs and may pick other experts for a few tokens.
-    assert _rel(outs[True][0], outs[False][0]) < 0.15
+    assert rel_err(outs[True][0], outs[False][0]) < 0.15
 
 
 def test_fp8_training_steps_lower_the_loss():
@@ -317,13 +344,13 @@ def test_routed_experts_run_in_fp8_and_match_per_expert_fp8(backend):
     }
     y = {name: jax.jit(f)(x, idx, w, *ws) for name, f in (("ours", ours), ("ref", ref))}
     assert "f8_e4m3fn" in str(jax.make_jaxpr(ours)(x, idx, w, *ws))
-    assert _rel(y["ours"], y["ref"]) < 1e-5
+    assert rel_err(y["ours"], y["ref"]) < 1e-5
     (_, g_ours), (_, g_ref), (_, g_f32) = grads["ours"], grads["ref"], grads["f32"]
     for a in (0, 1):  # Dgrad and the gate weights: per-token tiles, layout-independent
-        assert _rel(g_ours[a], g_ref[a]) < 1e-5
+        assert rel_err(g_ours[a], g_ref[a]) < 1e-5
     for a in (2, 3, 4):  # Wgrad: FP8 (not the float32 gradient), within FP8 tolerance
-        assert _rel(g_ours[a], g_ref[a]) < 0.1
-        assert _rel(g_ours[a], g_f32[a]) > 1e-3
+        assert rel_err(g_ours[a], g_ref[a]) < 0.1
+        assert rel_err(g_ours[a], g_f32[a]) > 1e-3
 
 
 def test_moe_layer_in_fp8_is_shared_plus_routed_fp8_experts():
@@ -342,4 +369,4 @@ def test_moe_layer_in_fp8_is_shared_plus_routed_fp8_experts():
     idx, w, _, _ = _router(x_TD, moe.gate[...], moe.e_score_correction_bias[...], cfg, 2)
     ws = (moe.w_gate[...], moe.w_up[...], moe.w_down[...])
     want = experts.routed_ffn_reference(x_TD, idx, w, *ws, fp8="xla") + moe.shared_experts(x_TD)
-    assert _rel(y_BTD.reshape(want.shape), want) < 1e-4  # FP32 summation order only
+    assert rel_err(y_BTD.reshape(want.shape), want) < 1e-4  # FP32 summation order only

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepseek_jax import fp8
+from deepseek_jax import fp8_gemm
 from pallas_kernels import fp8_matmul as fm
+from tests.numerics import max_rel_err
 
 F8, F32 = jnp.float8_e4m3fn, jnp.float32
 
@@ -27,14 +28,13 @@ def _operands(seed, a_shape, b_shape):
 
 
 def _assert_close(out, ref, tol=1e-5):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.max(np.abs(out - ref)) <= tol * np.max(np.abs(ref))
+    assert max_rel_err(out, ref) <= tol
 
 
 def test_reference_is_the_recipes_reference():
     a8, sa, b8, sb = _operands(0, (100, 300), (72, 300))
     np.testing.assert_array_equal(
-        fm.fp8_matmul_reference(a8, sa, b8, sb), fp8.scaled_matmul_reference(a8, sa, b8, sb)
+        fm.fp8_matmul_reference(a8, sa, b8, sb), fp8_gemm.scaled_matmul_reference(a8, sa, b8, sb)
     )
 
 
@@ -58,7 +58,7 @@ def test_interpret_kernel_equals_reference(shape, bs):
 def _ragged(seed, sizes, N, K):
     """Rows of ragged groups in the padded contiguous layout, and per-expert weights."""
     E, A = len(sizes), sum(sizes)
-    row_P, group_ids = fp8.contiguous_layout(jnp.array(sizes, jnp.int32), A)
+    row_P, group_ids = fp8_gemm.contiguous_layout(jnp.array(sizes, jnp.int32), A)
     x8, sx, b8, sb = _operands(seed, (A, K), (E, N, K))
     take = lambda v: jnp.take(v, row_P, axis=0, mode="fill", fill_value=0)  # noqa: E731
     return x8, sx, take(x8), take(sx), b8, sb, row_P, group_ids
@@ -133,4 +133,5 @@ def test_compiled_mosaic_kernel_on_gpu(shape):
     Bt, M, N, K = shape
     a8, sa, b8, sb = _operands(5, (Bt, M, K), (Bt, N, K))
     out = fm.fp8_matmul(a8, sa, b8, sb, impl="mosaic", interpret=False)
-    _assert_close(out, fm.fp8_matmul_reference(a8, sa, b8, sb))
+    # Hopper's FP8 accumulation: 1.9e-4 to 2.4e-4 measured for these shapes (MOSAIC_REL_TOL)
+    _assert_close(out, fm.fp8_matmul_reference(a8, sa, b8, sb), tol=fm.MOSAIC_REL_TOL)

@@ -307,15 +307,47 @@ def test_unknown_architecture_is_named(tmp_path):
         deepseek_jax.from_pretrained(d)
 
 
-def test_every_leaf_has_a_name():
+def _our_hf_names(cfg, fused: set[str] = frozenset()) -> list[str]:
+    """The HF tensor names our leaves map to (per expert unless the name is in ``fused``)."""
     from deepseek_jax.build import abstract_model
-    from deepseek_jax.config import get_preset
     from deepseek_jax.interop.pretrained import _leaves
 
-    for preset in ("tiny", "v2-236b", "v3-671b"):
-        cfg = get_preset(preset)
-        for path, _ in _leaves(nnx.state(abstract_model(cfg))):
-            hf_names.leaf_map(path, cfg)
+    out = []
+    for path, _ in _leaves(nnx.state(abstract_model(cfg))):
+        m = hf_names.leaf_map(path, cfg)
+        for i in range(len(m.prefixes)):
+            f = m.kind == "expert" and m.names(i, 0, fused=True)[0] in fused
+            out += m.names(i, cfg.n_routed_experts, fused=f)
+    for k in range(cfg.num_nextn_predict_layers):
+        out += list(hf_names.mtp_extra_names(cfg, k))
+    return out
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_every_leaf_has_the_name_transformers_gives_it(name):
+    from deepseek_jax.interop.hf_config import config_from_hf
+
+    d = os.path.join(HF, name)
+    theirs = {n for n in SafetensorsReader(d).names() if not n.endswith("_scale_inv")}
+    ours = _our_hf_names(config_from_hf(d), fused=theirs)
+    assert set(ours) == theirs
+    shared = {n for n in ours if ours.count(n) > 1}  # a fused gate_up serves w_gate and w_up
+    assert all(n.endswith(".mlp.experts.gate_up_proj") for n in shared), shared
+
+
+@pytest.mark.parametrize("preset", ["v2-236b", "v3-671b"])
+def test_every_leaf_of_a_preset_has_its_own_name(preset):
+    from deepseek_jax.config import get_preset
+
+    cfg = get_preset(preset)
+    names = _our_hf_names(cfg)
+    assert len(names) == len(set(names))
+    layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+    assert layers == set(range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    per_expert = 3 * cfg.n_routed_experts * cfg.num_moe_layers
+    assert sum(".mlp.experts." in n for n in names) == per_expert + 3 * cfg.n_routed_experts * (
+        cfg.num_nextn_predict_layers
+    )
 
 
 # ------------------------------------------------------------------------ Orbax runs

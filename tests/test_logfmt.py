@@ -127,7 +127,10 @@ def test_logfmt_error_experiment(monkeypatch, capsys):
 
     from experiments import logfmt_error
 
-    monkeypatch.setattr(logfmt_error, "small_model_hidden", lambda tokens, seed: None)
+    def fake_hidden(tokens, seed):  # building the small model is for the real run
+        return 3.0 * jax.random.normal(jax.random.key(seed), (tokens, 256))
+
+    monkeypatch.setattr(logfmt_error, "small_model_hidden", fake_hidden)
     out = logfmt_error.main(["--tokens", "128", "--dim", "256"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(
         json.dumps(out)

@@ -13,6 +13,7 @@ from deepseek_jax import sharding
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.mla import MLA, LatentCache, mla_absorbed, mla_naive
+from tests.numerics import max_rel_err
 
 CFGS = {
     "yarn": get_preset("tiny"),
@@ -21,11 +22,6 @@ CFGS = {
 }
 B, L = 2, 20
 RTOL = 1e-5  # max abs error relative to max abs value, float32
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 def _random_weights(cfg, seed=0):
@@ -69,7 +65,7 @@ def test_absorbed_decode_equals_naive(name, prompt):
     want = naive(w, x, pos, cfg=cfg)
     got, _ = _decode_all(w, x, pos, cfg, prompt)
     chex.assert_shape(got, (B, L, cfg.hidden_size))
-    per_position = [_rel_err(got[:, t], want[:, t]) for t in range(L)]
+    per_position = [max_rel_err(got[:, t], want[:, t]) for t in range(L)]
     assert max(per_position) < RTOL, per_position
 
 
@@ -80,7 +76,7 @@ def test_token_by_token_equals_prefill(name):
     x, pos = _inputs(cfg, seed=4)
     y_prefill, c_prefill = _decode_all(w, x, pos, cfg, prompt=L)
     y_steps, c_steps = _decode_all(w, x, pos, cfg, prompt=1)
-    assert _rel_err(y_steps, y_prefill) < RTOL
+    assert max_rel_err(y_steps, y_prefill) < RTOL
     chex.assert_trees_all_close(c_steps, c_prefill, atol=1e-6, rtol=1e-6)
 
 
@@ -145,7 +141,7 @@ class ModulePathsTest(chex.TestCase):
         y = call(x, pos)
         y_dec, cache = decode(x[:, :4], pos[:, :4], cache, 0)
         y_last, _ = decode(x[:, 4:], pos[:, 4:], cache, 4)
-        assert _rel_err(jnp.concatenate([y_dec, y_last], 1), y) < RTOL
+        assert max_rel_err(jnp.concatenate([y_dec, y_last], 1), y) < RTOL
 
 
 def test_bfloat16_compute():
@@ -155,7 +151,7 @@ def test_bfloat16_compute():
     y = mla_naive(w, x, pos, cfg)
     y_dec, _ = mla_absorbed(w, x, pos, LatentCache.init(B, 6, cfg, jnp.bfloat16), 0, cfg)
     assert y.dtype == y_dec.dtype == jnp.bfloat16
-    assert _rel_err(y_dec, y) < 3e-2
+    assert max_rel_err(y_dec, y) < 3e-2
 
 
 def test_batch_sharded_equals_unsharded():
@@ -173,7 +169,7 @@ def test_batch_sharded_equals_unsharded():
         spec = sharding.spec(("batch", None, None))
     assert y.sharding.spec == spec and y_dec.sharding.spec == spec
     assert cache.ckv_BSC.sharding.spec == spec
-    assert _rel_err(y, want) < RTOL and _rel_err(y_dec, want) < RTOL
+    assert max_rel_err(y, want) < RTOL and max_rel_err(y_dec, want) < RTOL
 
 
 @pytest.mark.parametrize("backend", ["xla", "cpu_kernel"])

@@ -16,14 +16,10 @@ from deepseek_jax.mesh import make_mesh
 from deepseek_jax.moe import dispatch, experts
 from deepseek_jax.moe.dispatch import EPOptions, SlotSizes
 from deepseek_jax.moe.layer import MoE, RoutingBias
+from tests.numerics import rel_err
 from tests.reference.moe_reference import moe_reference
 
 CFG = get_preset("tiny")  # D 64, E 8 in 4 groups (2 kept), top-2, F 32, 1 shared
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def make_moe(cfg=CFG, seed=0, bias=None, **kw):

@@ -13,16 +13,12 @@ from deepseek_jax import overlap, sharding
 from deepseek_jax.block import Block
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
+from tests.numerics import rel_err
 
 # D 64, 16 experts in 4 groups (2 kept), top-4, dropless buffers (capacities differ per half).
 BASE = ["n_routed_experts=16", "num_experts_per_tok=4", "ep_capacity_factor=none"]
 DATA = P(("node", "gpu"))
 B, T = 16, 8
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def _run(cfg, mesh):

@@ -11,12 +11,18 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.train.checkpoint import Checkpointer, config_dict
+from deepseek_jax.train.checkpoint import (
+    Checkpointer,
+    config_dict,
+    resume_differences,
+    run_meta,
+)
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.state import abstract_state, init_state, plan
 from experiments.train import main
@@ -109,22 +115,77 @@ def test_sigterm_finishes_step_saves_and_exits(tmp_path):
     assert saved[-1] == max(steps) + 1  # the state after the last finished step is on disk
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
-    cfg, tcfg = get_preset("tiny"), TrainConfig(steps=2, batch_size=8, seq_len=16)
-    _, state, _, _ = init_state(cfg, tcfg, make_mesh(1, 8))
-    meta = {"model_config": config_dict(cfg)}
+TINY_TCFG = TrainConfig(steps=2, batch_size=8, seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    """A fresh tiny train state on a (node=2, gpu=4) mesh, as host arrays and sharded."""
+    cfg, mesh = get_preset("tiny"), make_mesh(2, 4)
+    graphdef, state, layout, tx = init_state(cfg, TINY_TCFG, mesh)
+    return cfg, mesh, graphdef, state, layout, tx, jax.device_get(state)
+
+
+def test_restore_onto_a_different_mesh(tmp_path, tiny_state):
+    cfg, _, _, state, _, _, host = tiny_state
     ck = Checkpointer(tmp_path, async_save=False)
-    ck.save(0, state, meta)
+    ck.save(0, state, {"model_config": config_dict(cfg)})
     ck.wait()
-    mesh = make_mesh(2, 4)
-    _, abs_state, layout, _ = plan(cfg, tcfg, mesh)
+    mesh = make_mesh(1, 8)
+    _, abs_state, layout, _ = plan(cfg, TINY_TCFG, mesh)
     with jax.set_mesh(mesh):
-        restored = ck.restore(0, abstract_state(abs_state, layout), meta)
-    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+        restored = ck.restore(0, abstract_state(abs_state, layout))
+    chex.assert_trees_all_equal(jax.device_get(restored), host)
     w = restored.params["moe_layers"]["mlp"]["w_gate"][...]
     assert w.sharding.mesh.shape == mesh.shape
     assert w.sharding.spec[1] == ("node", "gpu")
     ck.close()
+
+
+def test_zero1_shards_every_adam_moment_over_the_data_devices(tiny_state):
+    _, mesh, _, state, _, _, _ = tiny_state
+    n = mesh.size
+    params = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    }
+    moments = 0
+    for kp, m in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        key = jax.tree_util.keystr(kp)
+        name = next((s for s in (".mu", ".nu") if s in key), None)
+        if name is None:
+            continue
+        p = params[key.split(name, 1)[1]]
+        assert m.shape == p.shape, key
+        # replicated parameters (all but routed experts) keep 1/n of their moments per
+        # device; expert-sharded ones are already split n ways and stay so
+        assert m.addressable_shards[0].data.size * n == m.size, (key, m.sharding.spec)
+        moments += 1
+    assert moments == 2 * len(params)
+
+
+def test_a_train_step_moves_the_routing_bias_by_the_expert_load(tiny_state):
+    """V3TR 2.1.2: after the step every expert's bias moved by gamma against its load's
+    deviation from the mean (load from the same forward pass, computed separately)."""
+    from flax import nnx
+
+    from deepseek_jax.moe.routing import update_bias
+    from deepseek_jax.train.step import batch_sharding, global_batch, jit_train_step
+
+    cfg, mesh, graphdef, state, layout, tx, _ = tiny_state
+    rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17))
+    ids = global_batch(rows, batch_sharding(mesh), 8, 16)
+    with jax.set_mesh(mesh):
+        out = nnx.jit(lambda m, x: m(x))(nnx.merge(graphdef, state.params, state.rest), ids[:, :-1])
+    load_LE = np.asarray(out.moe_stats.load_LE)
+    before = np.asarray(state.rest["moe_layers"]["mlp"]["e_score_correction_bias"][...])
+    step = jit_train_step(graphdef, tx, TINY_TCFG, layout, mesh)
+    new, _ = step(jax.tree.map(jnp.copy, state), ids)  # the step donates its input
+    after = np.asarray(new.rest["moe_layers"]["mlp"]["e_score_correction_bias"][...])
+    want = np.stack(
+        [update_bias(b, l, TINY_TCFG.bias_gamma) for b, l in zip(before, load_LE, strict=True)]
+    )
+    assert np.any(after != before)
+    np.testing.assert_array_equal(after, want)
 
 
 def _free_port() -> int:
@@ -196,20 +257,66 @@ def test_unknown_preset_is_refused(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+
+
+def test_resume_differences_architecture_always_schedule_once_trained():
+    cfg, tcfg = get_preset("tiny"), TrainConfig(steps=4, batch_size=8, seq_len=16)
+    saved = run_meta(cfg, tcfg, data="bytes-0123")
+    same = run_meta(cfg.with_overrides(["dtype=bfloat16", "fp8=true"]), tcfg, data="bytes-0123")
+    assert resume_differences(saved, same, step=3) == []  # run options may change
+    other = run_meta(
+        cfg.with_overrides(["hidden_size=32"]),
+        TrainConfig(steps=8, batch_size=8, seq_len=16, seed=1),
+        data="bytes-4567",
+    )
+    assert resume_differences(saved, other, step=3) == [
+        "model_config.hidden_size: saved 64, now 32",
+        "train.seed: saved 0, now 1",
+        "train.steps: saved 4, now 8",
+        "data: saved 'bytes-0123', now 'bytes-4567'",
+    ]
+    # a step-0 checkpoint (a conversion) has trained on nothing: any data and schedule
+    assert resume_differences(saved, other, step=0) == [
+        "model_config.hidden_size: saved 64, now 32"
+    ]
+
+
 def test_corrupt_and_incompatible_checkpoints(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(TINY + ["--steps", "1", "--out", str(out)]) == 0
     capsys.readouterr()
-    # a different model in the same out dir: refused, naming the field
-    assert main(TINY + ["--steps", "2", "--out", str(out), "hidden_size=32"]) == 2
-    err = capsys.readouterr().err
-    assert "incompatible checkpoint" in err and "hidden_size" in err
+    ckpt = out / "checkpoints"
+    before = _files(ckpt)
+    # a different model, seed or schedule in the same out dir: refused, naming the field
+    for change, field in (
+        (["--steps", "2", "hidden_size=32"], "model_config.hidden_size: saved 64, now 32"),
+        (["--steps", "1", "--seed", "1"], "train.seed: saved 0, now 1"),
+        (["--steps", "3"], "train.steps: saved 1, now 3"),
+    ):
+        assert main(TINY + ["--out", str(out), *change]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: incompatible checkpoint") and field in err, err
+        assert "\n" not in err and "--allow-config-change" in err
+    assert _files(ckpt) == before
+    # run options (the dtype a GPU run adds) may change; --allow-config-change overrides
+    assert main(TINY + ["--out", str(out), "--steps", "1", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(TINY + ["--out", str(out), "--steps", "1", "--seed", "1", "--allow-config-change"])
+        == 0
+    )
+    assert "changed train.seed: saved 0, now 1" in capsys.readouterr().out
+    assert _files(ckpt) == before  # nothing trained, nothing saved
     # a damaged checkpoint: refused, and left as it was
-    for f in (out / "checkpoints" / "1").rglob("*"):
+    for f in (ckpt / "1").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "manifest" in f.name:
             f.write_bytes(b"garbage")
+    damaged = _files(ckpt)
+    assert damaged != before
     assert main(TINY + ["--steps", "2", "--out", str(out)]) == 2
-    assert "checkpoint" in capsys.readouterr().err
+    assert "corrupt" in capsys.readouterr().err
+    assert _files(ckpt) == damaged
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -230,7 +337,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and "loss is nan" in err.lower() or "loss is inf" in err.lower(), err
+    assert rc == 2, err
+    assert "loss is nan" in err.lower() or "loss is inf" in err.lower(), err
     assert "last good checkpoint is step" in err
     good = int(err.split("last good checkpoint is step ")[1].split()[0])
     assert (out / "checkpoints" / str(good)).exists()

@@ -25,12 +25,12 @@ class Hardware:
 
     name: str
     gpus_per_node: int
-    scale_up_GBps: float  # noqa: N815 - NVLink, per GPU, per direction
-    scale_out_Gbps: float  # noqa: N815 - InfiniBand / RoCE NIC, per GPU, per direction
+    scale_up_GBps: float  # NVLink, per GPU, per direction
+    scale_out_Gbps: float  # InfiniBand / RoCE NIC, per GPU, per direction
     bf16_tflops: float  # dense peak, per GPU
     fp8_tflops: float
-    hbm_GB: float  # noqa: N815
-    scale_up_effective_GBps: float | None = None  # noqa: N815
+    hbm_GB: float
+    scale_up_effective_GBps: float | None = None
 
     @property
     def scale_out_GBps(self) -> float:

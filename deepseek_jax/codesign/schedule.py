@@ -41,9 +41,9 @@ _FREE |= {"replica-id", "after-all", "opt-barrier", "add-dependency"}
 class CostModel:
     """Link bandwidths per GPU (bytes/s) by mesh axis, and the compute roofline."""
 
-    link_Bps: tuple[tuple[str, float], ...] = (("node", 50e9), ("gpu", 160e9))  # noqa: N815
+    link_Bps: tuple[tuple[str, float], ...] = (("node", 50e9), ("gpu", 160e9))
     flops: float = 989e12
-    hbm_Bps: float = 3.35e12  # noqa: N815
+    hbm_Bps: float = 3.35e12
 
     def transfer_s(self, nbytes: float, axes: tuple[str, ...]) -> float:
         links = dict(self.link_Bps)

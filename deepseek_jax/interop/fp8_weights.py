@@ -14,18 +14,19 @@ rows/columns that exist. ``config.json`` says so in ``quantization_config``
 an e4m3 value times a float32 scale is representable up to float32 rounding of the
 product, the same product the reference kernel forms). Our parameters are float32 master
 weights, so an FP8 checkpoint becomes an ordinary model (FP8 training is a separate
-matter). ``quantize_blocks`` is the inverse, for tests and FP8 exports.
+matter). ``quantize_blocks`` is the inverse, for tests and FP8 exports: the package's one
+quantiser (``fp8_quant.quantize_blocks``, its floor and clip policy) run on the host CPU.
 """
 
 from __future__ import annotations
 
 import math
 
-import ml_dtypes
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E4M3_MAX = 448.0
+from deepseek_jax import fp8_quant
 
 
 def _expand(scale: np.ndarray, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:
@@ -59,18 +60,9 @@ def dequantize_blocks(
     return q.astype(np.float32) * _expand(scale_inv.astype(np.float32), q.shape, block)
 
 
-def quantize_blocks(
-    w: np.ndarray, block: tuple[int, int] = (128, 128)
-) -> tuple[np.ndarray, np.ndarray]:
-    """(e4m3 values, float32 ``scale_inv``) with each block's max magnitude mapped to 448."""
-    w = np.asarray(w, np.float32)
-    *lead, R, C = w.shape
-    br, bc = block
-    nr, nc = math.ceil(R / br), math.ceil(C / bc)
-    pad = np.zeros((*lead, nr * br, nc * bc), np.float32)
-    pad[..., :R, :C] = w
-    blocks = pad.reshape(*lead, nr, br, nc, bc)
-    amax = np.abs(blocks).max(axis=(-3, -1))
-    scale = np.maximum(amax, 1e-12).astype(np.float32) / np.float32(E4M3_MAX)
-    q = (w / _expand(scale, w.shape, block)).astype(E4M3)
-    return q, scale
+def quantize_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(e4m3 values, float32 ``scale_inv``) in the release's 128x128 blocks, each block's
+    max magnitude mapped to 448."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        q, s = fp8_quant.quantize_blocks(jnp.asarray(w, jnp.float32))
+    return np.asarray(q), np.asarray(s)

@@ -33,7 +33,6 @@ import numpy as np
 from deepseek_jax.config import ModelConfig
 
 Kind = Literal["copy", "linear", "expert"]
-EXPERT_PROJ = {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}
 
 # Within one decoder layer: our path (after the block) -> (HF suffix, kind, n_in).
 _BLOCK: dict[tuple[str, ...], tuple[str, Kind, int]] = {

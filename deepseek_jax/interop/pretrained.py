@@ -28,96 +28,16 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import hf_names as hn
 from deepseek_jax.interop.fp8_weights import check_scale_shape, dequantize_blocks
+from deepseek_jax.interop.hf_config import config_from_hf, fp8_block, hf_config_dict, read_hf_config
 from deepseek_jax.interop.safetensors_io import (
     SafetensorsReader,
     TensorSpec,
     save_sharded,
 )
 
-ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
-# transformers' DeepseekV2Config defaults where they differ from ours (a terse config.json).
-_V2_DEFAULTS = {
-    "topk_method": "greedy",
-    "norm_topk_prob": False,
-    "routed_scaling_factor": 1.0,
-    "first_k_dense_replace": 0,
-    "n_shared_experts": 2,
-    "num_nextn_predict_layers": 0,
-    "max_position_embeddings": 2048,
-}
-_V3_DEFAULTS = {"max_position_embeddings": 4096}
-
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not hold what the config says (missing tensor, wrong shape)."""
-
-
-# ------------------------------------------------------------------------------ config
-
-
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    file = os.path.join(os.fspath(path), "config.json")
-    if not os.path.isdir(os.fspath(path)):
-        raise FileNotFoundError(f"no checkpoint directory at {os.fspath(path)}")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{os.fspath(path)}: missing config.json")
-    with open(file) as f:
-        return json.load(f)
-
-
-def config_from_hf(raw: dict[str, Any], *, dtype: str = "float32") -> ModelConfig:
-    """Our config for a HF ``config.json`` dict; refuses what we cannot run faithfully."""
-    archs = raw.get("architectures") or []
-    known = [a for a in archs if a in ARCHITECTURES]
-    model_type = raw.get("model_type")
-    if not known and model_type not in ARCHITECTURES.values():
-        raise ValueError(
-            f"config.json: unsupported architecture {archs or model_type!r}; "
-            f"supported: {sorted(ARCHITECTURES)}"
-        )
-    model_type = ARCHITECTURES[known[0]] if known else model_type
-    defaults = _V2_DEFAULTS if model_type == "deepseek_v2" else _V3_DEFAULTS
-    raw = {**defaults, **{k: v for k, v in raw.items() if k not in ("dtype", "torch_dtype")}}
-    for key, want in (
-        ("hidden_act", "silu"),
-        ("attention_bias", False),
-        ("mlp_bias", False),
-        ("moe_layer_freq", 1),
-    ):
-        if raw.get(key, want) != want:
-            raise ValueError(f"config.json: {key} = {raw[key]!r} is not supported (need {want!r})")
-    _fp8_block(raw)  # validates quantization_config
-    try:
-        cfg = ModelConfig.from_hf_config(raw)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"config.json: {e}") from None
-    return dataclasses.replace(cfg, dtype=dtype)
-
-
-def _fp8_block(raw: dict[str, Any]) -> tuple[int, int] | None:
-    q = raw.get("quantization_config")
-    if not q:
-        return None
-    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(
-            f"config.json: quantization_config {q!r} is not supported "
-            "(only the official fp8 e4m3 block format)"
-        )
-    block = tuple(q.get("weight_block_size") or (128, 128))
-    if len(block) != 2:
-        raise ValueError(f"config.json: weight_block_size {list(block)} must have two entries")
-    return block
-
-
-def hf_config_dict(cfg: ModelConfig, storage_dtype: str) -> dict[str, Any]:
-    """``config.json`` for an export: V3, or V2 for a softmax gate (V3 code is sigmoid-only)."""
-    d = cfg.to_hf_dict()
-    if cfg.scoring_func == "softmax":
-        d.update(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
-    else:
-        d["rope_interleave"] = True
-    d.update(torch_dtype=storage_dtype, bos_token_id=None, eos_token_id=None)
-    return d
 
 
 # ------------------------------------------------------------------------------ loading
@@ -162,7 +82,7 @@ def from_pretrained(
     else:
         shardings = state_shardings(abs_state, mesh)
     loader = _Loader(
-        reader, cfg, _fp8_block(raw), raw.get("rope_interleave", True), jnp.dtype(param_dtype)
+        reader, cfg, fp8_block(raw), raw.get("rope_interleave", True), jnp.dtype(param_dtype)
     )
     leaves = _leaves(abs_state)
     for p, v in leaves:

@@ -83,9 +83,7 @@ def load_run(run_dir: str, *, step: int | None = None, mesh: jax.sharding.Mesh |
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             layout = layout.replace(state=jax.tree.map(lambda _: one, layout.state))
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            state = ckpt.restore(
-                step, abstract_state(abs_state, layout), {"model_config": meta["model_config"]}
-            )
+            state = ckpt.restore(step, abstract_state(abs_state, layout))
     finally:
         ckpt.close()
     return nnx.merge(graphdef, state.params, state.rest), step

@@ -207,21 +207,21 @@ class ExchangeStats(NamedTuple):
 
 
 class FlatHandle(NamedTuple):
-    row_TK: Int[Array, "T K"]  # noqa: N815 - each assignment's row in the return (R C: none)
+    row_TK: Int[Array, "T K"]  # each assignment's row in the return (R C: none)
 
 
 class TwoHopHandle(NamedTuple):
-    row1_TN: Int[Array, "T N"]  # noqa: N815 - each token's row per node in the hop-1 return
-    row2_UG: Int[Array, "U G"]  # noqa: N815 - each hop-1 row's row per GPU in the hop-2 return
+    row1_TN: Int[Array, "T N"]  # each token's row per node in the hop-1 return
+    row2_UG: Int[Array, "U G"]  # each hop-1 row's row per GPU in the hop-2 return
 
 
 class Received(NamedTuple):
     """What a device's experts get: rows, their device-local expert ids (E/R: none) and
     gate weights (0 where none)."""
 
-    x_RD: Float[Array, "R D"]  # noqa: N815
-    expert_RK: Int[Array, "R K"]  # noqa: N815
-    weight_RK: Float[Array, "R K"]  # noqa: N815
+    x_RD: Float[Array, "R D"]
+    expert_RK: Int[Array, "R K"]
+    weight_RK: Float[Array, "R K"]
 
 
 # ------------------------------------------------------------------------ the exchange

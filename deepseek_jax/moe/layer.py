@@ -33,7 +33,7 @@ class RoutingBias(nnx.Variable):
 
 
 class MoEStats(NamedTuple):
-    load_E: Float[Array, " E"]  # noqa: N815 - assignments per expert in this call (all devices)
+    load_E: Float[Array, " E"]  # assignments per expert in this call (all devices)
     balance_loss: Float[Array, ""]  # sequence-wise balance loss, before its weight alpha
     dropped: Int[Array, ""]  # assignments dropped by full expert-parallel buffers
     internode: Int[Array, ""]  # token copies sent to another node (dispatch)

@@ -73,15 +73,15 @@ class Dispatch(NamedTuple):
     b = ``order_P.shape[0] - A``.
     """
 
-    order_P: Int[Array, " P"]  # noqa: N815 - assignment ids by expert, + b zeros
-    pos_TK: Int[Array, "T K"]  # noqa: N815 - position of each assignment in that order
-    counts_E: Int[Array, " E"]  # noqa: N815 - assignments per expert
-    starts_E: Int[Array, " E"]  # noqa: N815 - first sorted position of each expert
-    src_EC: Int[Array, "E C"]  # noqa: N815 - token in each dense slot; T for an empty slot
-    slot_TK: Int[Array, "T K"]  # noqa: N815 - e*C + rank of each assignment; E*C when spilled
-    block_expert_N: Int[Array, " N"]  # noqa: N815 - expert of each spill block
-    block_start_N: Int[Array, " N"]  # noqa: N815 - first sorted position of each spill block
-    block_end_N: Int[Array, " N"]  # noqa: N815 - end of its expert's rows
+    order_P: Int[Array, " P"]  # assignment ids by expert, + b zeros
+    pos_TK: Int[Array, "T K"]  # position of each assignment in that order
+    counts_E: Int[Array, " E"]  # assignments per expert
+    starts_E: Int[Array, " E"]  # first sorted position of each expert
+    src_EC: Int[Array, "E C"]  # token in each dense slot; T for an empty slot
+    slot_TK: Int[Array, "T K"]  # e*C + rank of each assignment; E*C when spilled
+    block_expert_N: Int[Array, " N"]  # expert of each spill block
+    block_start_N: Int[Array, " N"]  # first sorted position of each spill block
+    block_end_N: Int[Array, " N"]  # end of its expert's rows
     num_blocks: Int[Array, ""]  # spill blocks in use (the loop's trip count)
 
     @property

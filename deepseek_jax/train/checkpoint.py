@@ -2,14 +2,17 @@
 
 Orbax writes each step into a temporary directory and renames it only once every shard is
 on disk, so an interrupted or failed save never touches the previous checkpoint. A
-checkpoint also stores its model and training configs; resuming with a different model
-config is refused with the field that differs.
+checkpoint also stores its model config, the fields of its training config that fix the
+math of each step and the identity of its data; resuming with another architecture, or
+(once trained) other data or schedule, is refused with the field that differs
+(``resume_differences``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -45,10 +48,12 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, target: TrainState, expect: dict[str, Any]) -> TrainState:
+    def restore(
+        self, step: int, target: TrainState, check: Callable[[dict[str, Any]], None] | None = None
+    ) -> TrainState:
         """Restores step ``step`` onto the shardings of ``target`` (any mesh).
 
-        ``expect`` holds the meta entries that must match (the model config).
+        ``check`` is called with the checkpoint's meta first and raises to refuse it.
         """
         where = os.path.join(self.directory, str(step))
         try:
@@ -57,8 +62,8 @@ class Checkpointer:
             ]
         except Exception as e:
             raise CheckpointError(f"corrupt checkpoint at {where}: {_first_line(e)}") from e
-        for key, want in expect.items():
-            _check_same(key, meta.get(key), want, where)
+        if check is not None:
+            check(meta)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -82,18 +87,73 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def _check_same(key: str, saved: Any, want: Any, where: str) -> None:
-    if saved == want:
-        return
-    if isinstance(saved, dict) and isinstance(want, dict):
-        diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-        detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {want.get(k)!r}" for k in diff[:3])
-    else:
-        detail = f"saved {saved!r}, now {want!r}"
-    raise CheckpointError(
-        f"incompatible checkpoint at {where}: {key} differs ({detail}); "
-        f"use another --out directory or the same settings"
-    )
+# TrainConfig fields that fix the batches and the math of each step (the LR schedule, the
+# optimizer, the loss); the rest (eval, checkpoint cadence, remat, layer loop) may change.
+SCHEDULE_FIELDS = (
+    "seed",
+    "batch_size",
+    "seq_len",
+    "steps",
+    "lr",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "clip_norm",
+    "mtp_weight",
+    "balance_alpha",
+    "bias_gamma",
+)
+# Architecture fields a resumed model may change: they act only at initialisation.
+_INIT_ONLY = ("initializer_range",)
+
+
+def resume_differences(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
+    """What resuming a checkpoint (meta ``saved``, step ``step``) as this run (``now``) changes.
+
+    The architecture (``model_config`` less ``config.RUN_OPTION_FIELDS``: dtype, backends,
+    FP8 and expert-parallel options may change) must match: the weights mean nothing in
+    another model. Once a run has trained (``step`` > 0), the data and schedule
+    (``SCHEDULE_FIELDS``, the corpus) must match exactly too, or the resumed run would see
+    other batches or another learning rate than an uninterrupted one; a step-0 checkpoint
+    (a conversion) starts any schedule. Fields missing on one side (older checkpoints) are
+    not compared.
+
+    Returns:
+      One ``field: saved X, now Y`` entry per difference, in a stable order.
+    """
+    from deepseek_jax.config import RUN_OPTION_FIELDS
+
+    skip = set(RUN_OPTION_FIELDS) | set(_INIT_ONLY)
+    pairs = [
+        (f"model_config.{k}", saved.get("model_config", {}), now["model_config"], k)
+        for k in sorted(now["model_config"])
+        if k not in skip
+    ]
+    if step > 0:
+        pairs += [
+            (f"train.{k}", saved.get("train", {}), now.get("train", {}), k) for k in SCHEDULE_FIELDS
+        ]
+        pairs.append(("data", saved, now, "data"))
+    return [
+        f"{name}: saved {a[k]!r}, now {b[k]!r}"
+        for name, a, b, k in pairs
+        if k in a and k in b and a[k] != b[k]
+    ]
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], step: int, where: str) -> None:
+    """Raises a one-line ``CheckpointError`` naming the first field ``resume_differences``
+    finds."""
+    diffs = resume_differences(saved, now, step)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise CheckpointError(
+            f"incompatible checkpoint at {where}: {diffs[0]}{more}; use the same settings, "
+            f"another --out directory, or --allow-config-change"
+        )
 
 
 def latest_meta(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any] | None:
@@ -119,31 +179,25 @@ def run_meta(cfg: Any, tcfg: Any, **extra: Any) -> dict[str, Any]:
     """The meta every checkpoint of a run stores, written by training and by conversion.
 
     Args:
-      cfg: the ``ModelConfig``; stored as ``model_config`` (``config_dict``), the entry
-        ``Checkpointer.restore`` requires to match.
-      tcfg: the ``TrainConfig``; its ``seed``, ``batch_size`` and ``seq_len`` fix the
-        batches of each step (informational: not checked on restore).
-      extra: further JSON-able entries (``converted_from``...).
+      cfg: the ``ModelConfig``; stored as ``model_config`` (``config_dict``).
+      tcfg: the ``TrainConfig``; its ``SCHEDULE_FIELDS`` are stored as ``train``.
+      extra: further JSON-able entries (``data``: the corpus's identity,
+        ``converted_from``...).
     Returns:
-      A JSON-able dict for ``Checkpointer.save``.
+      A JSON-able dict for ``Checkpointer.save``; ``resume_differences`` compares two.
     """
     return {
         "model_config": config_dict(cfg),
-        "seed": tcfg.seed,
-        "batch_size": tcfg.batch_size,
-        "seq_len": tcfg.seq_len,
+        "train": json_safe({k: getattr(tcfg, k) for k in SCHEDULE_FIELDS}),
         **extra,
     }
 
 
 def model_config_from_dict(d: dict[str, Any]):
     """The ``ModelConfig`` of a checkpoint's ``model_config`` (``config_dict`` inverted)."""
-    from deepseek_jax.config import ModelConfig, RopeScaling
+    from deepseek_jax.config import ModelConfig
 
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return ModelConfig(**d)
+    return ModelConfig.from_dict(d)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

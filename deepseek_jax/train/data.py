@@ -288,16 +288,6 @@ class Corpus:
         """Raises if a model with `model_vocab_size` embedding rows cannot take these ids."""
         tokenizer_lib.check_vocab(self.tokenizer, model_vocab_size)
 
-    def describe(self) -> str:
-        """One line: source, documents, bytes, tokens, tokenizer."""
-        n_tok = len(self.train_tokens) + len(self.eval_tokens)
-        return (
-            f"{self.source}: {self.n_train_docs}+{self.n_eval_docs} documents (train+eval), "
-            f"{self.n_bytes / 1e6:.1f} MB, {n_tok / 1e6:.2f}M tokens "
-            f"({self.n_bytes / n_tok:.2f} bytes/token), {self.tokenizer.kind} tokenizer with "
-            f"{self.tokenizer.vocab_size} ids"
-        )
-
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

@@ -15,14 +15,28 @@ from tqdm import tqdm
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.pipeline.placement import pipeline_for
 from deepseek_jax.sharding import data_parallel_size
-from deepseek_jax.train.checkpoint import Checkpointer, CheckpointError, run_meta
+from deepseek_jax.train.checkpoint import (
+    Checkpointer,
+    check_resumable,
+    resume_differences,
+    run_meta,
+)
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.metrics import MetricsLogger, plot_run
 from deepseek_jax.train.state import abstract_state, init_state, plan
-from deepseek_jax.train.step import batch_sharding, jit_eval_step, jit_train_step
+from deepseek_jax.train.step import batch_sharding, global_batch, jit_eval_step, jit_train_step
+
+
+class TrainingDiverged(RuntimeError):  # noqa: N818 - the name the issue and runner use
+    """The loss became NaN or inf: training stopped; the message names the last good
+    checkpoint."""
 
 
 class Trainer:
+    """Restore-or-init, steps, evaluation, checkpoints. Raises domain errors, never exits:
+    ``ValueError`` (a corpus that does not fit the model), ``CheckpointError`` and
+    ``TrainingDiverged``; ``runner.run`` maps them to exit codes."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -33,26 +47,20 @@ class Trainer:
         out_dir: str,
         progress: bool = True,
         on_record=None,
+        allow_config_change: bool = False,
     ):
         """on_record: called with each train and eval record as it is logged (live plots)."""
-        from deepseek_jax.train.runner import UserError
-
         self.cfg, self.tcfg, self.mesh, self.corpus = cfg, tcfg, mesh, corpus
         self.out_dir = out_dir
         self.on_record = on_record
         self.lead = jax.process_index() == 0
         self.progress = progress and self.lead
-        try:
-            corpus.check_vocab(cfg.vocab_size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        corpus.check_vocab(cfg.vocab_size)
         os.makedirs(out_dir, exist_ok=True)
-        self.meta = run_meta(cfg, tcfg)
-        try:
-            self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep)
-            self.graphdef, self.state, self.layout, tx = self._restore_or_init()
-        except CheckpointError as e:
-            raise UserError(str(e)) from None
+        self.allow_config_change = allow_config_change
+        self.meta = run_meta(cfg, tcfg, data=corpus.cache_path.name)
+        self.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep)
+        self.graphdef, self.state, self.layout, tx = self._restore_or_init()
         pipe = pipeline_for(cfg, tcfg, mesh)
         self.train_step = jit_train_step(self.graphdef, tx, tcfg, self.layout, mesh, pipe)
         self.eval_step = jit_eval_step(self.graphdef, tcfg, self.layout, mesh)
@@ -74,14 +82,20 @@ class Trainer:
             return init_state(self.cfg, self.tcfg, self.mesh)
         graphdef, abs_state, layout, tx = plan(self.cfg, self.tcfg, self.mesh)
         with jax.set_mesh(self.mesh):
-            state = self.ckpt.restore(
-                latest,
-                abstract_state(abs_state, layout),
-                {"model_config": self.meta["model_config"]},
-            )
+            state = self.ckpt.restore(latest, abstract_state(abs_state, layout), self._check)
         if self.lead:
             print(f"resumed from {self.ckpt.directory}/{latest}")
         return graphdef, state, layout, tx
+
+    def _check(self, saved: dict[str, Any]) -> None:
+        """Refuses a checkpoint this run cannot resume exactly; with ``allow_config_change``
+        lists the differences instead."""
+        where = os.path.join(self.ckpt.directory, str(self.ckpt.latest_step()))
+        if not self.allow_config_change:
+            check_resumable(saved, self.meta, self.ckpt.latest_step(), where)
+        elif self.lead:
+            for d in resume_differences(saved, self.meta, self.ckpt.latest_step()):
+                print(f"warning: resuming {where} with a changed {d} (--allow-config-change)")
 
     # ------------------------------------------------------------------ steps
     def _eval(self, step: int) -> dict[str, float]:
@@ -98,9 +112,7 @@ class Trainer:
             process_count=jax.process_count(),
         )
         for rows in batches:
-            ids = jax.make_array_from_process_local_data(
-                self.batch_sharding, np.asarray(rows, np.int32), (t.batch_size, t.seq_len + 1)
-            )
+            ids = global_batch(rows, self.batch_sharding, t.batch_size, t.seq_len)
             for k, v in jax.device_get(self.eval_step(self.state, ids)).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / n
         rec = {"kind": "eval", "step": step, **sums}
@@ -124,11 +136,9 @@ class Trainer:
         }
         self._clock = (step + 1, now)
         if not math.isfinite(rec["loss"]):
-            from deepseek_jax.train.runner import UserError
-
             self.ckpt.close()  # let in-flight saves of good states commit
             last = self.ckpt.latest_step()
-            raise UserError(
+            raise TrainingDiverged(
                 f"loss is {rec['loss']} at step {step}: training stopped; the last "
                 f"good checkpoint is step {last} in {self.ckpt.directory}"
             )
@@ -147,7 +157,7 @@ class Trainer:
     def _save(self, step: int) -> None:
         self.ckpt.save(step, self.state, self.meta)
 
-    def fit(self, stop, global_batch) -> dict[str, Any]:
+    def fit(self, stop) -> dict[str, Any]:
         """Runs to ``tcfg.steps`` (or a stop request); metrics are read one step late."""
         t = self.tcfg
         start = int(jax.device_get(self.state.step))
@@ -165,7 +175,10 @@ class Trainer:
         )
         pending, saved = None, start
         for step in range(start, t.steps):
-            ids = global_batch(self.corpus, t.seed, step, t, self.batch_sharding)
+            rows = self.corpus.process_batch(
+                t.seed, step, t.batch_size, t.seq_len, jax.process_index(), jax.process_count()
+            )
+            ids = global_batch(rows, self.batch_sharding, t.batch_size, t.seq_len)
             self.state, metrics = self.train_step(self.state, ids)
             if pending is not None:
                 self._record(*pending, bar)

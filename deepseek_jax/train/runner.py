@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 
 class UserError(Exception):
@@ -50,18 +49,6 @@ def _setup_runtime(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
-def _parse_mesh(text: str | None) -> dict[str, int]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, _, val = part.partition("=")
-        if key.strip() not in ("node", "gpu", "stage") or not val.strip().isdigit():
-            raise UserError(f"--mesh {text!r}: expected node=N,gpu=G")
-        out[key.strip()] = int(val)
-    return out
-
-
 @dataclasses.dataclass
 class Setup:
     cfg: Any
@@ -73,7 +60,7 @@ class Setup:
 def _build(args: argparse.Namespace) -> Setup:
     from deepseek_jax import backends
     from deepseek_jax.config import get_preset
-    from deepseek_jax.mesh import make_mesh
+    from deepseek_jax.mesh import make_mesh, parse_mesh_spec
     from deepseek_jax.train.config import TrainConfig
     from deepseek_jax.train.data import DataConfig, load_corpus
 
@@ -100,7 +87,7 @@ def _build(args: argparse.Namespace) -> Setup:
             pipeline=getattr(args, "pipeline", "none"),
             microbatches=getattr(args, "microbatches", 1),
         )
-        mesh = make_mesh(**_parse_mesh(args.mesh))
+        mesh = make_mesh(**parse_mesh_spec(args.mesh))
         from deepseek_jax.pipeline.placement import pipeline_for
 
         pipeline_for(cfg, tcfg, mesh)  # a bad schedule / mesh / batch fails here, in one line
@@ -170,33 +157,34 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def _global_batch(corpus, seed: int, step: int, tcfg, sharding) -> jax.Array:
-    """This process's rows of the step's batch, assembled into one global array."""
-    rows = corpus.process_batch(
-        seed, step, tcfg.batch_size, tcfg.seq_len, jax.process_index(), jax.process_count()
-    )
-    shape = (tcfg.batch_size, tcfg.seq_len + 1)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(rows, np.int32), shape)
-
-
 def run(args: argparse.Namespace, on_record=None) -> dict[str, Any]:
-    """on_record: called with each train / eval metrics record (e.g. a notebook's live plot)."""
+    """Trains; the loop's domain errors (a corpus that does not fit the model, an
+    incompatible or corrupt checkpoint, a diverged loss) become one-line ``UserError``s.
+    on_record: called with each train / eval metrics record (e.g. a notebook's live plot)."""
     _setup_runtime(args)
-    from deepseek_jax.train.loop import Trainer
+    from deepseek_jax.train.checkpoint import CheckpointError
+    from deepseek_jax.train.loop import Trainer, TrainingDiverged
 
     setup = _build(args)
-    trainer = Trainer(
-        setup.cfg,
-        setup.tcfg,
-        setup.mesh,
-        setup.corpus,
-        out_dir=args.out,
-        progress=not args.no_progress,
-        on_record=on_record,
-    )
+    try:
+        trainer = Trainer(
+            setup.cfg,
+            setup.tcfg,
+            setup.mesh,
+            setup.corpus,
+            out_dir=args.out,
+            progress=not args.no_progress,
+            on_record=on_record,
+            allow_config_change=args.allow_config_change,
+        )
+    except ValueError as e:  # CheckpointError included
+        raise UserError(str(e)) from None
     t0 = time.time()
     with _Stop() as stop:
-        summary = trainer.fit(stop, _global_batch)
+        try:
+            summary = trainer.fit(stop)
+        except (CheckpointError, TrainingDiverged) as e:
+            raise UserError(str(e)) from None
     summary["wall_s"] = time.time() - t0
     trainer.report(summary, sample_tokens=args.sample_tokens)
     return summary

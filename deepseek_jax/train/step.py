@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -24,6 +25,13 @@ from deepseek_jax.train.state import Layout, TrainState, lr_schedule
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None), mesh_axes=mesh.axis_names))
+
+
+def global_batch(rows, sharding: NamedSharding, batch_size: int, seq_len: int) -> jax.Array:
+    """This process's ``rows`` of a [batch_size, seq_len + 1] token batch (train or eval),
+    assembled into one global array with ``sharding``."""
+    rows = np.asarray(rows, np.int32)
+    return jax.make_array_from_process_local_data(sharding, rows, (batch_size, seq_len + 1))
 
 
 def _balance(out: ModelOutput) -> dict[str, Array]:
