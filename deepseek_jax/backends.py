@@ -230,8 +230,7 @@ def measured(
     decision = _load(key)
     cached = decision is not None
     if decision is None:
-        decision = _race(op, shape, candidates)
-        _store(key, decision)
+        decision = _store(key, _race(op, shape, candidates))
     _decisions[key] = decision
     _log.info(
         "backends: %s %s -> %s (%s%s)",
@@ -279,15 +278,24 @@ def _load(key: str) -> Decision | None:
         return None  # not measured yet (or an unreadable file: measure again)
 
 
-def _store(key: str, decision: Decision) -> None:
-    """Written to a temporary file and renamed: concurrent processes never read half a
-    file. An unwritable cache only costs a measurement next time."""
+def _store(key: str, decision: Decision) -> Decision:
+    """Stores ``decision`` unless another process stored one first, and returns the stored
+    one: processes that measure at once (a run and its resumed or concurrent twin) must
+    all run the same backends, or bit-identical results across processes are lost. The
+    file is written under a temporary name and linked into place (first link wins), so
+    nobody reads half a file. An unwritable cache only costs a measurement next time."""
     path = _path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataclasses.asdict(decision), f)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dataclasses.asdict(decision), f)
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    except FileExistsError:
+        return _load(key) or decision
     except OSError as e:
         _log.warning("backends: could not cache the decision in %s: %s", path, e)
+    return decision

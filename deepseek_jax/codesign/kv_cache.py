@@ -36,6 +36,12 @@ def dense_kv_bytes_per_token(model: DenseModel, bytes_per_value: int = 2) -> int
     )
 
 
+def kv_cache_bytes(bytes_per_token: int, context_len: int, batch: int = 1) -> int:
+    """Whole-cache bytes for ``batch`` sequences of ``context_len`` tokens (the
+    mla_memory notebook's cache-against-context plot)."""
+    return bytes_per_token * context_len * batch
+
+
 # Published GQA shapes, for the comparison rows of ISCA Table 1.
 GQA_MODELS = {
     name: dict(kv_heads=m.num_key_value_heads, head_dim=m.head_dim, layers=m.num_hidden_layers)
