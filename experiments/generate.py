@@ -20,18 +20,23 @@ import os
 import sys
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_model_source(ap: argparse.ArgumentParser) -> None:
+    """--hf | --checkpoint | --preset: where ``load_model`` takes the model from."""
     from deepseek_jax.config import PRESETS
 
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face DeepseekV3/V2 directory")
+    src.add_argument("--checkpoint", metavar="RUN_DIR", help="a run of experiments.train")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a preset")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m experiments.generate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", metavar="DIR", help="Hugging Face DeepseekV3/V2 directory")
-    src.add_argument("--checkpoint", metavar="RUN_DIR", help="a run of experiments.train")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a preset")
+    add_model_source(ap)
     prompt = ap.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma separated")

@@ -21,17 +21,14 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from deepseek_jax.config import PRESETS
+    from experiments.generate import add_model_source
 
     ap = argparse.ArgumentParser(
         prog="python -m experiments.serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", metavar="DIR", help="Hugging Face DeepseekV3/V2 directory")
-    src.add_argument("--checkpoint", metavar="RUN_DIR", help="a run of experiments.train")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="random weights of a preset")
+    add_model_source(ap)
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
