@@ -12,8 +12,10 @@
 Why measure: a kernel tuned on one CPU ran 10-30x slower than XLA on another (AVX-512
 register tiles compiled for AVX2). So on CPU a C++ kernel wins only where it was timed
 faster than its XLA twin *here*: on first use per (CPU model and flags, kernel build,
-operation, shape class) both run forward and backward on the real per-device shapes, best
-of a few runs, in a worker thread (outside any trace and mesh). The decision is cached as
+operation, shape class, phase) both run on the real per-device shapes, best of a few runs,
+in a worker thread (outside any trace and mesh). The phase is what the program runs:
+forward and backward when training, the forward alone inside ``inference()`` (prefill,
+decode), where a kernel whose backward wins the race may lose it. The decision is cached as
 JSON beside the kernel cache, so later processes reuse it, and logged once per process on
 the ``deepseek_jax.backends`` logger. An explicit config value always wins; a kernel that
 does not build is logged once and loses.
@@ -22,6 +24,8 @@ does not build is logged once and loses.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -40,9 +44,10 @@ from cpu_kernels import build
 
 _log = logging.getLogger(__name__)
 
-# A candidate: builds (compiles) and returns a zero-argument callable that runs the
-# operation's forward and backward once on the real shapes and blocks until done.
-Candidate = Callable[[], Callable[[], object]]
+# A candidate: given ``backward`` (time the backward pass too), builds (compiles) and
+# returns a zero-argument callable that runs the operation once on the real shapes and
+# blocks until done.
+Candidate = Callable[[bool], Callable[[], object]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,24 @@ class Decision:
 
 _decisions: dict[str, Decision] = {}  # this process's decisions, by cache key
 _logged_failures: set[str] = set()
+_forward_only = contextvars.ContextVar("deepseek_jax_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def inference():
+    """Marks what is traced inside as a forward-only program (prefill, decode): measured
+    choices made there time the forward pass alone."""
+    token = _forward_only.set(True)
+    try:
+        yield
+    finally:
+        _forward_only.reset(token)
+
+
+def phase() -> str:
+    """What a measured choice made now times: ``"fwd"`` inside ``inference()``, else
+    ``"fwd+bwd"``."""
+    return "fwd" if _forward_only.get() else "fwd+bwd"
 
 
 # ------------------------------------------------------------------ the machine
@@ -220,17 +243,17 @@ def measured(
 ) -> str:
     """The fastest of ``candidates`` (name -> Candidate) for ``op`` at ``shape``.
 
-    Decided once per (machine, ``build_id``, op, shape class) and cached on disk; the
-    first candidate wins ties. ``build_id`` names the kernel build (variant and tiles),
-    so a rebuilt kernel is measured again.
+    Decided once per (machine, ``build_id``, op, shape class, ``phase()``) and cached on
+    disk; the first candidate wins ties. ``build_id`` names the kernel build (variant and
+    tiles), so a rebuilt kernel is measured again.
     """
-    key = _cache_key(op, shape_class(shape), build_id)
+    key = _cache_key(f"{op}|{phase()}", shape_class(shape), build_id)
     if key in _decisions:
         return _decisions[key].choice
     decision = _load(key)
     cached = decision is not None
     if decision is None:
-        decision = _store(key, _race(op, shape, candidates))
+        decision = _store(key, _race(op, shape, candidates, backward=phase() == "fwd+bwd"))
     _decisions[key] = decision
     _log.info(
         "backends: %s %s -> %s (%s%s)",
@@ -243,19 +266,22 @@ def measured(
     return decision.choice
 
 
-def _race(op: str, shape: tuple[int, ...], candidates: dict[str, Candidate]) -> Decision:
+def _race(
+    op: str, shape: tuple[int, ...], candidates: dict[str, Candidate], *, backward: bool
+) -> Decision:
     """Times each candidate in a worker thread: a fresh trace and mesh context, so the
     caller may be in the middle of tracing a sharded program."""
 
     def time_all() -> dict[str, float]:
-        return {name: measure(name, make()) for name, make in candidates.items()}
+        return {name: measure(name, make(backward)) for name, make in candidates.items()}
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         seconds = pool.submit(time_all).result()
     choice = min(seconds, key=lambda n: (seconds[n], list(candidates).index(n)))
     ms = {n: round(s * 1e3, 3) for n, s in seconds.items()}
     others = ", ".join(f"{n} {ms[n]:.2f} ms" for n in ms if n != choice)
-    reason = f"measured fwd+bwd: {choice} {ms[choice]:.2f} ms, {others}"
+    what = "fwd+bwd" if backward else "fwd"
+    reason = f"measured {what}: {choice} {ms[choice]:.2f} ms, {others}"
     return Decision(op, tuple(shape), choice, reason, ms)
 
 

@@ -200,16 +200,16 @@ def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -
 
 
 def _timed(attend, shape_BTHNRO: tuple[int, ...], cfg: ModelConfig) -> backends.Candidate:
-    """``attend`` forward and backward on random inputs of one device's shapes."""
+    """``attend`` forward (and backward) on random inputs of one device's shapes."""
     B, T, H, N, R, O = shape_BTHNRO
 
-    def build():
+    def build(backward: bool):
         keys = jax.random.split(jax.random.key(0), 5)
         shapes = [(B, T, H, N), (B, T, H, R), (B, T, H, N), (B, T, R), (B, T, H, O)]
         args = [jax.random.normal(k, s, cfg.dtype) for k, s in zip(keys, shapes, strict=True)]
         loss = lambda *a: jnp.sum(attend(*a, cfg).astype(jnp.float32))  # noqa: E731
-        grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
-        return lambda: jax.block_until_ready(grad(*args))
+        run = jax.jit(jax.grad(loss, argnums=tuple(range(5))) if backward else loss)
+        return lambda: jax.block_until_ready(run(*args))
 
     return build
 

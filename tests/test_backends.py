@@ -101,7 +101,7 @@ def test_decisions_persist_across_processes_and_shape_classes(fake_timings, monk
 def test_ties_go_to_the_first_candidate_and_shape_classes_round_up(fake_timings):
     set_ms, _ = fake_timings
     set_ms({"a": 1.0, "b": 1.0})
-    noop = lambda: lambda: None  # noqa: E731
+    noop = lambda backward: lambda: None  # noqa: E731
     assert backends.measured("op", (3,), {"a": noop, "b": noop}, build_id="x") == "a"
     assert backends.shape_class((1, 3, 64, 65)) == (1, 4, 64, 128)
 
@@ -169,7 +169,7 @@ def test_processes_measuring_at_once_adopt_the_first_stored_decision(fake_timing
     """A run and its concurrent twin may both measure; the one that stores second must run
     the first one's choice, or their losses stop being bitwise equal."""
     set_ms, _ = fake_timings
-    noop = lambda: lambda: None  # noqa: E731
+    noop = lambda backward: lambda: None  # noqa: E731
     set_ms({"a": 1.0, "b": 2.0})
     assert backends.measured("op", (8,), {"a": noop, "b": noop}, build_id="x") == "a"
     # Another process: found nothing on disk when it looked, then measured "b" faster.
@@ -179,3 +179,34 @@ def test_processes_measuring_at_once_adopt_the_first_stored_decision(fake_timing
     monkeypatch.setattr(backends, "_load", lambda key: next(looks, None) or load(key))
     set_ms({"a": 2.0, "b": 1.0})
     assert backends.measured("op", (8,), {"a": noop, "b": noop}, build_id="x") == "a"
+
+
+def test_inference_races_forward_passes_and_training_races_both(fake_timings, monkeypatch):
+    """A kernel whose backward wins the race but whose forward loses it is chosen for
+    training and not for prefill/decode (forward-only programs), each decided apart."""
+    monkeypatch.setattr(backends, "measure", lambda name, run: run())
+    seconds = {"kernel": {True: 1.0, False: 3.0}, "xla": {True: 2.0, False: 2.0}}
+    candidates = {n: (lambda backward, n=n: lambda: seconds[n][backward]) for n in seconds}
+    assert backends.measured("op", (8,), candidates, build_id="x") == "kernel"
+    with backends.inference():
+        assert backends.phase() == "fwd"
+        assert backends.measured("op", (8,), candidates, build_id="x") == "xla"
+    assert backends.phase() == "fwd+bwd"
+    assert backends.measured("op", (8,), candidates, build_id="x") == "kernel"  # unchanged
+
+
+@needs(grouped_gemm.available)
+def test_the_models_decode_path_measures_forward_only(fake_timings):
+    set_ms, _ = fake_timings
+    set_ms({"cpu_kernel": 1.0, "xla": 2.0, "grouped": 1.0, "einsum": 2.0})
+    cfg = get_preset("tiny", ["dtype=float32"])
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def decode(s, ids):
+        m = nnx.merge(graphdef, s)
+        return m.decode(ids, m.init_cache(2, 16), jnp.int32(0))[0]
+
+    jax.jit(decode).lower(state, jnp.zeros((2, 8), jnp.int32))
+    reasons = [r for op, r in backends.decisions().items() if op.startswith("moe_experts")]
+    assert reasons and all("measured fwd:" in r for r in reasons)

@@ -83,10 +83,10 @@ def resolve_backend(
 
 
 def _timed(backend: Backend, shape_TKEDF, dtype, fp8) -> backends.Candidate:
-    """``routed_ffn`` forward and backward on uniform random routing of these shapes."""
+    """``routed_ffn`` forward (and backward) on uniform random routing of these shapes."""
     T, K, E, D, F = shape_TKEDF
 
-    def build():
+    def build(backward: bool):
         keys = jax.random.split(jax.random.key(0), 6)
         x = jax.random.normal(keys[0], (T, D), dtype)
         idx = jax.random.randint(keys[1], (T, K), 0, E)
@@ -99,8 +99,8 @@ def _timed(backend: Backend, shape_TKEDF, dtype, fp8) -> backends.Candidate:
         def loss(x, *ws):
             return jnp.sum(routed_ffn(x, idx, weight, *ws, backend=backend, fp8=fp8))
 
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        return lambda: jax.block_until_ready(grad(x, *ws))
+        run = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)) if backward else loss)
+        return lambda: jax.block_until_ready(run(x, *ws))
 
     return build
 
