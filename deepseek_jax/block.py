@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import backends, overlap, sharding
+import deepseek_jax.backends as backends
+import deepseek_jax.overlap as overlap
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm

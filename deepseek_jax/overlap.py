@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.moe import dispatch as dsp
 from deepseek_jax.moe.experts import routed_ffn
+import deepseek_jax.moe.dispatch as dsp
 from deepseek_jax.moe.layer import (
     MoE,
     MoEStats,

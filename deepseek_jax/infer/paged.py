@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.layers import matmul

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import deepseek_jax.interop.hf_names as hn
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.interop import hf_names as hn
 from deepseek_jax.interop.fp8_weights import check_scale_shape, dequantize_blocks

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import fp8 as fp8_ops
-from deepseek_jax import sharding
+import deepseek_jax.fp8 as fp8_ops
+import deepseek_jax.sharding as sharding
 
 
 def param(

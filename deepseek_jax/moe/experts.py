@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from cpu_kernels import grouped_gemm
-from deepseek_jax import backends
-from deepseek_jax import fp8 as fp8_ops
+import cpu_kernels.grouped_gemm as grouped_gemm
+import deepseek_jax.backends as backends
+import deepseek_jax.fp8 as fp8_ops
+import deepseek_jax.moe.permute as perm
 from deepseek_jax.layers import swiglu
 from deepseek_jax.moe import permute as perm
 from deepseek_jax.moe.permute import Dispatch, SlotSizes

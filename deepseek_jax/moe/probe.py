@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax.moe import routing
+import deepseek_jax.moe.routing as routing
 
 
 class RouteProbe(NamedTuple):

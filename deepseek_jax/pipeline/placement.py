@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.pipeline.schedule import B, F, Schedule, W, make_schedule, ticks
 
