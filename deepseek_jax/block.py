@@ -34,7 +34,7 @@ class Block(nnx.Module):
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 std=cfg.initializer_range,
-                dtype=jnp.dtype(cfg.dtype),
+                dtype=jnp.dtype(cfg.run.dtype),
                 rngs=rngs,
                 fp8=fp8_mode(cfg),
             )
@@ -78,8 +78,12 @@ class Block(nnx.Module):
         return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
     def _dual(self, batch: int) -> bool:
-        """The dual micro-batch schedule (``cfg.overlap``) where expert parallelism runs."""
-        return self.is_moe and self.mlp.cfg.overlap == "dual" and overlap.can_split(self.mlp, batch)
+        """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs."""
+        return (
+            self.is_moe
+            and self.mlp.cfg.run.overlap == "dual"
+            and overlap.can_split(self.mlp, batch)
+        )
 
 
 class StackStats(NamedTuple):

@@ -50,7 +50,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.remat = remat
         self.layer_loop = layer_loop
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
         std = cfg.initializer_range
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, std=std, dtype=self.dtype, rngs=rngs

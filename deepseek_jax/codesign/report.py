@@ -23,7 +23,8 @@ from deepseek_jax.codesign.kv_cache import (
 )
 from deepseek_jax.codesign.pipeline_bubbles import SCHEDULES, pipeline_schedule
 from deepseek_jax.codesign.table import Row, Table
-from deepseek_jax.config import V2_236B, V3_671B, ModelConfig
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.presets import V2_236B, V3_671B
 
 
 @dataclasses.dataclass(frozen=True)

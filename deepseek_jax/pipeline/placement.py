@@ -108,7 +108,7 @@ class Pipeline:
     @classmethod
     def build(cls, cfg: ModelConfig, name: str, pp: int, microbatches: int) -> Pipeline:
         sched = make_schedule(name, pp, microbatches)
-        return cls(sched, layer_plan(cfg, sched), cfg.hidden_size, cfg.dtype)
+        return cls(sched, layer_plan(cfg, sched), cfg.hidden_size, cfg.run.dtype)
 
 
 LAYER_KEYS = ("dense_layers", "moe_layers")
