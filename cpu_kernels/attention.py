@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
-from cpu_kernels import build
+import cpu_kernels.build as build
 from cpu_kernels.vma import varying_like
 
 _KERNEL = build.Kernel(Path(__file__).with_suffix(".cc"), ("DsjAttentionFwd", "DsjAttentionBwd"))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from cpu_kernels import build
+import cpu_kernels.build as build
 from cpu_kernels.vma import varying_like
 
 _KERNEL = build.Kernel(Path(__file__).with_suffix(".cc"), ("DsjGmm", "DsjTgmm"))

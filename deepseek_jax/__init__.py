@@ -6,7 +6,7 @@ __all__ = ["from_pretrained", "save_pretrained"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from deepseek_jax.interop import pretrained
+        import deepseek_jax.interop.pretrained as pretrained
 
         return getattr(pretrained, name)
     raise AttributeError(f"module 'deepseek_jax' has no attribute {name!r}")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import jax
 
-from cpu_kernels import build
+import cpu_kernels.build as build
 
 _log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def machine() -> dict[str, str]:
     variant = build.default_variant()
     info["kernel_variant"] = variant
     try:
-        from cpu_kernels import grouped_gemm
+        import cpu_kernels.grouped_gemm as grouped_gemm
 
         info["kernel_tiles"] = grouped_gemm.KERNEL.tile_config(variant)
     except build.KernelBuildError:

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import backends, overlap, sharding
+import deepseek_jax.backends as backends
+import deepseek_jax.overlap as overlap
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
@@ -32,7 +34,7 @@ class Block(nnx.Module):
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 std=cfg.initializer_range,
-                dtype=jnp.dtype(cfg.dtype),
+                dtype=jnp.dtype(cfg.run.dtype),
                 rngs=rngs,
                 fp8=fp8_mode(cfg),
             )
@@ -78,8 +80,12 @@ class Block(nnx.Module):
         return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
     def _dual(self, batch: int) -> bool:
-        """The dual micro-batch schedule (``cfg.overlap``) where expert parallelism runs."""
-        return self.is_moe and self.mlp.cfg.overlap == "dual" and overlap.can_split(self.mlp, batch)
+        """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs."""
+        return (
+            self.is_moe
+            and self.mlp.cfg.run.overlap == "dual"
+            and overlap.can_split(self.mlp, batch)
+        )
 
 
 class StackStats(NamedTuple):

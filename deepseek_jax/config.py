@@ -1,22 +1,27 @@
 """Model configuration: frozen data with Hugging Face DeepseekV3 field names.
 
-A released ``config.json`` loads as is (``interop.hf_config.config_from_hf``); presets are built
-with ``dataclasses.replace`` on one base; ``key=value`` overrides are type-checked. Every
-invalid value raises a ``ValueError`` that names the field and the rule it breaks.
+``ModelConfig`` holds the architecture (HF names; a released ``config.json`` loads through
+``interop.hf_config.config_from_hf``) and, nested under ``run``, how a run computes it
+(``RunOptions``: dtype, FP8, backends and the expert-parallel ``EPOptions``). Each class is
+validated by a table of rules: every invalid value raises a ``ValueError`` naming the class,
+the field and the rule it breaks. ``key=value`` overrides are type-checked; run options take
+their short names (``dtype=bfloat16``, ``ep_dispatch=flat``, ``RUN_ALIASES``) or their
+dotted paths (``run.ep.path=flat``). Presets live in ``presets.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from typing import Any, Literal
+
+from deepseek_jax.config_fields import Rule, apply_overrides, build, positive, validate
 
 ScoringFunc = Literal["sigmoid", "softmax"]
 TopkMethod = Literal["noaux_tc", "group_limited_greedy", "greedy"]
 DType = Literal["float32", "bfloat16", "float16"]
 Fp8Backend = Literal["xla", "pallas"]
-EPDispatch = Literal["two_hop", "flat"]
+EPPath = Literal["two_hop", "flat"]
 KernelBackend = Literal["xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
@@ -38,17 +43,7 @@ class RopeScaling:
     type: Literal["yarn"] = "yarn"
 
     def __post_init__(self):
-        if self.type != "yarn":
-            raise ValueError(f"rope_scaling.type: only 'yarn' is supported, got {self.type!r}")
-        if self.factor < 1:
-            raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
-        if self.original_max_position_embeddings <= 0:
-            raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
-        if self.beta_fast <= self.beta_slow:
-            raise ValueError(
-                f"rope_scaling.beta_fast ({self.beta_fast}) must exceed "
-                f"beta_slow ({self.beta_slow})"
-            )
+        validate(self, _ROPE_RULES)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RopeScaling | None:
@@ -64,6 +59,94 @@ class RopeScaling:
         hints = typing.get_type_hints(cls)
         kwargs = {k: hints[k](d[k]) for k in names if k in d and d[k] is not None}
         return cls(**kwargs)
+
+
+_ROPE_RULES: tuple[Rule, ...] = (
+    ("factor", lambda c: c.factor >= 1, "must be >= 1"),
+    *positive("original_max_position_embeddings"),
+    ("beta_fast", lambda c: c.beta_fast > c.beta_slow, "must exceed beta_slow ({c.beta_slow})"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EPOptions:
+    """How the expert-parallel exchange runs (``moe/dispatch.py``).
+
+    path: "two_hop" (node then gpu) or "flat" (one all_to_all over both).
+    capacity_factor: per-peer buffers = factor x balanced load (capped at the worst case);
+      None sizes every buffer for the worst case: dropless.
+    fp8_dispatch: the dispatch payload is E4M3 with one FP32 scale per 1x128 tile (V3TR 3.3.2).
+    logfmt_bits: the dispatch payload is LogFMT-n (ISCA 3.2, ``deepseek_jax.logfmt``); 0: off.
+    combine_dtype: the combine payload; None: the compute dtype.
+    kernel: "pallas" runs our permute/combine kernels (interpreted off-GPU), "xla" their
+      jnp twins. The Pallas interpreter does not track varying mesh axes, so a shard_map
+      around the exchange needs ``check_vma=False`` with "pallas" (the MoE layer does so).
+    """
+
+    path: EPPath = "two_hop"
+    capacity_factor: float | None = 3.0
+    fp8_dispatch: bool = False
+    logfmt_bits: int = 0
+    combine_dtype: DType | None = None
+    kernel: KernelBackend = "xla"
+
+    def __post_init__(self):
+        validate(self, _EP_RULES)
+
+
+_EP_RULES: tuple[Rule, ...] = (
+    (
+        "capacity_factor",
+        lambda c: c.capacity_factor is None or c.capacity_factor > 0,
+        "must be positive, or None for dropless buffers",
+    ),
+    (
+        "logfmt_bits",
+        lambda c: c.logfmt_bits == 0 or 4 <= c.logfmt_bits <= 16,
+        "must be 0 (off) or in [4, 16]",
+    ),
+    (
+        "logfmt_bits",
+        lambda c: not (c.logfmt_bits and c.fp8_dispatch),
+        "choose one dispatch codec: LogFMT or fp8_dispatch, not both",
+    ),
+    (
+        "combine_dtype",
+        lambda c: c.combine_dtype in (None, *typing.get_args(DType)),
+        f"must be None or one of {typing.get_args(DType)}",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run computes the model, not what the model is: absent from HF's config.json,
+    free to change when a checkpoint is resumed (``train.checkpoint.resume_differences``).
+    A new option that only changes how the same function is computed belongs here.
+
+    dtype: compute dtype; parameters stay float32 (master weights).
+    fp8: DeepSeek-V3's FP8 recipe for the large linears (``fp8.py``), by ``fp8_backend``:
+      "xla" (reference GEMM) or "pallas" (our kernel).
+    moe_backend: local expert compute (``moe/experts.py``): "einsum" (capacity slots),
+      "grouped" (our C++ grouped GEMM on CPU, ragged_dot elsewhere), "ragged_dot"; "auto":
+      grouped on CPU when its kernel builds, else einsum.
+    attention_backend: training/prefill attention core (``mla.py``): "xla", "cpu_kernel"
+      (our fused C++ kernel, float32 on CPU); "auto": cpu_kernel where it applies, else xla.
+    overlap: "dual" splits each device's batch in two halves whose all-to-alls overlap the
+      other half's compute (``overlap.py``); "none": one batch.
+    ep: the expert-parallel exchange on a multi-device mesh.
+    """
+
+    dtype: DType = "float32"
+    fp8: bool = False
+    fp8_backend: Fp8Backend = "xla"
+    moe_backend: MoEBackend = "auto"
+    attention_backend: AttentionBackend = "auto"
+    overlap: Overlap = "none"
+    ep: EPOptions = EPOptions()
+
+    def __post_init__(self):
+        validate(self, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,152 +181,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
     tie_word_embeddings: bool = False
-    # Not in HF's config: how we compute. Parameters stay float32 (master weights).
-    dtype: DType = "float32"
-    fp8: bool = False  # DeepSeek-V3 FP8 recipe for the large linears (fp8.py)
-    fp8_backend: Fp8Backend = "xla"  # "xla" (reference GEMM) or "pallas" (our kernel)
-    # Local expert compute (moe/experts.py): "einsum" (capacity slots), "grouped" (grouped
-    # GEMM: our C++ kernel on CPU, ragged_dot elsewhere), "ragged_dot"; "auto": grouped
-    # on CPU when its kernel builds, else einsum.
-    moe_backend: MoEBackend = "auto"
-    # Training/prefill attention core (mla.py): "xla" (einsums + softmax), "cpu_kernel"
-    # (our fused C++ kernel, float32 on CPU); "auto": cpu_kernel on CPU in float32 when it
-    # builds, else xla.
-    attention_backend: AttentionBackend = "auto"
-    # Expert parallelism on a multi-device mesh (moe/dispatch.py).
-    ep_dispatch: EPDispatch = "two_hop"  # "two_hop" (node, then gpu) or "flat" (one hop)
-    ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
-    ep_fp8_dispatch: bool = False  # dispatch payload E4M3 with 1x128 scales (V3TR 3.3.2)
-    ep_kernel: KernelBackend = "xla"  # permute/combine: "xla" (jnp) or "pallas" (our kernel)
-    ep_logfmt_bits: int = 0  # dispatch payload in LogFMT-n (ISCA 3.2), n in 4..16; 0: off
-    # MoE blocks under expert parallelism: "dual" splits each device's batch in two halves
-    # whose all-to-alls overlap the other half's compute (overlap.py); "none": one batch.
-    overlap: Overlap = "none"
+    run: RunOptions = RunOptions()  # not in HF's config: how we compute
 
-    # ---------------------------------------------------------------- validation
     def __post_init__(self):
-        positive = (
-            "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
-            "num_attention_heads kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim "
-            "n_routed_experts num_experts_per_tok n_group topk_group max_position_embeddings"
-        ).split()
-        for name in positive:
-            _require(name, getattr(self, name) > 0, "must be positive", getattr(self, name))
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
-        if self.q_lora_rank is not None:
-            _require(
-                "q_lora_rank", self.q_lora_rank > 0, "must be positive or None", self.q_lora_rank
-            )
-        _require(
-            "qk_rope_head_dim",
-            self.qk_rope_head_dim % 2 == 0,
-            "must be even (RoPE rotates pairs)",
-            self.qk_rope_head_dim,
-        )
-        _require(
-            "first_k_dense_replace",
-            self.first_k_dense_replace <= self.num_hidden_layers,
-            f"must be <= num_hidden_layers ({self.num_hidden_layers})",
-            self.first_k_dense_replace,
-        )
-        _require(
-            "n_routed_experts",
-            self.n_routed_experts % self.n_group == 0,
-            f"must be divisible by n_group ({self.n_group})",
-            self.n_routed_experts,
-        )
-        _require(
-            "topk_group",
-            self.topk_group <= self.n_group,
-            f"must be <= n_group ({self.n_group})",
-            self.topk_group,
-        )
-        _require(
-            "num_experts_per_tok",
-            self.num_experts_per_tok <= self.n_routed_experts,
-            f"must be <= n_routed_experts ({self.n_routed_experts})",
-            self.num_experts_per_tok,
-        )
-        kept = self.topk_group * self.experts_per_group
-        _require(
-            "num_experts_per_tok",
-            self.num_experts_per_tok <= kept,
-            f"must be <= topk_group x experts per group = {self.topk_group} x "
-            f"{self.experts_per_group} = {kept} (the experts left after group masking)",
-            self.num_experts_per_tok,
-        )
-        if self.topk_method == "noaux_tc":
-            _require(
-                "scoring_func",
-                self.scoring_func == "sigmoid",
-                "topk_method 'noaux_tc' needs scoring_func 'sigmoid'",
-                self.scoring_func,
-            )
-            _require(
-                "n_routed_experts",
-                self.experts_per_group >= 2,
-                "noaux_tc scores each group by its top-2 experts: need >= 2 experts per "
-                "group (n_routed_experts / n_group)",
-                self.n_routed_experts,
-            )
-        _require(
-            "routed_scaling_factor",
-            self.routed_scaling_factor > 0,
-            "must be positive",
-            self.routed_scaling_factor,
-        )
-        _require("rms_norm_eps", self.rms_norm_eps > 0, "must be positive", self.rms_norm_eps)
-        _require("rope_theta", self.rope_theta > 0, "must be positive", self.rope_theta)
-        _require(
-            "initializer_range",
-            self.initializer_range > 0,
-            "must be positive",
-            self.initializer_range,
-        )
-        _require(
-            "tie_word_embeddings",
-            not self.tie_word_embeddings,
-            "DeepSeek-V3 has an untied head; tied embeddings are not supported",
-            self.tie_word_embeddings,
-        )
-        if self.ep_capacity_factor is not None:
-            _require(
-                "ep_capacity_factor",
-                self.ep_capacity_factor > 0,
-                "must be positive, or None for dropless buffers",
-                self.ep_capacity_factor,
-            )
-        _require(
-            "ep_logfmt_bits",
-            self.ep_logfmt_bits == 0 or 4 <= self.ep_logfmt_bits <= 16,
-            "must be 0 (off) or in [4, 16]",
-            self.ep_logfmt_bits,
-        )
-        _require(
-            "ep_logfmt_bits",
-            not (self.ep_logfmt_bits and self.ep_fp8_dispatch),
-            "choose one dispatch codec: LogFMT or ep_fp8_dispatch, not both",
-            self.ep_logfmt_bits,
-        )
-        for name in (
-            "scoring_func",
-            "topk_method",
-            "dtype",
-            "fp8_backend",
-            "moe_backend",
-            "attention_backend",
-            "ep_dispatch",
-            "ep_kernel",
-            "overlap",
-        ):
-            allowed = typing.get_args(_field_types()[name])
-            _require(
-                name,
-                getattr(self, name) in allowed,
-                f"must be one of {allowed}",
-                getattr(self, name),
-            )
+        validate(self, _MODEL_RULES)
 
     # ---------------------------------------------------------------- derived sizes
     @property
@@ -266,38 +207,31 @@ class ModelConfig:
     # ---------------------------------------------------------------- constructors
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
-        """A config from field values (JSON types: ints accepted for floats, a dict for
-        ``rope_scaling``); raises naming an unknown field or a value of the wrong type.
+        """A config from field values (JSON types: ints accepted for floats, dicts for the
+        nested ``rope_scaling`` and ``run``; older checkpoints' flat run options by their
+        ``RUN_ALIASES``); raises naming an unknown field or a value of the wrong type.
         Hugging Face configs go through ``interop.hf_config.config_from_hf``."""
-        types = _field_types()
-        unknown = sorted(set(fields) - set(types))
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}")
         fields = dict(fields)
-        if isinstance(fields.get("rope_scaling"), dict):
-            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-        return cls(**{k: _coerce(k, v, types[k]) for k, v in fields.items()})
+        flat = {k: fields.pop(k) for k in list(fields) if k in RUN_ALIASES}
+        cfg = build(cls, fields)
+        return cfg.with_overrides(flat) if flat else cfg
 
     def with_overrides(
-        self, overrides: dict[str, str] | list[str] | tuple[str, ...]
+        self, overrides: dict[str, Any] | list[str] | tuple[str, ...]
     ) -> ModelConfig:
-        """Applies ``key=value`` strings (or a dict of strings), converting by field type."""
-        pairs = (
-            dict(_split_kv(o) for o in overrides) if not isinstance(overrides, dict) else overrides
-        )
-        fields = _field_types()
-        changes = {}
-        for key, text in pairs.items():
-            if key not in fields:
-                raise ValueError(f"unknown model config field {key!r}; known: {sorted(fields)}")
-            changes[key] = _parse_value(key, text, fields[key])
-        return dataclasses.replace(self, **changes)
+        """Applies ``key=value`` strings (or a dict of strings or values), converting by
+        field type. A key is a field, a dotted path into ``run`` or a ``RUN_ALIASES`` name."""
+        names = {f.name for f in dataclasses.fields(self)} - {"run"}
+        known = names | set(RUN_ALIASES) | {"run.<path>"}
+        return apply_overrides(self, overrides, RUN_ALIASES, known)
+
+    def with_run(self, **changes: Any) -> ModelConfig:
+        """This architecture with other run options (``RunOptions`` fields)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, **changes))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` contents for this config."""
-        d = dataclasses.asdict(self)
-        for ours in RUN_OPTION_FIELDS:
-            d.pop(ours, None)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "run"}
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
         d.update(
             model_type="deepseek_v3",
@@ -310,221 +244,74 @@ class ModelConfig:
         return d
 
 
-# How a run computes, not what the model is: absent from HF's config.json, free to change
-# when a checkpoint is resumed (``train.checkpoint.resume_differences``). A new field that
-# only changes how the same function is computed belongs here.
-RUN_OPTION_FIELDS = (
-    "dtype",
-    "fp8",
-    "fp8_backend",
-    "moe_backend",
-    "attention_backend",
-    "ep_dispatch",
-    "ep_capacity_factor",
-    "ep_fp8_dispatch",
-    "ep_kernel",
-    "ep_logfmt_bits",
-    "overlap",
-)
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def _require(field: str, ok: bool, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"ModelConfig.{field} = {value!r}: {rule}")
-
-
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(ModelConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}
-
-
-def _split_kv(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def _parse_value(key: str, text: Any, tp: Any) -> Any:
-    """Converts an override string to the field's type; raises naming the field."""
-    if not isinstance(text, str):
-        return _coerce(key, text, tp)
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    if optional and text.lower() in ("none", "null"):
-        return None
-    if tp is RopeScaling or RopeScaling in args:
-        try:
-            return RopeScaling.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{key}: expected a JSON object or none, got {text!r}") from e
-    base = next((a for a in args if a is not type(None)), tp) if optional else tp
-    if typing.get_origin(base) is Literal:
-        return text
-    try:
-        if base is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
-    except ValueError:
-        raise ValueError(f"{key}: expected {base.__name__}, got {text!r}") from None
-    return text
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Type-checks a JSON value against the field type (ints accepted for floats)."""
-    args = typing.get_args(tp)
-    if value is None and (type(None) in args):
-        return None
-    if (
-        isinstance(value, RopeScaling)
-        or (tp is RopeScaling or RopeScaling in args)
-        and value is None
-    ):
-        return value
-    base = next((a for a in args if a is not type(None)), tp) if type(None) in args else tp
-    if typing.get_origin(base) is Literal:
-        return value
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if base is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(base, type) and not isinstance(value, base):
-        raise ValueError(f"ModelConfig.{key}: expected {base.__name__}, got {value!r}")
-    return value
-
-
-# -------------------------------------------------------------------- presets
-
-V3_671B = ModelConfig()
-
-V2_236B = dataclasses.replace(
-    V3_671B,
-    vocab_size=102400,
-    hidden_size=5120,
-    intermediate_size=12288,
-    moe_intermediate_size=1536,
-    num_hidden_layers=60,
-    first_k_dense_replace=1,
-    n_routed_experts=160,
-    n_shared_experts=2,
-    num_experts_per_tok=6,
-    n_group=8,
-    topk_group=3,
-    routed_scaling_factor=16.0,
-    norm_topk_prob=False,
-    scoring_func="softmax",
-    topk_method="group_limited_greedy",
-    num_nextn_predict_layers=0,
-    initializer_range=0.02,
-    rope_scaling=RopeScaling(
-        factor=40.0,
-        original_max_position_embeddings=4096,
-        beta_fast=32.0,
-        beta_slow=1.0,
-        mscale=0.707,
-        mscale_all_dim=0.707,
+_MODEL_RULES: tuple[Rule, ...] = (
+    *positive(
+        *"vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
+        "num_attention_heads kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim "
+        "n_routed_experts num_experts_per_tok n_group topk_group max_position_embeddings "
+        "routed_scaling_factor rms_norm_eps rope_theta initializer_range".split()
+    ),
+    *(
+        (n, lambda c, n=n: getattr(c, n) >= 0, "must be >= 0")
+        for n in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers")
+    ),
+    ("q_lora_rank", lambda c: c.q_lora_rank is None or c.q_lora_rank > 0, "must be > 0 or None"),
+    (
+        "qk_rope_head_dim",
+        lambda c: c.qk_rope_head_dim % 2 == 0,
+        "must be even (RoPE rotates pairs)",
+    ),
+    (
+        "first_k_dense_replace",
+        lambda c: c.first_k_dense_replace <= c.num_hidden_layers,
+        "must be <= num_hidden_layers ({c.num_hidden_layers})",
+    ),
+    (
+        "n_routed_experts",
+        lambda c: c.n_routed_experts % c.n_group == 0,
+        "must be divisible by n_group ({c.n_group})",
+    ),
+    ("topk_group", lambda c: c.topk_group <= c.n_group, "must be <= n_group ({c.n_group})"),
+    (
+        "num_experts_per_tok",
+        lambda c: c.num_experts_per_tok <= c.n_routed_experts,
+        "must be <= n_routed_experts ({c.n_routed_experts})",
+    ),
+    (
+        "num_experts_per_tok",
+        lambda c: c.num_experts_per_tok <= c.topk_group * c.experts_per_group,
+        "must be <= topk_group x experts per group = {c.topk_group} x {c.experts_per_group} "
+        "(the experts left after group masking)",
+    ),
+    (
+        "scoring_func",
+        lambda c: c.topk_method != "noaux_tc" or c.scoring_func == "sigmoid",
+        "topk_method 'noaux_tc' needs scoring_func 'sigmoid'",
+    ),
+    (
+        "n_routed_experts",
+        lambda c: c.topk_method != "noaux_tc" or c.experts_per_group >= 2,
+        "noaux_tc scores each group by its top-2 experts: need >= 2 experts per group "
+        "(n_routed_experts / n_group)",
+    ),
+    (
+        "tie_word_embeddings",
+        lambda c: not c.tie_word_embeddings,
+        "DeepSeek-V3 has an untied head; tied embeddings are not supported",
     ),
 )
 
-BENCH_SMALL = dataclasses.replace(
-    V3_671B,
-    vocab_size=4096,
-    hidden_size=512,
-    num_hidden_layers=6,
-    first_k_dense_replace=1,
-    num_attention_heads=8,
-    q_lora_rank=192,
-    kv_lora_rank=128,
-    qk_rope_head_dim=32,
-    qk_nope_head_dim=64,
-    v_head_dim=64,
-    intermediate_size=1408,
-    moe_intermediate_size=256,
-    n_routed_experts=16,
-    n_shared_experts=1,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    routed_scaling_factor=2.5,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=4096,
-    rope_scaling=None,
-    initializer_range=0.02,
-)
-
-SMALL = dataclasses.replace(
-    V3_671B,
-    vocab_size=4096,
-    hidden_size=256,
-    num_hidden_layers=4,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    q_lora_rank=96,
-    kv_lora_rank=64,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
-    intermediate_size=704,
-    moe_intermediate_size=128,
-    n_routed_experts=16,
-    n_shared_experts=1,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    routed_scaling_factor=2.5,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=2048,
-    rope_scaling=None,
-    initializer_range=0.02,
-)
-
-TINY = dataclasses.replace(
-    V3_671B,
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    num_attention_heads=4,
-    q_lora_rank=32,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    routed_scaling_factor=2.5,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=512,
-    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=128),
-    initializer_range=0.02,
-)
-
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": TINY,
-    "small": SMALL,
-    "bench-small": BENCH_SMALL,
-    "v2-236b": V2_236B,
-    "v3-671b": V3_671B,
+# Short names of the run options (the key=value spelling of the command line, and the flat
+# fields of checkpoints written before ``run`` was nested) -> their path in ModelConfig.
+RUN_ALIASES: dict[str, str] = {
+    **{f: f"run.{f}" for f in ("dtype", "fp8", "fp8_backend", "moe_backend")},
+    **{f: f"run.{f}" for f in ("attention_backend", "overlap")},
+    "ep_dispatch": "run.ep.path",
+    "ep_capacity_factor": "run.ep.capacity_factor",
+    "ep_fp8_dispatch": "run.ep.fp8_dispatch",
+    "ep_kernel": "run.ep.kernel",
+    "ep_logfmt_bits": "run.ep.logfmt_bits",
+    "ep_combine_dtype": "run.ep.combine_dtype",
 }
-
-
-def get_preset(
-    name: str, overrides: dict[str, str] | list[str] | tuple[str, ...] = ()
-) -> ModelConfig:
-    """Returns preset ``name`` with ``key=value`` overrides applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name].with_overrides(overrides) if overrides else PRESETS[name]
+# Top-level keys of a config dict that hold run options: what resuming may change.
+RUN_OPTION_FIELDS = ("run", *RUN_ALIASES)

@@ -56,8 +56,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import fp8_vjp
-from deepseek_jax.fp8_gemm import Backend, contiguous_layout
+import deepseek_jax.fp8_vjp as fp8_vjp
+from deepseek_jax.config import Fp8Backend
+from deepseek_jax.fp8_gemm import contiguous_layout
 
 
 def _auto_sharded(fn, x: Array):
@@ -74,16 +75,16 @@ def _auto_sharded(fn, x: Array):
     return jax.sharding.auto_axes(fn, out_sharding=P(*spec[:-1], None))
 
 
-def fp8_mode(cfg) -> Backend | None:
-    """The FP8 backend a config asks for, or None when ``cfg.fp8`` is off."""
-    return cfg.fp8_backend if cfg.fp8 else None
+def fp8_mode(cfg) -> Fp8Backend | None:
+    """The FP8 backend a config asks for, or None when ``cfg.run.fp8`` is off."""
+    return cfg.run.fp8_backend if cfg.run.fp8 else None
 
 
 def fp8_linear(
     x: Float[Array, "... K"],
     w_KN: Float[Array, "K N"],
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
     pow2: bool = False,
 ) -> Float[Array, "... N"]:
     """y = x W with FP8 Fprop, Dgrad and Wgrad (custom VJP in ``fp8_vjp.py``).
@@ -110,7 +111,7 @@ def fp8_swiglu(
     w_up_DF: Array,
     w_down_FD: Array,
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
 ) -> Float[Array, "... D"]:
     """SwiGLU with its three GEMMs in FP8 (drop-in for ``layers.swiglu``)."""
     lin = lambda h, w: fp8_linear(h, w, backend=backend)  # noqa: E731
@@ -123,7 +124,7 @@ def fp8_expert_ffn(
     w_up_EDF: Array,
     w_down_EFD: Array,
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
 ) -> Float[Array, "E C D"]:
     """Every expert's SwiGLU over its slots in FP8 (drop-in for ``moe.experts.expert_ffn``).
 
@@ -146,7 +147,7 @@ def fp8_grouped_ffn(
     w_up_EDF: Array,
     w_down_EFD: Array,
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
 ) -> Float[Array, "A D"]:
     """SwiGLU over rows sorted by expert in FP8 (drop-in for ``grouped_ffn_ragged``).
 

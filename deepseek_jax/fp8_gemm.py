@@ -7,16 +7,13 @@ the m-grouped contiguous layout that ``contiguous_layout`` builds.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+import pallas_kernels.fp8_matmul as kernels
+from deepseek_jax.config import Fp8Backend
 from deepseek_jax.fp8_quant import TILE, cdiv, pad_to_multiple
-from pallas_kernels import fp8_matmul as kernels
-
-Backend = Literal["xla", "pallas"]
 
 
 def scaled_matmul_reference(
@@ -54,7 +51,7 @@ def scaled_matmul(
     b8: Array,
     sb: Array,
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
     out_dtype=jnp.float32,
 ) -> Array:
     """The NT block-scaled GEMM on either backend, batched over an optional leading axis.
@@ -84,7 +81,7 @@ def grouped_scaled_matmul(
     sb_ENG: Array,
     group_ids_B: Int[Array, " B"],
     *,
-    backend: Backend = "xla",
+    backend: Fp8Backend = "xla",
     out_dtype=jnp.float32,
 ) -> Array:
     """m-grouped contiguous NT GEMM: 128-row block b of ``a`` uses expert group_ids[b].

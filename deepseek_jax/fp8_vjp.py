@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import fp8_gemm, fp8_quant
+import deepseek_jax.fp8_gemm as fp8_gemm
+import deepseek_jax.fp8_quant as fp8_quant
 
 
 def _quantize_weight(w_BKN, pow2: bool):

@@ -29,9 +29,13 @@ is one dense [B, S_max] buffer with a single write index shared by the batch; th
 path's causal mask is by index within the T positions (``positions`` only drive RoPE).
 No tensor parallelism: heads stay whole, activations are batch sharded.
 
-Weight layout (HF names; [in, ..., out], float32, cast to ``cfg.dtype`` at use): see
+Weight layout (HF names; [in, ..., out], float32, cast to ``cfg.run.dtype`` at use): see
 ``MLA.__init__``. The rope channels are in the checkpoints' interleaved-pair order
 (``layers/rope.py``).
+
+Shape letters (STYLE's list): B batch, T query positions, S key positions, D hidden, H
+heads, Q q_lora_rank, C kv_lora_rank, N nope head dim, R rope head dim, O v head dim, K = N
++ R.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from cpu_kernels import attention as cpu_attention
-from deepseek_jax import backends, sharding
+import deepseek_jax.sharding as sharding
+from deepseek_jax.causal_attention import causal_attend
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_linear
 from deepseek_jax.layers.basic import matmul, param, rms_norm
@@ -108,16 +112,16 @@ def _cast(w: Weights, name: str, dtype: jnp.dtype) -> Array:
 
 
 def _proj(spec: str, x: Array, w: Weights, name: str, cfg: ModelConfig) -> Array:
-    """``einsum(spec, x, w[name])`` as one 2-D GEMM (``layers.matmul``); with ``cfg.fp8``
+    """``einsum(spec, x, w[name])`` as one 2-D GEMM (``layers.matmul``); with ``cfg.run.fp8``
     an FP8 linear on the flattened weight.
 
     The weight's leading axes are the contracted ones (x's trailing axes), e.g.
     ``"btho,hod->btd"``.
     """
     n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))
-    if not cfg.fp8:
+    if not cfg.run.fp8:
         return matmul(x, _cast(w, name, x.dtype), n_in)
-    return matmul(x, w[name], n_in, dot=functools.partial(fp8_linear, backend=cfg.fp8_backend))
+    return matmul(x, w[name], n_in, dot=functools.partial(fp8_linear, backend=cfg.run.fp8_backend))
 
 
 def mla_queries(
@@ -158,125 +162,6 @@ def _out_proj(
     return _proj("btho,hod->btd", out_BTHO, w, "o_proj", cfg)
 
 
-# Causal attention runs in this many query blocks when T allows: block i only scores the
-# keys it can see, so n blocks do (n + 1) / 2n of the T x T work (56 % for 8).
-CAUSAL_QUERY_BLOCKS = 8
-
-
-def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -> str:
-    """The attention core for one device's [B, T, H] and head dims (N, R, O).
-
-    ``"auto"``: our fused C++ kernel where it builds, on CPU in float32, *and* was measured
-    faster than the XLA einsums here at this shape class (``backends.measured``); else
-    ``"xla"``. An explicit ``"cpu_kernel"`` fails clearly where the kernel cannot run.
-    """
-    name, shape = cfg.attention_backend, shape_BTHNRO
-    if name == "xla":
-        return backends.note("attention", shape, name, "attention_backend=xla")
-    built = backends.kernel_available(cpu_attention.KERNEL, "the C++ causal attention")
-    if name == "cpu_kernel":
-        if not built:
-            raise RuntimeError(
-                "attention_backend='cpu_kernel' needs jax on CPU and the C++ kernel "
-                f"(cpu_kernels/attention.cc), which is unavailable here (backend: "
-                f"{jax.default_backend()}); use 'xla'"
-            )
-        return backends.note("attention", shape, name, "attention_backend=cpu_kernel")
-    if not built:
-        return backends.note("attention", shape, "xla", "auto: no C++ kernel here")
-    if jnp.dtype(cfg.dtype) != jnp.float32:
-        return backends.note(
-            "attention", shape, "xla", f"auto: the kernel is float32, not {cfg.dtype}"
-        )
-    return backends.measured(
-        "attention",
-        shape_BTHNRO,
-        {
-            "cpu_kernel": _timed(_causal_attend_kernel, shape_BTHNRO, cfg),
-            "xla": _timed(_causal_attend_xla, shape_BTHNRO, cfg),
-        },
-        build_id=cpu_attention.KERNEL.identity(),
-    )
-
-
-def _timed(attend, shape_BTHNRO: tuple[int, ...], cfg: ModelConfig) -> backends.Candidate:
-    """``attend`` forward (and backward) on random inputs of one device's shapes."""
-    B, T, H, N, R, O = shape_BTHNRO
-
-    def build(backward: bool):
-        keys = jax.random.split(jax.random.key(0), 5)
-        shapes = [(B, T, H, N), (B, T, H, R), (B, T, H, N), (B, T, R), (B, T, H, O)]
-        args = [jax.random.normal(k, s, cfg.dtype) for k, s in zip(keys, shapes, strict=True)]
-        loss = lambda *a: jnp.sum(attend(*a, cfg).astype(jnp.float32))  # noqa: E731
-        run = jax.jit(jax.grad(loss, argnums=tuple(range(5))) if backward else loss)
-        return lambda: jax.block_until_ready(run(*args))
-
-    return build
-
-
-def _causal_attend(
-    qnope_BTHN: Float[Array, "B T H N"],
-    qrope_BTHR: Float[Array, "B T H R"],
-    knope_BSHN: Float[Array, "B S H N"],
-    krope_BSR: Float[Array, "B S R"],
-    v_BSHO: Float[Array, "B S H O"],
-    cfg: ModelConfig,
-) -> Float[Array, "B T H O"]:
-    """Causal softmax attention (S = T) on the configured backend."""
-    B, T, H, N = backends.local_shape(qnope_BTHN)
-    shape = (B, T, H, N, qrope_BTHR.shape[-1], v_BSHO.shape[-1])
-    attend = _causal_attend_xla
-    if resolve_attention_backend(cfg, shape) == "cpu_kernel":
-        attend = _causal_attend_kernel
-    return attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
-
-
-def _causal_attend_kernel(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg):
-    """Our fused C++ kernel (``cpu_kernels/attention.py``), in float32."""
-    B, T, H, _ = qnope_BTHN.shape
-    f32 = jnp.float32
-    q_BTHK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1).astype(f32) * softmax_scale(cfg)
-    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
-    k_BSHK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).astype(f32)
-    out_BTHO = cpu_attention.causal_attention(q_BTHK, k_BSHK, v_BSHO.astype(f32))
-    return out_BTHO.astype(cfg.dtype)
-
-
-def _causal_attend_xla(
-    qnope_BTHN: Float[Array, "B T H N"],
-    qrope_BTHR: Float[Array, "B T H R"],
-    knope_BSHN: Float[Array, "B S H N"],
-    krope_BSR: Float[Array, "B S R"],
-    v_BSHO: Float[Array, "B S H O"],
-    cfg: ModelConfig,
-) -> Float[Array, "B T H O"]:
-    """Causal attention in einsums, head-major: the score-sized tensors are [B, H, T, S]
-    from the start, so no transpose ever copies them, and query blocks skip the key blocks
-    that are fully masked. Scores and softmax in float32."""
-    dt, f32 = jnp.dtype(cfg.dtype), jnp.float32
-    B, T, H, _ = qnope_BTHN.shape
-    n = CAUSAL_QUERY_BLOCKS if T % CAUSAL_QUERY_BLOCKS == 0 and T >= 256 else 1
-    c = T // n
-    q_BHTK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1) * softmax_scale(cfg)
-    q_BHTK = q_BHTK.astype(dt).transpose(0, 2, 1, 3)
-    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
-    k_BHSK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).transpose(0, 2, 1, 3)
-    v_BHSO = v_BSHO.transpose(0, 2, 1, 3)
-    # Blocks by split + concatenate, not slicing: the backward then concatenates the block
-    # gradients instead of zero-padding each one to full length and adding them.
-    q_blocks, k_blocks, v_blocks = (jnp.split(a, n, axis=2) for a in (q_BHTK, k_BHSK, v_BHSO))
-    outs = []
-    for i in range(n):
-        S = (i + 1) * c  # query rows [i c, S) see keys [0, S)
-        k_BHSK = jnp.concatenate(k_blocks[: i + 1], axis=2)
-        s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_blocks[i], k_BHSK, preferred_element_type=f32)
-        visible_TS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
-        probs_BHTS = jax.nn.softmax(jnp.where(visible_TS, s_BHTS, -jnp.inf), axis=-1).astype(dt)
-        v_BHSO = jnp.concatenate(v_blocks[: i + 1], axis=2)
-        outs.append(jnp.einsum("bhts,bhso->bhto", probs_BHTS, v_BHSO))
-    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
-
-
 def mla_naive(
     w: Weights, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"], cfg: ModelConfig
 ) -> Float[Array, "B T D"]:
@@ -284,12 +169,12 @@ def mla_naive(
 
     Args:
       w: float32 weights by HF name (``MLA.weights()``).
-      x_BTD: inputs; computed in ``cfg.dtype``.
+      x_BTD: inputs; computed in ``cfg.run.dtype``.
       positions_BT: RoPE positions; causality is by index along T.
     Returns:
-      y_BTD in ``cfg.dtype``.
+      y_BTD in ``cfg.run.dtype``.
     """
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(cfg.run.dtype)
     x_BTD = x_BTD.astype(dt)
     cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)
     with jax.named_scope("mla_q"):
@@ -299,7 +184,7 @@ def mla_naive(
         kv_BSHK = _proj("bsc,chk->bshk", ckv_BSC, w, "kv_b_proj", cfg)
         knope_BSHN, v_BSHO = jnp.split(kv_BSHK, [cfg.qk_nope_head_dim], axis=-1)
     with jax.named_scope("mla_attend"):
-        out_BTHO = _causal_attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
+        out_BTHO = causal_attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
     with jax.named_scope("mla_out"):
         return _out_proj(w, out_BTHO, cfg)
 
@@ -321,9 +206,9 @@ def mla_absorbed(
       cache: entries for slots < cache_index are the earlier tokens.
       cache_index: slot of the first new token; query t sees slots <= cache_index + t.
     Returns:
-      (y_BTD in ``cfg.dtype``, the cache with the T new entries written).
+      (y_BTD in ``cfg.run.dtype``, the cache with the T new entries written).
     """
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(cfg.run.dtype)
     x_BTD = x_BTD.astype(dt)
     cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)
     wuk_CHN, wuv_CHO = jnp.split(_cast(w, "kv_b_proj", dt), [cfg.qk_nope_head_dim], axis=-1)

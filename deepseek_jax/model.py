@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 from deepseek_jax.block import StackStats, run_blocks, scan_blocks_decode, stacked_blocks
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.layers import Embed, RMSNorm, matmul, param
@@ -50,7 +50,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.remat = remat
         self.layer_loop = layer_loop
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
         std = cfg.initializer_range
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, std=std, dtype=self.dtype, rngs=rngs

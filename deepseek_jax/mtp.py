@@ -28,7 +28,7 @@ from deepseek_jax.moe.layer import MoEStats
 class MTPModule(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.eh_proj = param(rngs, (2 * d, d), (None, "embed"), std=cfg.initializer_range)

@@ -28,6 +28,9 @@ sequences, as unsplit).
 *What we simplify.* No deferral of combine(B) into the next block (a scan over layers ends
 each block at the loop boundary); no custom VJP or ``_scheduling_group_id`` pinning: the
 barriers alone (checked on the compiled GPU schedule by ``experiments.gpu_compile``).
+
+Shape letters: B batch (a half's), T positions, D hidden, E routed experts, K experts per
+token, R received rows.
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.moe.dispatch as dsp
 from deepseek_jax.fp8 import fp8_mode
-from deepseek_jax.moe import dispatch as dsp
 from deepseek_jax.moe.experts import routed_ffn
 from deepseek_jax.moe.layer import (
     MoE,
@@ -53,7 +56,7 @@ from deepseek_jax.moe.layer import (
     _mesh_of,
     _router,
 )
-from deepseek_jax.sharding import EXPERT_AXES, logical_to_spec
+from deepseek_jax.sharding import logical_to_spec, mesh_axes_of
 
 OVERLAPS = ("none", "dual")
 _barrier = jax.lax.optimization_barrier
@@ -127,7 +130,7 @@ class _Stages:
         cfg = moe.cfg
         self.moe, self.cfg, self.opts = moe, cfg, moe.ep
         self.mesh = _mesh_of(())
-        self.topo = dsp.Topology.for_mesh(cfg, self.mesh, self.opts.path)
+        self.topo = dsp.Topology.for_mesh(cfg, self.mesh, self.opts.path, moe.rules)
         self.T = math.prod(shape_BTD[:2]) // self.topo.devices  # local tokens of a half
         self.seq = shape_BTD[1]
         self.caps = dsp.Capacities.for_tokens(
@@ -136,7 +139,7 @@ class _Stages:
         names = self.mesh.axis_names
         self.data = logical_to_spec(("batch", None, None), mesh_axes=names)
         self.experts_spec = logical_to_spec(("expert", None, None), mesh_axes=names)
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.run.dtype)
 
     def _smap(self, fn, in_specs, out_specs):
         return jax.shard_map(
@@ -144,12 +147,12 @@ class _Stages:
             mesh=self.mesh,
             in_specs=in_specs,
             out_specs=out_specs,
-            axis_names=set(EXPERT_AXES),
+            axis_names=set(self.topo.axes),
             check_vma=self.opts.kernel != "pallas",
         )
 
     def dispatch(self, h_BTD) -> Dispatched:
-        moe, cfg, rep, dev = self.moe, self.cfg, P(), P(EXPERT_AXES)
+        moe, cfg, rep, dev = self.moe, self.cfg, P(), P(self.topo.axes)
         bias = moe.e_score_correction_bias
         has_bias = bias is not None
         bias = bias[...] if has_bias else jnp.zeros((cfg.n_routed_experts,), jnp.float32)
@@ -178,14 +181,14 @@ class _Stages:
                 x_TD, idx_TK, weight_TK, self.topo, self.caps, self.opts
             )
         stats = MoEStats(
-            jax.lax.psum(load_E, EXPERT_AXES),
-            jax.lax.pmean(loss, EXPERT_AXES),
-            *(jax.lax.psum(s, EXPERT_AXES) for s in st),
+            jax.lax.psum(load_E, self.topo.axes),
+            jax.lax.pmean(loss, self.topo.axes),
+            *(jax.lax.psum(s, self.topo.axes) for s in st),
         )
         return Dispatched(recv, handle, weight_TK, stats)
 
     def experts(self, recv: dsp.Received) -> Float[Array, "R D"]:
-        moe, dev, ex = self.moe, P(EXPERT_AXES), self.experts_spec
+        moe, dev, ex = self.moe, P(self.topo.axes), self.experts_spec
         ws = [_laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
         return self._smap(self._experts_local, (dsp.Received(dev, dev, dev), ex, ex, ex), dev)(
             recv, *ws
@@ -201,7 +204,7 @@ class _Stages:
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
 
     def combine(self, y_RD, d: Dispatched) -> Float[Array, "B T D"]:
-        dev = P(EXPERT_AXES)
+        dev = P(self.topo.axes)
         handle = jax.tree.map(lambda _: dev, d.handle)
         fn = self._smap(self._combine_local, (dev, handle, dev), self.data)
         return fn(y_RD, d.handle, d.weight_TK)
@@ -226,24 +229,20 @@ class _Stages:
 
 def _batch_spec():
     mesh = _mesh_of(())
-    return mesh, logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0]
+    return mesh, logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0], mesh_axes_of("batch")
 
 
 def split_halves(x: Array) -> tuple[Array, Array]:
     """Each device's rows (batch axis 0) cut in two: halves A and B, still batch-sharded."""
-    mesh, spec = _batch_spec()
+    mesh, spec, axes = _batch_spec()
     s = P(spec)
     fn = lambda x: (x[: x.shape[0] // 2], x[x.shape[0] // 2 :])  # noqa: E731
-    return jax.shard_map(fn, mesh=mesh, in_specs=s, out_specs=(s, s), axis_names=set(EXPERT_AXES))(
-        x
-    )
+    return jax.shard_map(fn, mesh=mesh, in_specs=s, out_specs=(s, s), axis_names=set(axes))(x)
 
 
 def merge_halves(a: Array, b: Array) -> Array:
     """The inverse of ``split_halves``."""
-    mesh, spec = _batch_spec()
+    mesh, spec, axes = _batch_spec()
     s = P(spec)
     fn = lambda a, b: jnp.concatenate([a, b])  # noqa: E731
-    return jax.shard_map(fn, mesh=mesh, in_specs=(s, s), out_specs=s, axis_names=set(EXPERT_AXES))(
-        a, b
-    )
+    return jax.shard_map(fn, mesh=mesh, in_specs=(s, s), out_specs=s, axis_names=set(axes))(a, b)

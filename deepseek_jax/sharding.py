@@ -60,12 +60,15 @@ def _links(expert_axes: tuple[str, ...]) -> tuple[str, str]:
     return expert_axes[0], expert_axes[1]
 
 
-# Expert parallelism as the MoE code sees it. The two-hop dispatch (moe/dispatch.py) must
-# know which of the expert axes is the slow inter-node link (hop 1: once per token and
-# node) and which the fast intra-node one (hop 2); these names say that by role, derived
-# from the rules table, so the MoE code never names a physical axis.
-EXPERT_AXES: tuple[str, ...] = mesh_axes_of("expert")
-INTER_NODE, INTRA_NODE = _links(EXPERT_AXES)
+def expert_links(rules: Rules = RULES) -> tuple[str, str]:
+    """(inter-node, intra-node) mesh axes of expert parallelism under ``rules``.
+
+    The two-hop dispatch (moe/dispatch.py) must know which expert axis is the slow
+    inter-node link (hop 1: once per token and node) and which the fast intra-node one
+    (hop 2); this names them by role, read from the rules table at the call (not frozen at
+    import), so the MoE code never names a physical axis and a ``rules=`` table rules it.
+    """
+    return _links(mesh_axes_of("expert", rules))
 
 
 def logical_to_spec(

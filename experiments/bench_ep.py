@@ -30,13 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
-from deepseek_jax.config import get_preset
+from deepseek_jax.config import EPOptions
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.moe.dispatch import EPOptions
 from deepseek_jax.moe.layer import MoE
+from deepseek_jax.presets import get_preset
 from experiments.machine_info import describe, log_backend_choices, print_description
 
 MESHES = ((8, 1), (2, 4))
@@ -69,7 +68,7 @@ def measure(node: int, gpu: int, tokens: int, rounds: int, overrides: list[str] 
     x = jax.random.normal(jax.random.key(1), (8, tokens, cfg.hidden_size), jnp.float32)
     out, times = {}, {p: [] for p in PATHS}
     with jax.set_mesh(mesh):
-        x = jax.device_put(x, P(("node", "gpu")))
+        x = jax.device_put(x, sharding.logical_to_spec(("batch",)))
         for p, (_, state, fwd) in runs.items():  # compile, warm up, read the counts
             y, stats = jax.block_until_ready(fwd(state, x))
             out[p] = (y, stats)

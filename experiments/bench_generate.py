@@ -16,7 +16,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepseek_jax.config import PRESETS
+    from deepseek_jax.presets import PRESETS
 
     ap = argparse.ArgumentParser(
         prog="python -m experiments.bench_generate",
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import nnx
 
-    from deepseek_jax.config import get_preset
     from deepseek_jax.infer.generate import Generator
     from deepseek_jax.model import Transformer
+    from deepseek_jax.presets import get_preset
     from experiments.machine_info import describe, log_backend_choices, print_description
 
     log_backend_choices()
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     dec = [r["decode_tokens_per_s"] for r in rates]
     print(
         f"{args.preset}: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new "
-        f"tokens, {cfg.dtype}, {'scanned' if args.scan else 'unrolled'} layers, "
+        f"tokens, {cfg.run.dtype}, {'scanned' if args.scan else 'unrolled'} layers, "
         f"{jax.devices()[0].platform}; compile {compile_s:.1f} s"
     )
     print(f"prefill tokens/s: median {np.median(pre):.0f}  best {max(pre):.0f}")

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.config import MoEBackend, get_preset
+from deepseek_jax.config import MoEBackend
 from deepseek_jax.moe import dispatch, routing
 from deepseek_jax.moe.layer import MoE
+from deepseek_jax.presets import get_preset
 from experiments.machine_info import describe, log_backend_choices, print_description
 
 EXPERTS = (16, 64, 256)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = runs[EXPERTS[0]][0]
     print(
         f"MoE layer forward, {tokens} tokens, hidden {D}, FFN {cfg.moe_intermediate_size}, "
-        f"top-{cfg.num_experts_per_tok}, {cfg.n_shared_experts} shared, {cfg.dtype}, "
+        f"top-{cfg.num_experts_per_tok}, {cfg.n_shared_experts} shared, {cfg.run.dtype}, "
         f"backend {args.backend}, median of {args.rounds} ({jax.default_backend()})"
     )
     slots = args.backend == "einsum"

@@ -33,7 +33,7 @@ import time
 
 
 def parse_args(argv):
-    from deepseek_jax.config import PRESETS
+    from deepseek_jax.presets import PRESETS
 
     ap = argparse.ArgumentParser(
         prog="python -m experiments.bench_serve",

@@ -29,7 +29,7 @@ def build(preset: str, overrides: list[str]):
     import torch
     import transformers
 
-    from deepseek_jax.config import get_preset
+    from deepseek_jax.presets import get_preset
 
     cfg = get_preset(preset, ["dtype=float32", *overrides])
     hf = cfg.to_hf_dict()

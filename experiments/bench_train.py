@@ -30,8 +30,8 @@ import numpy as np
 
 from deepseek_jax.codesign.flops import mtp_training_flops_per_token, training_flops_per_token
 from deepseek_jax.codesign.params import abstract_report
-from deepseek_jax.config import PRESETS, get_preset
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.presets import PRESETS, get_preset
 from deepseek_jax.train.config import LAYER_LOOPS, REMATS, TrainConfig
 from deepseek_jax.train.state import init_state
 from deepseek_jax.train.step import jit_train_step

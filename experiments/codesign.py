@@ -27,7 +27,8 @@ from deepseek_jax.codesign.kv_cache import (
     mha_kv_bytes_per_token,
     mla_kv_bytes_per_token,
 )
-from deepseek_jax.config import PRESETS, V3_671B, ModelConfig, get_preset
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.presets import PRESETS, V3_671B, get_preset
 
 
 def load_config(spec: str) -> tuple[str, ModelConfig]:

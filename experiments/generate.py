@@ -22,7 +22,7 @@ import sys
 
 def add_model_source(ap: argparse.ArgumentParser) -> None:
     """--hf | --checkpoint | --preset: where ``load_model`` takes the model from."""
-    from deepseek_jax.config import PRESETS
+    from deepseek_jax.presets import PRESETS
 
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face DeepseekV3/V2 directory")
@@ -54,21 +54,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace):
-    import dataclasses
 
     from flax import nnx
 
-    from deepseek_jax.config import get_preset
     from deepseek_jax.interop.pretrained import from_pretrained
     from deepseek_jax.interop.train_checkpoint import load_run
     from deepseek_jax.model import Transformer
+    from deepseek_jax.presets import get_preset
 
     if args.hf:
         return from_pretrained(args.hf, dtype=args.dtype)
     if args.checkpoint:
         model, _ = load_run(args.checkpoint, step=args.step)
         return model
-    cfg = dataclasses.replace(get_preset(args.preset), dtype=args.dtype)
+    cfg = get_preset(args.preset).with_run(dtype=args.dtype)
     return Transformer(cfg, rngs=nnx.Rngs(args.seed))
 
 

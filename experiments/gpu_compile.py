@@ -83,7 +83,7 @@ def _table(sched, n_ops: int) -> list[str]:
 def run(args: argparse.Namespace) -> dict:
     from deepseek_jax.codesign import gpu_compile as gc
     from deepseek_jax.codesign.schedule import CostModel, Schedule, summary
-    from deepseek_jax.config import get_preset
+    from deepseek_jax.presets import get_preset
 
     shape = _mesh(args.mesh)
     mesh = gc.gpu_mesh(args.target, **shape)

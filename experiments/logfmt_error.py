@@ -40,8 +40,8 @@ def small_model_hidden(tokens: int, seed: int):
     """Hidden states [tokens, hidden] of a random ``small`` model."""
     from flax import nnx
 
-    from deepseek_jax.config import get_preset
     from deepseek_jax.model import Transformer
+    from deepseek_jax.presets import get_preset
 
     cfg = get_preset("small")
     model = Transformer(cfg, rngs=nnx.Rngs(seed))

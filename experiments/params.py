@@ -17,7 +17,7 @@ from deepseek_jax.codesign.kv_cache import (
     mla_kv_bytes_per_token,
 )
 from deepseek_jax.codesign.params import abstract_report
-from deepseek_jax.config import PRESETS, get_preset
+from deepseek_jax.presets import PRESETS, get_preset
 
 
 def main(argv: list[str] | None = None) -> dict:

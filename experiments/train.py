@@ -17,7 +17,7 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from deepseek_jax.config import PRESETS
+    from deepseek_jax.presets import PRESETS
     from deepseek_jax.train.config import LAYER_LOOPS, PIPELINES, REMATS, TrainConfig
 
     d = TrainConfig()

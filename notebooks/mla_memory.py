@@ -53,7 +53,7 @@ from deepseek_jax.codesign.kv_cache import (
     mha_kv_bytes_per_token,
     mla_kv_bytes_per_token,
 )
-from deepseek_jax.config import get_preset
+from deepseek_jax.presets import get_preset
 
 v3 = get_preset("v3-671b")
 PAPER = {  # ISCA 2025 Table 1, bytes per token

@@ -42,8 +42,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.presets import get_preset
 
 mesh = make_mesh(node=4, gpu=2, devices=jax.devices("cpu"))
 if SMALL:
@@ -121,8 +121,8 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
 from deepseek_jax.codesign.routing_traffic import internode_copies
+from deepseek_jax.config import EPOptions
 from deepseek_jax.moe import routing
-from deepseek_jax.moe.dispatch import EPOptions
 from deepseek_jax.moe.layer import MoE
 
 B, T = 16, (32 if SMALL else 256)

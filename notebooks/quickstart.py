@@ -73,7 +73,7 @@ print(jax.__version__, jax.default_backend(), len(jax.devices()), "devices")
 # %%
 from deepseek_jax.codesign.kv_cache import mla_kv_bytes_per_token
 from deepseek_jax.codesign.params import abstract_report
-from deepseek_jax.config import get_preset
+from deepseek_jax.presets import get_preset
 
 v3 = get_preset("v3-671b")
 report = abstract_report(v3)  # shapes only: nothing is allocated

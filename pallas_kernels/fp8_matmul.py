@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-from deepseek_jax import backends
+import deepseek_jax.backends as backends
 from deepseek_jax.fp8_quant import TILE as SLICE  # promotion interval N_C, grouped row alignment
 from deepseek_jax.fp8_quant import pad_to_multiple
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cpu_kernels import attention as cpu_attention
 from cpu_kernels import grouped_gemm
-from deepseek_jax import backends, mla
-from deepseek_jax.config import get_preset
+from deepseek_jax import backends, causal_attention
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.model import Transformer
 from deepseek_jax.moe import experts
+from deepseek_jax.presets import get_preset
+from tests.layouts import spec
 
 ATTN_SHAPE = (2, 64, 4, 16, 8, 16)  # B, T, H, N, R, O
 MOE_SHAPE = (64, 2, 8, 32, 16)  # T, K, E, D, F
@@ -54,8 +54,8 @@ def test_attention_auto_picks_the_faster(fake_timings, kernel_ms, xla_ms, want, 
     set_ms({"cpu_kernel": kernel_ms, "xla": xla_ms})
     cfg = get_preset("tiny", ["dtype=float32"])
     with caplog.at_level(logging.INFO, logger="deepseek_jax.backends"):
-        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == want
-        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == want  # decided once
+        assert causal_attention.resolve_attention_backend(cfg, ATTN_SHAPE) == want
+        assert causal_attention.resolve_attention_backend(cfg, ATTN_SHAPE) == want  # decided once
     assert sorted(calls) == ["cpu_kernel", "xla"]
     [line] = [r.getMessage() for r in caplog.records]
     assert f"attention 2x64x4x16x8x16 -> {want}" in line and "ms" in line
@@ -77,7 +77,7 @@ def test_explicit_choice_wins_over_a_faster_twin(fake_timings):
     set_ms, calls = fake_timings
     set_ms({"cpu_kernel": 9.0, "xla": 1.0})
     cfg = get_preset("tiny", ["dtype=float32", "attention_backend=cpu_kernel"])
-    assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
+    assert causal_attention.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
     assert experts.resolve_backend("grouped", MOE_SHAPE) == "grouped"
     assert calls == []  # nothing measured
 
@@ -87,14 +87,14 @@ def test_decisions_persist_across_processes_and_shape_classes(fake_timings, monk
     set_ms, calls = fake_timings
     set_ms({"cpu_kernel": 1.0, "xla": 2.0})
     cfg = get_preset("tiny", ["dtype=float32"])
-    assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
+    assert causal_attention.resolve_attention_backend(cfg, ATTN_SHAPE) == "cpu_kernel"
     monkeypatch.setattr(backends, "_decisions", {})  # a new process: only the disk cache
     set_ms({"cpu_kernel": 2.0, "xla": 1.0})
     same_class = (2, 60, 4, 16, 8, 16)  # T = 60 rounds up to 64 like T = 64
-    assert mla.resolve_attention_backend(cfg, same_class) == "cpu_kernel"  # cached
+    assert causal_attention.resolve_attention_backend(cfg, same_class) == "cpu_kernel"  # cached
     assert len(calls) == 2
     other_class = (2, 200, 4, 16, 8, 16)
-    assert mla.resolve_attention_backend(cfg, other_class) == "xla"  # measured anew
+    assert causal_attention.resolve_attention_backend(cfg, other_class) == "xla"  # measured anew
     assert len(calls) == 4
 
 
@@ -113,13 +113,13 @@ def test_a_kernel_that_does_not_build_is_logged_and_loses(monkeypatch, caplog):
     )
     cfg = get_preset("tiny", ["dtype=float32"])
     with caplog.at_level(logging.WARNING, logger="deepseek_jax.backends"):
-        assert mla.resolve_attention_backend(cfg, ATTN_SHAPE) == "xla"
+        assert causal_attention.resolve_attention_backend(cfg, ATTN_SHAPE) == "xla"
         assert experts.resolve_backend("auto", MOE_SHAPE) == "einsum"
     messages = [r.getMessage() for r in caplog.records]
     assert any("C++ causal attention did not build" in m and "no g++ here" in m for m in messages)
     assert any("C++ grouped GEMM did not build" in m for m in messages)
     with pytest.raises(RuntimeError, match="use 'xla'"):
-        mla.resolve_attention_backend(
+        causal_attention.resolve_attention_backend(
             cfg.with_overrides(["attention_backend=cpu_kernel"]), ATTN_SHAPE
         )
 
@@ -129,7 +129,7 @@ def _ffi_targets(cfg, mesh=None):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.zeros((8, 64), jnp.int32)
     if mesh is not None:
-        tokens = jax.device_put(tokens, NamedSharding(mesh, P(("node", "gpu"))))
+        tokens = jax.device_put(tokens, NamedSharding(mesh, spec("batch")))
     graphdef, state = nnx.split(model)
     fwd = lambda s, t: nnx.merge(graphdef, s)(t)  # noqa: E731
     text = jax.jit(fwd).lower(state, tokens).as_text()
@@ -154,7 +154,7 @@ def test_the_model_runs_what_was_chosen(fake_timings, kernels_faster):
 
 def test_local_shape_divides_by_the_sharded_axes():
     mesh = make_mesh(2, 4)
-    x = jax.device_put(np.zeros((16, 6, 8)), NamedSharding(mesh, P(("node", "gpu"), None, None)))
+    x = jax.device_put(np.zeros((16, 6, 8)), NamedSharding(mesh, spec("batch", None, None)))
     assert backends.local_shape(x) == (2, 6, 8)
     assert backends.local_shape(np.zeros((3, 5))) == (3, 5)
 

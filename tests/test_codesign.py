@@ -15,7 +15,7 @@ from deepseek_jax.codesign.kv_cache import (
 )
 from deepseek_jax.codesign.pipeline_bubbles import pipeline_memory_bytes, pipeline_schedule
 from deepseek_jax.codesign.routing_traffic import routing_traffic
-from deepseek_jax.config import PRESETS, get_preset
+from deepseek_jax.presets import PRESETS, get_preset
 
 V3, V2 = get_preset("v3-671b"), get_preset("v2-236b")
 G = 1e9

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from deepseek_jax.config import PRESETS, RopeScaling, get_preset
+from deepseek_jax.config import RUN_ALIASES, RUN_OPTION_FIELDS, EPOptions, ModelConfig, RopeScaling
 from deepseek_jax.interop.hf_config import config_from_hf
+from deepseek_jax.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -49,16 +50,53 @@ def test_v3_preset_matches_reference():
         (["qk_rope_head_dim=7"], "qk_rope_head_dim", "even"),
         (["first_k_dense_replace=9"], "first_k_dense_replace", "<= num_hidden_layers"),
         (["scoring_func=softmax"], "scoring_func", "noaux_tc"),
-        (["dtype=int8"], "dtype", "one of"),
+        (["dtype=int8"], "RunOptions.dtype", "one of"),
         (["kv_lora_rank=-1"], "kv_lora_rank", "positive"),
-        (["ep_logfmt_bits=3"], "ep_logfmt_bits", "[4, 16]"),
-        (["ep_logfmt_bits=8", "ep_fp8_dispatch=true"], "ep_logfmt_bits", "one dispatch codec"),
+        (["ep_logfmt_bits=3"], "EPOptions.logfmt_bits", "[4, 16]"),
+        (["ep_logfmt_bits=8", "ep_fp8_dispatch=true"], "EPOptions.logfmt_bits", "one dispatch"),
+        (["run.ep.combine_dtype=int4"], "EPOptions.combine_dtype", "one of"),
+        (['rope_scaling={"type": "yarn", "factor": 0.5}'], "RopeScaling.factor", ">= 1"),
     ],
 )
 def test_bad_values_name_field_and_rule(overrides, field, rule):
     with pytest.raises(ValueError, match=field) as e:
         get_preset("tiny", overrides)
     assert rule in str(e.value)
+
+
+def test_run_options_nest_and_keep_their_short_names():
+    """Run options live under ``cfg.run``; the command line's short names and dotted paths
+    reach the same fields, applied together (the rules see the final values)."""
+    a = get_preset("tiny", ["dtype=bfloat16", "ep_dispatch=flat", "ep_capacity_factor=none"])
+    b = get_preset(
+        "tiny", ["run.dtype=bfloat16", "run.ep.path=flat", "run.ep.capacity_factor=none"]
+    )
+    assert a == b and a.run.dtype == "bfloat16" and a.run.ep == EPOptions("flat", None)
+    assert a.with_run(dtype="float32").run == dataclasses.replace(a.run, dtype="float32")
+    # 6 experts in 4 groups is invalid alone; with n_group=3 in the same call it is fine
+    assert get_preset("tiny", ["n_routed_experts=6", "n_group=3"]).experts_per_group == 2
+    assert "run" not in a.to_hf_dict() and "dtype" not in a.to_hf_dict()
+
+
+def test_from_dict_reads_nested_and_older_flat_checkpoints():
+    cfg = get_preset("tiny", ["dtype=bfloat16", "ep_kernel=pallas", "fp8=true"])
+    nested = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert nested["run"]["ep"]["kernel"] == "pallas"
+    assert ModelConfig.from_dict(nested) == cfg
+    flat = {k: v for k, v in nested.items() if k != "run"}  # before run options nested
+    flat.update(dtype="bfloat16", ep_kernel="pallas", fp8=True, ep_dispatch="two_hop")
+    assert ModelConfig.from_dict(flat) == cfg
+    with pytest.raises(ValueError, match=r"run\.ep\.kernal"):
+        ModelConfig.from_dict({**nested, "run": {"ep": {"kernal": "xla"}}})
+    assert set(RUN_OPTION_FIELDS) >= {"run", *RUN_ALIASES}
+
+
+def test_presets_derive_from_one_another():
+    """A preset lists only what differs from its parent: tiny keeps small's routing."""
+    tiny, small, bench = get_preset("tiny"), get_preset("small"), get_preset("bench-small")
+    for field in ("n_group", "topk_group", "n_shared_experts", "routed_scaling_factor"):
+        assert getattr(tiny, field) == getattr(small, field) == getattr(bench, field)
+    assert get_preset("v2-236b").rope_scaling.factor == get_preset("v3-671b").rope_scaling.factor
 
 
 def test_override_types():

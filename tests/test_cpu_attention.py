@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cpu_kernels import attention, build
-from deepseek_jax import mla
-from deepseek_jax.config import get_preset
+from deepseek_jax import causal_attention
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.presets import get_preset
+from tests.layouts import axes, spec
 from tests.numerics import rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -92,7 +92,7 @@ def test_batch_sharded_over_the_mesh():
     mesh = make_mesh(2, 4)
     q, k, v, probe = problem(8, 48, 2, 24, 16)
     with jax.set_mesh(mesh):
-        sh = NamedSharding(mesh, P(("node", "gpu")))
+        sh = NamedSharding(mesh, spec("batch"))
         args = [jax.device_put(a, sh) for a in (q, k, v)]
 
         def loss(q, k, v):
@@ -100,7 +100,7 @@ def test_batch_sharded_over_the_mesh():
 
         out = jax.jit(attention.causal_attention)(*args)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
-    assert out.sharding.spec[0] == ("node", "gpu")
+    assert out.sharding.spec[0] == axes("batch")
     assert rel_err(out, attention.causal_attention_reference(q, k, v)) < 1e-6
     want = jax.grad(
         lambda *a: jnp.sum(probe * attention.causal_attention_reference(*a)), argnums=(0, 1, 2)
@@ -124,9 +124,9 @@ def test_attention_backend_resolution():
     f32 = get_preset("tiny", ["dtype=float32"])
     xla = f32.with_overrides(["attention_backend=xla"])
     kernel = f32.with_overrides(["attention_backend=cpu_kernel"])
-    assert mla.resolve_attention_backend(xla, shape) == "xla"
-    assert mla.resolve_attention_backend(kernel, shape) == "cpu_kernel"
+    assert causal_attention.resolve_attention_backend(xla, shape) == "xla"
+    assert causal_attention.resolve_attention_backend(kernel, shape) == "cpu_kernel"
     bf16 = get_preset("tiny", ["dtype=bfloat16"])
-    assert mla.resolve_attention_backend(bf16, shape) == "xla"  # the kernel is float32 only
+    assert causal_attention.resolve_attention_backend(bf16, shape) == "xla"  # float32 only
     with pytest.raises(ValueError, match="attention_backend"):
         f32.with_overrides(["attention_backend=flash"])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.generate import Generator
 from deepseek_jax.infer.sampling import RowSampling, SamplingParams, distribution, verify
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
 
 CFG = get_preset("tiny")
 # One bucket each: every engine compiles one prefill and one decode program.

@@ -11,16 +11,18 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
-from deepseek_jax.config import get_preset
+from deepseek_jax.config import EPOptions
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.moe import dispatch, routing
-from deepseek_jax.moe.dispatch import Capacities, EPOptions, Topology
+from deepseek_jax.moe.dispatch import Capacities, Topology
 from deepseek_jax.moe.layer import MoE
+from deepseek_jax.presets import get_preset
+from tests.layouts import axes, spec
 from tests.numerics import rel_err
 
 # D 64, 16 experts in 4 groups (2 kept), top-4: on (node=4, gpu=2) the node limit bites.
 CFG = get_preset("tiny", ["n_routed_experts=16", "num_experts_per_tok=4"])
-DATA = P(("node", "gpu"))
+DATA = spec("batch")
 DROPLESS = EPOptions(capacity_factor=None)
 
 
@@ -82,7 +84,7 @@ def test_layer_and_gradients_equal_single_device(shape, ep):
         y, stats, (dparams, dx) = run(
             params, rest, jax.device_put(x, DATA), jax.device_put(probe, DATA)
         )
-    assert y.sharding.spec[0] == ("node", "gpu")
+    assert y.sharding.spec[0] == axes("batch")
     assert int(stats.dropped) == 0
     if ep.path == "two_hop":  # at most one copy per (token, other node), M nodes per token
         assert int(stats.internode) <= x.shape[0] * x.shape[1] * min(CFG.topk_group, shape[0] - 1)
@@ -104,6 +106,22 @@ def test_config_that_does_not_fit_the_mesh_is_named():
             get_preset("tiny", ["n_routed_experts=12", "n_group=2", "topk_group=1"]),
             make_mesh(2, 4),
         )
+
+
+def test_the_rules_table_rules_the_expert_exchange():
+    """The exchange reads its axes from the rules it is given, not from import time: the
+    expert rule's major axis is the inter-node hop, and a table that replicates the experts
+    turns expert parallelism off."""
+    from deepseek_jax.moe.layer import _expert_parallel_fits
+
+    mesh, rules = make_mesh(2, 4), sharding.RULES
+    swapped = tuple((k, v[::-1] if k in ("batch", "expert") else v) for k, v in rules)
+    default, other = Topology.for_mesh(CFG, mesh), Topology.for_mesh(CFG, mesh, rules=swapped)
+    assert default.axes == sharding.mesh_axes_of("expert") == other.axes[::-1]
+    assert (default.nodes, default.gpus, other.nodes, other.gpus) == (2, 4, 4, 2)
+    replicated = tuple((k, None if k == "expert" else v) for k, v in rules)
+    assert _expert_parallel_fits(mesh, 16) and _expert_parallel_fits(mesh, 16, swapped)
+    assert not _expert_parallel_fits(mesh, 16, replicated)
 
 
 def _routed_tokens(mesh, T=32, seed=0):
@@ -132,7 +150,7 @@ def test_node_limit_and_one_internode_copy_per_node():
         caps = Capacities.for_tokens(x_TD.shape[0], idx_TK.shape[1], topo, None)
         _, handle, _ = dispatch.two_hop_dispatch(x_TD, idx_TK, w_TK, topo, caps, DROPLESS)
         sent_TN = handle.row1_TN < topo.nodes * caps.node
-        here_N = jnp.arange(topo.nodes) == jax.lax.axis_index("node")
+        here_N = jnp.arange(topo.nodes) == jax.lax.axis_index(topo.inter)
         return jnp.sum(sent_TN & ~here_N[None, :], axis=1)
 
     inter_T = np.asarray(_on_mesh(mesh, copies, x, idx, w))

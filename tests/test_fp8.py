@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import fp8, fp8_gemm, fp8_quant
-from deepseek_jax.config import get_preset
+from deepseek_jax.presets import get_preset
 from tests.numerics import rel_err
 
 E4M3_EPS = 2.0**-4  # half an ulp of a 3-bit mantissa, relative

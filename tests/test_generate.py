@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.infer.generate import Generator, UnrolledDecoder, _pick
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
+from tests.layouts import spec
 
 CFG = get_preset("tiny")
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -135,7 +136,6 @@ def test_generate_on_a_mesh_with_one_prompt_per_shard(model, devices):
     """What the training job's closing sample does: one prompt row per data-parallel shard,
     batch-sharded over the mesh (with one device, a sharded axis of size 1)."""
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from deepseek_jax.infer.generate import generate
     from deepseek_jax.mesh import make_mesh
@@ -143,7 +143,7 @@ def test_generate_on_a_mesh_with_one_prompt_per_shard(model, devices):
     mesh = make_mesh(1, 1, devices=jax.devices()[:1]) if devices == 1 else make_mesh(2, 4)
     ids = np.full((devices, 3), 5, np.int32)
     with jax.set_mesh(mesh):
-        ids = jax.device_put(ids, NamedSharding(mesh, P(("node", "gpu"))))
+        ids = jax.device_put(ids, NamedSharding(mesh, spec("batch")))
         out = generate(model, ids, 4, temperature=0.0, seed=0)
     assert out.shape == (devices, 4)
     same = np.broadcast_to(np.asarray(out[:1]), out.shape)

@@ -111,8 +111,8 @@ def test_programs_build_on_abstract_state(program):
     import jax
 
     from deepseek_jax.codesign import gpu_compile as gc
-    from deepseek_jax.config import get_preset
     from deepseek_jax.mesh import make_mesh
+    from deepseek_jax.presets import get_preset
 
     mesh = make_mesh(2, 4)
     cfg = gc.gpu_config(get_preset("tiny"), {"overlap": "dual"})

@@ -1,9 +1,13 @@
 """The packages' imports form a DAG (read from the source: nothing is imported or run).
 
 Every ``import`` counts, at module level or inside a function: an import deferred into a
-function body to dodge a cycle is still a cycle in the design. A package's own
-``__init__`` is not an edge of its submodules (Python runs it first, but it imports
-nothing of theirs at import time here: ``deepseek_jax.__init__`` resolves lazily).
+function body to dodge a cycle is still a cycle in the design. ``from pkg import x`` is an
+edge to the package ``pkg`` (its ``__init__``: ``x`` is read from its namespace) and, when
+``x`` is a submodule, to ``pkg.x`` as well; ``import pkg.x [as y]`` is an edge to
+``pkg.x``. So a package whose ``__init__`` re-exports a submodule (``deepseek_jax`` serves
+``from_pretrained``) closes a cycle as soon as anything that submodule imports reaches the
+package by ``from pkg import ...``: inside the packages, write ``import pkg.x as x`` or
+``from pkg.x import name``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _targets(node: ast.AST, module: str, is_pkg: bool, known: set[str]) -> list[
     else:
         src = node.module or ""
     subs = [f"{src}.{a.name}" for a in node.names if f"{src}.{a.name}" in known]
-    return subs if subs else ([src] if src in known else [])
+    return subs + ([src] if src in known else [])
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -83,6 +87,11 @@ def test_the_walker_sees_imports_and_finds_a_planted_cycle():
     graph = import_graph()
     assert "deepseek_jax.fp8_gemm" in graph["deepseek_jax.fp8_vjp"]
     assert "cpu_kernels.build" in graph["cpu_kernels.attention"]
+    assert "deepseek_jax.interop.pretrained" in graph["deepseek_jax"]  # lazy, still an edge
+    known = set(graph) | {"p", "p.m"}
+    from_pkg = ast.parse("from p import m").body[0]
+    assert sorted(_targets(from_pkg, "q", False, known)) == ["p", "p.m"]
+    assert _targets(ast.parse("import p.m as m").body[0], "q", False, known) == ["p.m"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 

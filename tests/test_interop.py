@@ -14,7 +14,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 import deepseek_jax
@@ -28,6 +27,7 @@ from deepseek_jax.interop.safetensors_io import (
     save_sharded,
 )
 from deepseek_jax.mesh import make_mesh
+from tests.layouts import spec
 from tests.test_train import QUICK
 
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -223,7 +223,7 @@ def test_sharded_load_reads_each_tensor_once(models, monkeypatch):
     model = deepseek_jax.from_pretrained(os.path.join(HF, "v3_group"), mesh=make_mesh(2, 4))
     assert reads and len(reads) == len(set(reads)), "a tensor was read twice"
     w = model.moe_layers.mlp.w_gate[...]
-    assert w.sharding.spec == P(None, ("node", "gpu"), None, None)
+    assert w.sharding.spec == spec(None, "expert", None, None)
     assert {s.data.shape for s in w.addressable_shards} == {(2, 1, 64, 32)}
     jax.tree.map(np.testing.assert_array_equal, _state(model), _state(models("v3_group")))
 
@@ -337,7 +337,7 @@ def test_every_leaf_has_the_name_transformers_gives_it(name):
 
 @pytest.mark.parametrize("preset", ["v2-236b", "v3-671b"])
 def test_every_leaf_of_a_preset_has_its_own_name(preset):
-    from deepseek_jax.config import get_preset
+    from deepseek_jax.presets import get_preset
 
     cfg = get_preset(preset)
     names = _our_hf_names(cfg)

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.layers import matmul
 from deepseek_jax.mesh import make_mesh
+from tests.layouts import axes, spec
 
 
 def _xw(x_shape, w_shape):
@@ -38,9 +38,9 @@ def test_matmul_keeps_a_batch_sharded_over_the_mesh():
     mesh = make_mesh(2, 4)
     x, w = _xw((8, 5, 3, 4), (3, 4, 6))
     with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P(("node", "gpu"))))
+        xs = jax.device_put(x, NamedSharding(mesh, spec("batch")))
         y = jax.jit(lambda x, w: matmul(x, w, 2))(xs, w)
-    assert jax.typeof(y).sharding.spec[0] == ("node", "gpu")
+    assert jax.typeof(y).sharding.spec[0] == axes("batch")
     np.testing.assert_allclose(y, jnp.einsum("btho,hod->btd", x, w), rtol=1e-5, atol=1e-5)
 
 

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import sharding
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.mla import MLA, LatentCache, mla_absorbed, mla_naive
+from deepseek_jax.presets import get_preset
 from tests.numerics import max_rel_err
 
 CFGS = {
@@ -178,7 +178,7 @@ def test_causal_attention_equals_one_masked_softmax(backend):
     in value and in gradient, on each backend: XLA's einsums in CAUSAL_QUERY_BLOCKS query
     blocks (T = 256), and our fused CPU kernel."""
     from cpu_kernels import attention as cpu_attention
-    from deepseek_jax import mla
+    from deepseek_jax import causal_attention, mla
 
     if backend == "cpu_kernel" and not cpu_attention.available():
         pytest.skip("the C++ attention kernel does not build here")
@@ -198,9 +198,9 @@ def test_causal_attention_equals_one_masked_softmax(backend):
         s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s * mla.softmax_scale(cfg), -jnp.inf)
         return jnp.einsum("bhts,bsho->btho", jax.nn.softmax(s, axis=-1), v)
 
-    ours = functools.partial(mla._causal_attend, cfg=cfg)
-    assert mla.resolve_attention_backend(cfg, (B, T, H, N, R, O)) == backend
-    assert T % mla.CAUSAL_QUERY_BLOCKS == 0 and T >= 256  # XLA's blocked path runs
+    ours = functools.partial(causal_attention.causal_attend, cfg=cfg)
+    assert causal_attention.resolve_attention_backend(cfg, (B, T, H, N, R, O)) == backend
+    assert T % causal_attention.CAUSAL_QUERY_BLOCKS == 0 and T >= 256  # XLA's blocked path runs
     np.testing.assert_allclose(ours(*args), textbook(*args), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     grads = [jax.grad(loss(f), tuple(range(5)))(*args) for f in (ours, textbook)]

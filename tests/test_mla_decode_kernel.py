@@ -45,9 +45,9 @@ def test_paged_mla_with_kernel_equals_einsums():
     """``mla_paged`` on one decode token: the kernel path (interpret) == the jnp path."""
     from flax import nnx
 
-    from deepseek_jax.config import get_preset
     from deepseek_jax.infer.paged import PagedLayer, mla_paged
     from deepseek_jax.mla import MLA
+    from deepseek_jax.presets import get_preset
 
     cfg = get_preset("tiny")
     w = MLA(cfg, rngs=nnx.Rngs(0)).weights()

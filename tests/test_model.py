@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.build import init_model
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh, single_device_mesh
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
+from tests.layouts import axes, spec
 
 CFG = get_preset("tiny")
 
@@ -36,15 +36,15 @@ def test_born_sharded_and_sharded_forward_equals_single_device():
     mesh = make_mesh(2, 4)
     model = init_model(CFG, mesh, seed=1)
     w = model.moe_layers.mlp.w_gate[...]
-    assert w.sharding.spec == P(None, ("node", "gpu"), None, None)
+    assert w.sharding.spec == spec(None, "expert", None, None)
     shard_shapes = {s.data.shape for s in w.addressable_shards}
     assert shard_shapes == {(w.shape[0], CFG.n_routed_experts // 8) + w.shape[2:]}
 
     ids = _ids(8, 16, seed=2)
     with jax.set_mesh(mesh):
-        ids_sharded = jax.device_put(ids, P(("node", "gpu"), None))
+        ids_sharded = jax.device_put(ids, spec("batch", None))
         out = nnx.jit(lambda m, x: m(x))(model, ids_sharded)
-    assert out.logits_BTV.sharding.spec[0] == ("node", "gpu")
+    assert out.logits_BTV.sharding.spec[0] == axes("batch")
 
     ref_model = init_model(CFG, single_device_mesh(), seed=1)
     # the same seed gives the same parameters whatever the mesh

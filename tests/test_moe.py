@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from cpu_kernels import grouped_gemm
 from deepseek_jax import sharding
-from deepseek_jax.config import get_preset
+from deepseek_jax.config import EPOptions
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.moe import dispatch, experts
-from deepseek_jax.moe.dispatch import EPOptions, SlotSizes
+from deepseek_jax.moe.dispatch import SlotSizes
 from deepseek_jax.moe.layer import MoE, RoutingBias
+from deepseek_jax.presets import get_preset
+from tests.layouts import spec
 from tests.numerics import rel_err
 from tests.reference.moe_reference import moe_reference
 
@@ -197,9 +198,9 @@ def test_sharded_equals_unsharded():
     mesh = make_mesh(2, 4)
     with jax.set_mesh(mesh):
         state_s = jax.device_put(state, sharding.state_shardings(state, mesh))
-        assert state_s["w_gate"][...].sharding.spec == P(("node", "gpu"), None, None)
-        y1, stats1 = forward(state_s, jax.device_put(x, P(("node", "gpu"))))
-        assert y1.sharding.spec == P(("node", "gpu"), None, None)
+        assert state_s["w_gate"][...].sharding.spec == spec("expert", None, None)
+        y1, stats1 = forward(state_s, jax.device_put(x, spec("batch")))
+        assert y1.sharding.spec == spec("batch", None, None)
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(stats1.load_E), np.asarray(stats0.load_E))
     assert int(stats1.dropped) == 0

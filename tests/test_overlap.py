@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import overlap, sharding
 from deepseek_jax.block import Block
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.presets import get_preset
+from tests.layouts import spec
 from tests.numerics import rel_err
 
 # D 64, 16 experts in 4 groups (2 kept), top-4, dropless buffers (capacities differ per half).
 BASE = ["n_routed_experts=16", "num_experts_per_tok=4", "ep_capacity_factor=none"]
-DATA = P(("node", "gpu"))
+DATA = spec("batch")
 B, T = 16, 8
 
 

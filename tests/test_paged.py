@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.infer.paged import TRASH_PAGE, PageAllocator, PagedDecoder
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
 
 CFG = get_preset("tiny")
 P, M = 4, 4  # page size, page-table slots: 16 positions per request

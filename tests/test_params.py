@@ -7,7 +7,7 @@ import pytest
 from deepseek_jax.build import abstract_model
 from deepseek_jax.codesign.kv_cache import gqa_kv_bytes_per_token, mla_kv_bytes_per_token
 from deepseek_jax.codesign.params import abstract_report
-from deepseek_jax.config import PRESETS, get_preset
+from deepseek_jax.presets import PRESETS, get_preset
 
 # REFERENCE.md per-component counts for DeepSeek-V3.
 MLA, EXPERT, GATE, EMB = 187_105_280, 44_040_192, 1_835_008, 926_679_040

@@ -10,19 +10,19 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.build import init_model
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.pipeline.executor import value_and_grad
 from deepseek_jax.pipeline.placement import Pipeline, layer_plan, pipeline_for
 from deepseek_jax.pipeline.schedule import make_schedule
+from deepseek_jax.presets import get_preset
 from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.loss import total_loss
 from deepseek_jax.train.step import head_loss
 from experiments.train import main, parse_args
+from tests.layouts import spec
 
 TCFG = TrainConfig()
 
@@ -86,7 +86,7 @@ def _reference(mesh_shape: tuple[int, int, int], overrides: tuple[str, ...], m: 
     graphdef, params, rest = nnx.split(init_model(cfg, mesh, seed=1), nnx.Param, ...)
     ids = jax.random.randint(jax.random.key(0), (m * node * gpu, 9), 0, cfg.vocab_size)
     with jax.set_mesh(mesh):
-        ids = jax.device_put(ids, P(("node", "gpu"), None))
+        ids = jax.device_put(ids, spec("batch", None))
 
         def ref(params, ids):
             def loss_fn(p):
@@ -178,6 +178,6 @@ def test_unpipelined_forward_on_a_stage_mesh(loop):
     for mesh in (make_mesh(2, 2, stage=2), make_mesh(2, 4)):
         model = init_model(cfg, mesh, seed=1, layer_loop=loop)
         with jax.set_mesh(mesh):
-            x = jax.device_put(ids, P(("node", "gpu"), None))
+            x = jax.device_put(ids, spec("batch", None))
             logits.append(np.asarray(nnx.jit(lambda m, x: m(x).logits_BTV)(model, x)))
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.layers import rope
+from deepseek_jax.presets import get_preset
 
 V3 = get_preset("v3-671b")
 V2 = get_preset("v2-236b")

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.moe import routing
+from deepseek_jax.presets import get_preset
 from tests.reference.moe_reference import balance_loss_reference, gate_reference
 
 V3 = get_preset(

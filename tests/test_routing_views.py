@@ -6,17 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
 from deepseek_jax.codesign.routing_traffic import internode_copies
-from deepseek_jax.config import get_preset
+from deepseek_jax.config import EPOptions
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.model import Transformer
 from deepseek_jax.moe import routing
-from deepseek_jax.moe.dispatch import EPOptions
 from deepseek_jax.moe.layer import MoE
 from deepseek_jax.moe.probe import route_probe
+from deepseek_jax.presets import get_preset
+from tests.layouts import spec
 
 # 16 experts in 4 groups (2 kept), top-4: the node limit bites on a (node=4, gpu=2) mesh.
 CFG = get_preset("tiny", ["n_routed_experts=16", "num_experts_per_tok=4", "dtype=float32"])
@@ -79,7 +79,7 @@ def test_internode_copies_match_the_exchange_counters(path):
     with jax.set_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh))
         sharded = nnx.merge(graphdef, state)
-        _, stats = nnx.jit(MoE.__call__)(sharded, jax.device_put(x, P(("node", "gpu"))))
+        _, stats = nnx.jit(MoE.__call__)(sharded, jax.device_put(x, spec("batch")))
     rows_per_device = x.shape[0] // 8
     src_node = np.repeat(np.arange(x.shape[0]) // rows_per_device // 2, x.shape[1])
     flat, two_hop = internode_copies(np.asarray(idx), src_node, CFG.n_routed_experts // 4)

@@ -13,9 +13,9 @@ import pytest
 import uvicorn
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
 from deepseek_jax.train.tokenizer import ByteTokenizer
 from experiments.openai_api import EngineThread, Served, build_app
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.sampling import SamplingParams
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
 
 CFG = get_preset("tiny")
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import get_preset
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.presets import get_preset
 from deepseek_jax.train.checkpoint import (
     Checkpointer,
     config_dict,
@@ -26,6 +26,7 @@ from deepseek_jax.train.checkpoint import (
 from deepseek_jax.train.config import TrainConfig
 from deepseek_jax.train.state import abstract_state, init_state, plan
 from experiments.train import main
+from tests.layouts import axes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [  # a few tiny batches, nothing printed or sampled: for tests of the entry point
@@ -138,7 +139,7 @@ def test_restore_onto_a_different_mesh(tmp_path, tiny_state):
     chex.assert_trees_all_equal(jax.device_get(restored), host)
     w = restored.params["moe_layers"]["mlp"]["w_gate"][...]
     assert w.sharding.mesh.shape == mesh.shape
-    assert w.sharding.spec[1] == ("node", "gpu")
+    assert w.sharding.spec[1] == axes("expert")
     ck.close()
 
 

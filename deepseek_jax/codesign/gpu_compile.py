@@ -111,8 +111,8 @@ def _ids(mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
 
 
 def _train(cfg, mesh, batch, seq_len, remat):
-    from deepseek_jax.train import state as st
-    from deepseek_jax.train import step as sp
+    import deepseek_jax.train.state as st
+    import deepseek_jax.train.step as sp
 
     tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, layer_loop="scan", remat=remat)
     graphdef, abs_state, layout, tx = st.plan(cfg, tcfg, mesh)

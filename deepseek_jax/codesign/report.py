@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from deepseek_jax.codesign import ep_decode, flops, routing_traffic, topology
+import deepseek_jax.codesign.ep_decode as ep_decode
+import deepseek_jax.codesign.flops as flops
+import deepseek_jax.codesign.routing_traffic as routing_traffic
+import deepseek_jax.codesign.topology as topology
 from deepseek_jax.codesign.dense_models import DENSE_MODELS
 from deepseek_jax.codesign.hardware import GB200_NVL72, H800, Cluster, ep_link_GBps
 from deepseek_jax.codesign.kv_cache import (
@@ -20,7 +23,8 @@ from deepseek_jax.codesign.kv_cache import (
 )
 from deepseek_jax.codesign.pipeline_bubbles import SCHEDULES, pipeline_schedule
 from deepseek_jax.codesign.table import Row, Table
-from deepseek_jax.config import V2_236B, V3_671B, ModelConfig
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.presets import V2_236B, V3_671B
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,8 @@ import math
 import re
 from typing import Any
 
+from deepseek_jax.mesh import GPU, NODE
+
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2}
 _BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _BYTES |= {"c64": 8, "c128": 16, "token": 0}
@@ -41,7 +43,7 @@ _FREE |= {"replica-id", "after-all", "opt-barrier", "add-dependency"}
 class CostModel:
     """Link bandwidths per GPU (bytes/s) by mesh axis, and the compute roofline."""
 
-    link_Bps: tuple[tuple[str, float], ...] = (("node", 50e9), ("gpu", 160e9))
+    link_Bps: tuple[tuple[str, float], ...] = ((NODE, 50e9), (GPU, 160e9))
     flops: float = 989e12
     hbm_Bps: float = 3.35e12
 

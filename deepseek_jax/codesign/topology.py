@@ -17,7 +17,7 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
-class Topology:
+class NetworkTopology:
     name: str
     endpoints: int
     switches: int
@@ -34,25 +34,27 @@ class CostModel:
     fibre_usd: float = 360.0
 
 
-def fat_tree_2(radix: int = 64) -> Topology:
+def fat_tree_2(radix: int = 64) -> NetworkTopology:
     """Leaf-spine: k leaves (k/2 down, k/2 up), k/2 spines; k^2/2 endpoints, 3k/2 switches."""
     k = radix
-    return Topology("FT2", k * k // 2, 3 * k // 2, k * k // 2)
+    return NetworkTopology("FT2", k * k // 2, 3 * k // 2, k * k // 2)
 
 
-def multi_plane_fat_tree(radix: int = 64, planes: int = 8) -> Topology:
+def multi_plane_fat_tree(radix: int = 64, planes: int = 8) -> NetworkTopology:
     """MPFT: ``planes`` independent FT2s, one per NIC of an 8-GPU node (ISCA 5.1.1)."""
     one = fat_tree_2(radix)
-    return Topology("MPFT", planes * one.endpoints, planes * one.switches, planes * one.links)
+    return NetworkTopology(
+        "MPFT", planes * one.endpoints, planes * one.switches, planes * one.links
+    )
 
 
-def fat_tree_3(radix: int = 64) -> Topology:
+def fat_tree_3(radix: int = 64) -> NetworkTopology:
     """Three-tier fat-tree: k pods of k/2 edge + k/2 aggregation switches, (k/2)^2 cores.
 
     k^3/4 endpoints, 5k^2/4 switches, k^3/4 edge-aggregation + k^3/4 aggregation-core links.
     """
     k = radix
-    return Topology("FT3", k**3 // 4, 5 * k * k // 4, k**3 // 2)
+    return NetworkTopology("FT3", k**3 // 4, 5 * k * k // 4, k**3 // 2)
 
 
 def slim_fly_q(radix: int) -> tuple[int, int, int]:
@@ -74,14 +76,14 @@ def slim_fly_q(radix: int) -> tuple[int, int, int]:
     return best
 
 
-def slim_fly(radix: int = 64) -> Topology:
+def slim_fly(radix: int = 64) -> NetworkTopology:
     """Slim Fly (MMS diameter-2 graph): 2q^2 routers of k' network and p endpoint ports."""
     q, kn, p = slim_fly_q(radix)
     routers = 2 * q * q
-    return Topology("Slim Fly", routers * p, routers, routers * kn // 2)
+    return NetworkTopology("Slim Fly", routers * p, routers, routers * kn // 2)
 
 
-def dragonfly(radix: int = 64, groups: int | None = None) -> Topology:
+def dragonfly(radix: int = 64, groups: int | None = None) -> NetworkTopology:
     """Balanced Dragonfly (Kim et al. 2008): p = h endpoint / global ports, a = 2p routers
     per group, all-to-all inside a group, every global port cabled.
 
@@ -93,15 +95,15 @@ def dragonfly(radix: int = 64, groups: int | None = None) -> Topology:
     g = a * h - 1 if groups is None else groups
     intra = g * a * (a - 1) // 2
     glob = g * a * h // 2
-    return Topology("Dragonfly", g * a * p, g * a, intra + glob)
+    return NetworkTopology("Dragonfly", g * a * p, g * a, intra + glob)
 
 
-def topology_cost_usd(t: Topology, cost: CostModel = CostModel()) -> float:
+def topology_cost_usd(t: NetworkTopology, cost: CostModel = CostModel()) -> float:
     """Total cost by the module's cost model."""
     return t.switch_ports_used * cost.port_usd + t.links * cost.fibre_usd
 
 
-def paper_topologies(radix: int = 64) -> list[Topology]:
+def paper_topologies(radix: int = 64) -> list[NetworkTopology]:
     """The five rows of ISCA Table 3, in its order."""
     return [
         fat_tree_2(radix),

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.infer import programs
+import deepseek_jax.infer.programs as programs
 from deepseek_jax.infer.paged import PageAllocator
 from deepseek_jax.infer.sampling import RowSampling, SamplingParams
 from deepseek_jax.infer.stage import Stage, hand_off

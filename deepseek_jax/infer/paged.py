@@ -17,6 +17,10 @@ queries it.
 ``PagedDecoder`` is ``UnrolledDecoder``'s layer loop with ``mla_paged`` for attention
 (the same einsums, so over the same keys it gives the same logits as the dense cache),
 plus the first MTP module for drafting.
+
+Shape letters: B requests, T new positions, S cached positions, D hidden, H heads, C
+kv_lora_rank, R rope dim, N nope head dim (``wuk_CHN``) or pages (``ckv_NPC``), P positions
+per page, M page slots per request, O v head dim, V vocab.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import backends, sharding
+import deepseek_jax.backends as backends
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.layers import matmul
@@ -169,7 +174,7 @@ def mla_paged(
     the Pallas decode kernel (``pallas_kernels/mla_decode.py``; interpret mode off GPU),
     outside a multi-device mesh.
     Returns (y_BTD, the cache with T new entries)."""
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(cfg.run.dtype)
     x_BTD = x_BTD.astype(dt)
     positions_BT = lens_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
     cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)

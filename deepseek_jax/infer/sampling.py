@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 
 
 @dataclasses.dataclass(frozen=True)

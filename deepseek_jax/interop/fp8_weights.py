@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import fp8_quant
+import deepseek_jax.fp8_quant as fp8_quant
 
 
 def _expand(scale: np.ndarray, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:

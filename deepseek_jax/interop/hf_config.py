@@ -75,15 +75,15 @@ def config_from_hf(
         cfg = ModelConfig.from_dict(_fields(raw))
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.json: {e}") from None
-    return dataclasses.replace(cfg, dtype=dtype)
+    return cfg.with_run(dtype=dtype)
 
 
 def _fields(raw: dict[str, Any]) -> dict[str, Any]:
     """Our field values from HF's keys: YaRN from ``rope_scaling`` or the newer
     ``rope_parameters``; V2's softmax gate; one group when a config has none."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    out = {k: v for k, v in raw.items() if k in names and k != "rope_scaling"}
-    out.pop("dtype", None)  # ours is a run option; HF's (newer transformers) is storage
+    # not ``run``: HF's ``dtype`` (newer transformers) is storage, ours a run option
+    names = {f.name for f in dataclasses.fields(ModelConfig)} - {"run", "rope_scaling"}
+    out = {k: v for k, v in raw.items() if k in names}
     rope = raw.get("rope_scaling") or raw.get("rope_parameters")
     out["rope_scaling"] = RopeScaling.from_dict(rope)
     if rope and "rope_theta" in rope:  # transformers >= 5 keeps theta in rope_parameters

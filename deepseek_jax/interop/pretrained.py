@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import deepseek_jax.interop.hf_names as hn
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.interop import hf_names as hn
 from deepseek_jax.interop.fp8_weights import check_scale_shape, dequantize_blocks
 from deepseek_jax.interop.hf_config import config_from_hf, fp8_block, hf_config_dict, read_hf_config
 from deepseek_jax.interop.safetensors_io import (

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import fp8 as fp8_ops
-from deepseek_jax import sharding
+import deepseek_jax.fp8 as fp8_ops
+import deepseek_jax.sharding as sharding
 
 
 def param(
@@ -57,10 +57,9 @@ def rms_norm(
 def matmul(x: Array, w: Array, n_in: int = 1, *, out_dtype=None, dot=None) -> Array:
     """``x[..., I_1..I_n] @ w[I_1..I_n, O...]`` as one 2-D GEMM over flattened axes.
 
-    XLA:CPU runs a plain [M, K] x [K, N] dot much faster than one with extra free axes,
-    backward above all: a SwiGLU MLP on [4, 512, 512] trained in 95 ms per fwd+bwd as
-    ``x @ w``, 66 ms flattened. ``out_dtype`` is the dot's ``preferred_element_type``;
-    ``dot(x2, w2)`` replaces ``jnp.dot`` (e.g. an FP8 linear).
+    XLA:CPU runs a plain [M, K] x [K, N] dot faster than one with extra free axes,
+    backward above all (figures: README, "Measured figures"). ``out_dtype`` is the dot's
+    ``preferred_element_type``; ``dot(x2, w2)`` replaces ``jnp.dot`` (e.g. an FP8 linear).
     """
     k_shape = w.shape[:n_in]
     if x.shape[x.ndim - n_in :] != k_shape:
@@ -122,7 +121,7 @@ class Linear(nnx.Module):
         std: float,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
-        fp8: fp8_ops.Backend | None = None,
+        fp8: fp8_ops.Fp8Backend | None = None,
     ):
         self.dtype = dtype
         self.fp8 = fp8
@@ -145,7 +144,7 @@ class MLP(nnx.Module):
         std: float,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
-        fp8: fp8_ops.Backend | None = None,
+        fp8: fp8_ops.Fp8Backend | None = None,
     ):
         self.dtype = dtype
         self.fp8 = fp8

@@ -56,6 +56,11 @@ training in BF16, as V3); a capacity overflow drops the copy (DeepEP is dropless
 dynamic sizes); and the backward pass is autodiff of all this, so the gradients travel
 the reverse routes in the compute dtype (the FP8 send passes its cotangent straight
 through).
+
+Shape letters (one device's block inside shard_map): T tokens, K experts per token, D
+hidden, A = T K assignments, P peers of an all_to_all, C capacity per peer, R devices
+(``x_RCD``) or received rows (``x_RD``), N nodes and G GPUs per node (here, not nope dim and
+groups), U rows received by hop 1, X the items ``_slots`` places.
 """
 
 from __future__ import annotations
@@ -63,14 +68,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax.config import ModelConfig
-from deepseek_jax.moe.payload import Kernel, all_to_all, combine_rows, send
+from deepseek_jax.config import EPOptions, EPPath, ModelConfig
+from deepseek_jax.moe.payload import all_to_all, combine_rows, send
 from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re-exported
     Dispatch,
     SlotSizes,
@@ -82,43 +87,10 @@ from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re
     unpermute_sorted,
     weighted_rows,
 )
-from deepseek_jax.sharding import EXPERT_AXES, INTER_NODE, INTRA_NODE
+from deepseek_jax.sharding import RULES, Rules, expert_links
 
-Path = Literal["two_hop", "flat"]
+_DEFAULT_EP = EPOptions()
 ExpertFn = Callable[[Array, Array, Array], Array]  # (x_RD, expert_RK, weight_RK) -> y_RD
-
-
-@dataclasses.dataclass(frozen=True)
-class EPOptions:
-    """How the expert-parallel exchange runs.
-
-    path: "two_hop" (node then gpu) or "flat" (one all_to_all over both).
-    capacity_factor: per-peer buffers = factor x balanced load (capped at the worst case);
-      None sizes every buffer for the worst case: dropless.
-    fp8_dispatch: the dispatch payload is E4M3 with one FP32 scale per 1x128 tile.
-    logfmt_bits: the dispatch payload is LogFMT-n (ISCA 3.2, ``deepseek_jax.logfmt``); 0: off.
-    combine_dtype: the combine payload; None: the compute dtype.
-    kernel: "pallas" runs our permute/combine kernels (interpreted off-GPU), "xla" their
-      jnp twins. The Pallas interpreter does not track varying mesh axes, so a shard_map
-      around the exchange needs ``check_vma=False`` with "pallas" (the MoE layer does so).
-    """
-
-    path: Path = "two_hop"
-    capacity_factor: float | None = 3.0
-    fp8_dispatch: bool = False
-    logfmt_bits: int = 0
-    combine_dtype: str | None = None
-    kernel: Kernel = "xla"
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> EPOptions:
-        return cls(
-            path=cfg.ep_dispatch,
-            capacity_factor=cfg.ep_capacity_factor,
-            fp8_dispatch=cfg.ep_fp8_dispatch,
-            logfmt_bits=cfg.ep_logfmt_bits,
-            kernel=cfg.ep_kernel,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +105,13 @@ class Topology:
     gpus: int
     experts: int
     max_nodes: int
+    inter: str  # the mesh axis between nodes (hop 1), from the rules table
+    intra: str  # the mesh axis inside a node (hop 2)
+
+    @property
+    def axes(self) -> tuple[str, str]:
+        """Both expert-parallel mesh axes, inter-node first (the flat exchange's group)."""
+        return (self.inter, self.intra)
 
     @property
     def devices(self) -> int:
@@ -147,11 +126,15 @@ class Topology:
         return self.experts // self.nodes
 
     @classmethod
-    def for_mesh(cls, cfg: ModelConfig, mesh, path: Path = "two_hop") -> Topology:
-        """The layout of ``cfg``'s experts on ``mesh``; ValueError when they do not fit."""
-        N, G = mesh.shape[INTER_NODE], mesh.shape[INTRA_NODE]
+    def for_mesh(
+        cls, cfg: ModelConfig, mesh, path: EPPath = "two_hop", rules: Rules = RULES
+    ) -> Topology:
+        """The layout of ``cfg``'s experts on ``mesh`` under ``rules``; ValueError when they
+        do not fit."""
+        inter, intra = expert_links(rules)
+        N, G = mesh.shape[inter], mesh.shape[intra]
         E, ng, M = cfg.n_routed_experts, cfg.n_group, cfg.topk_group
-        where = f"the mesh (node={N}, gpu={G})"
+        where = f"the mesh ({inter}={N}, {intra}={G})"
         if E % (N * G):
             raise ValueError(
                 f"ModelConfig.n_routed_experts = {E} is not divisible by the {N * G} devices "
@@ -167,7 +150,7 @@ class Topology:
                     f"ep_dispatch=flat"
                 )
             limited = False
-        return cls(N, G, E, min(M, N) if limited else N)
+        return cls(N, G, E, min(M, N) if limited else N, inter, intra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +216,7 @@ def exchange(
     weight_TK: Float[Array, "T K"],
     expert_fn: ExpertFn,
     topo: Topology,
-    opts: EPOptions = EPOptions(),
+    opts: EPOptions = _DEFAULT_EP,
     caps: Capacities | None = None,
 ) -> tuple[Float[Array, "T D"], ExchangeStats]:
     """Routed experts across the mesh; call inside ``shard_map`` over (node, gpu).
@@ -253,17 +236,20 @@ def exchange(
     dtype = jnp.dtype(opts.combine_dtype or x_TD.dtype)
     if opts.path == "flat":
         recv, handle, stats = flat_dispatch(x_TD, idx_TK, topo, caps, opts)
-        y_RD = expert_fn(*recv)
+        with jax.named_scope("ep_experts"):
+            y_RD = expert_fn(*recv)
         y_TD = flat_combine(y_RD, weight_TK, handle, topo, caps, opts, dtype)
     elif opts.path == "two_hop":
         recv, handle, stats = two_hop_dispatch(x_TD, idx_TK, weight_TK, topo, caps, opts)
-        y_RD = expert_fn(*recv)
+        with jax.named_scope("ep_experts"):
+            y_RD = expert_fn(*recv)
         y_TD = two_hop_combine(y_RD, handle, topo, caps, opts, dtype)
     else:
         raise ValueError(f"EPOptions.path: unknown {opts.path!r}; use 'two_hop' or 'flat'")
-    return y_TD, ExchangeStats(*(jax.lax.psum(s, EXPERT_AXES) for s in stats))
+    return y_TD, ExchangeStats(*(jax.lax.psum(s, topo.axes) for s in stats))
 
 
+@jax.named_scope("ep_flat_dispatch")
 def flat_dispatch(
     x_TD, idx_TK, topo: Topology, caps: Capacities, opts: EPOptions
 ) -> tuple[Received, FlatHandle, ExchangeStats]:
@@ -277,13 +263,13 @@ def flat_dispatch(
     x_RCD = send(
         x_TD,
         src_RC // K,
-        EXPERT_AXES,
+        topo.axes,
         fp8=opts.fp8_dispatch,
         kernel=opts.kernel,
         logfmt_bits=opts.logfmt_bits,
     )
-    expert_RC = all_to_all(expert_RC, EXPERT_AXES)
-    me_node, me_gpu = jax.lax.axis_index(INTER_NODE), jax.lax.axis_index(INTRA_NODE)
+    expert_RC = all_to_all(expert_RC, topo.axes)
+    me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
     sent_A = jnp.any(ok_AR, axis=1)
     node_A, gpu_A = dev_A // topo.gpus, dev_A % topo.gpus
     stats = ExchangeStats(
@@ -300,12 +286,13 @@ def flat_dispatch(
     return recv, FlatHandle(row_TK), stats
 
 
+@jax.named_scope("ep_flat_combine")
 def flat_combine(
     y_RD, weight_TK, handle: FlatHandle, topo: Topology, caps: Capacities, opts: EPOptions, dtype
 ) -> Float[Array, "T D"]:
     """Results back over (node, gpu), then each token sums its experts' with the gates."""
     R, C, D = topo.devices, caps.flat, y_RD.shape[-1]
-    back_RCD = all_to_all(y_RD.astype(dtype).reshape(R, C, D), EXPERT_AXES)
+    back_RCD = all_to_all(y_RD.astype(dtype).reshape(R, C, D), topo.axes)
     return combine_rows(back_RCD.reshape(R * C, D), handle.row_TK, weight_TK, opts.kernel)
 
 
@@ -315,36 +302,38 @@ def two_hop_dispatch(
     """Hop 1 over ``node`` once per (token, node), hop 2 over ``gpu`` once per (row, GPU)."""
     N, G, En, El = topo.nodes, topo.gpus, topo.experts_per_node, topo.experts_per_device
     K = idx_TK.shape[1]
-    # hop 1: rows to the same-gpu peer of each chosen node, with the ids as node-local
-    node_TK = idx_TK // En
-    to_TNK = node_TK[:, None, :] == jnp.arange(N)[None, :, None]
-    row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
-    e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
-    x1_NCD = send(
-        x_TD,
-        src1_NC,
-        INTER_NODE,
-        fp8=opts.fp8_dispatch,
-        kernel=opts.kernel,
-        logfmt_bits=opts.logfmt_bits,
-    )
-    e1_UK = all_to_all(e1_NCK, INTER_NODE).reshape(-1, K)  # U = N C1 received rows
-    w1_UK = all_to_all(w1_NCK, INTER_NODE).reshape(-1, K)
-    # hop 2: each received row to the GPUs of its experts on this node
-    to_UGK = (e1_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
-    row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
-    e2_GCK, w2_GCK = _blank_others(e1_UK, w1_UK, src2_GC, El)
-    x2_GCD = send(
-        x1_NCD.reshape(-1, x_TD.shape[1]),
-        src2_GC,
-        INTRA_NODE,
-        fp8=opts.fp8_dispatch,
-        kernel=opts.kernel,
-        logfmt_bits=opts.logfmt_bits,
-    )
-    e2_GCK = all_to_all(e2_GCK, INTRA_NODE)
-    w2_GCK = all_to_all(w2_GCK, INTRA_NODE)
-    me_node, me_gpu = jax.lax.axis_index(INTER_NODE), jax.lax.axis_index(INTRA_NODE)
+    with jax.named_scope("ep_hop1_inter_node"):
+        # hop 1: rows to the same-gpu peer of each chosen node, with the ids as node-local
+        node_TK = idx_TK // En
+        to_TNK = node_TK[:, None, :] == jnp.arange(N)[None, :, None]
+        row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
+        e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
+        x1_NCD = send(
+            x_TD,
+            src1_NC,
+            topo.inter,
+            fp8=opts.fp8_dispatch,
+            kernel=opts.kernel,
+            logfmt_bits=opts.logfmt_bits,
+        )
+        e1_UK = all_to_all(e1_NCK, topo.inter).reshape(-1, K)  # U = N C1 received rows
+        w1_UK = all_to_all(w1_NCK, topo.inter).reshape(-1, K)
+    with jax.named_scope("ep_hop2_intra_node"):
+        # hop 2: each received row to the GPUs of its experts on this node
+        to_UGK = (e1_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
+        row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
+        e2_GCK, w2_GCK = _blank_others(e1_UK, w1_UK, src2_GC, El)
+        x2_GCD = send(
+            x1_NCD.reshape(-1, x_TD.shape[1]),
+            src2_GC,
+            topo.intra,
+            fp8=opts.fp8_dispatch,
+            kernel=opts.kernel,
+            logfmt_bits=opts.logfmt_bits,
+        )
+        e2_GCK = all_to_all(e2_GCK, topo.intra)
+        w2_GCK = all_to_all(w2_GCK, topo.intra)
+    me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
     stats = ExchangeStats(
         dropped=jnp.sum(jnp.where(ok1_TN, 0, jnp.sum(to_TNK, axis=2)))
         + jnp.sum(jnp.where(ok2_UG, 0, jnp.sum(to_UGK, axis=2))),
@@ -361,10 +350,12 @@ def two_hop_combine(
 ) -> Float[Array, "T D"]:
     """Back over ``gpu``, sum per hop-1 row; back over ``node``, sum per token (float32)."""
     N, G, D = topo.nodes, topo.gpus, y_RD.shape[-1]
-    back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), INTRA_NODE)
-    y1_UD = combine_rows(back2_GCD.reshape(-1, D), handle.row2_UG, None, opts.kernel)
-    back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), INTER_NODE)
-    return combine_rows(back1_NCD.reshape(-1, D), handle.row1_TN, None, opts.kernel)
+    with jax.named_scope("ep_back_hop2_intra_node"):
+        back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), topo.intra)
+        y1_UD = combine_rows(back2_GCD.reshape(-1, D), handle.row2_UG, None, opts.kernel)
+    with jax.named_scope("ep_back_hop1_inter_node"):
+        back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), topo.inter)
+        return combine_rows(back1_NCD.reshape(-1, D), handle.row1_TN, None, opts.kernel)
 
 
 # ------------------------------------------------------------------------ pieces

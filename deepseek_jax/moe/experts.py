@@ -1,14 +1,13 @@
 """Routed experts: the grouped SwiGLU FFN over dispatched rows, dropless, static shapes.
 
-Three backends (``cfg.moe_backend``; ``"auto"`` is decided by ``resolve_backend`` on the
+Three backends (``cfg.run.moe_backend``; ``"auto"`` is decided by ``resolve_backend`` on the
 real shapes: measured on CPU, ``einsum`` elsewhere), all exact for any routing:
 - ``"grouped"`` (auto on CPU where it was measured faster): rows sorted by expert, three
   grouped GEMMs over the exact group sizes: no padding, no spill loop, each expert's
   weights streamed once. On CPU that is our C++ kernel (``cpu_kernels/grouped_gemm.cc``,
   through the XLA FFI, with a custom VJP of grouped GEMMs), elsewhere
-  ``jax.lax.ragged_dot``. Measured (2 CPU cores, ``experiments.bench_moe``): flat in E
-  where the slots are not (E=256 vs 16: 1.21x against 1.56x), and bench-small trains ~20 %
-  faster than with "einsum".
+  ``jax.lax.ragged_dot``. Its cost is flat in E where the slots' is not (figures from
+  ``experiments.bench_moe``: README, "Measured figures").
 - ``"einsum"`` (auto off CPU, and on CPUs where the kernel loses): dense capacity slots
   ``[E, C, D]`` as one batched einsum per matrix (each expert's weights read once), plus a
   loop over the spill blocks that are in use (see ``permute.py``). Cost follows T*K, not
@@ -17,14 +16,17 @@ real shapes: measured on CPU, ``einsum`` elsewhere), all exact for any routing:
   einsum's weight gradients in place, so no full-size weight gradient is ever added twice.
   On XLA:CPU the small per-expert GEMMs of many experts lose efficiency (padding, weight
   packing per expert).
-- ``"ragged_dot"``: always ``jax.lax.ragged_dot``. On XLA:CPU it is hundreds of times
-  slower and grows with the number of experts; on an H200 (jax 0.11.2, bench shapes,
-  E=256) it measured 12 ms forward against 1.8 ms for ``"einsum"``.
+- ``"ragged_dot"``: always ``jax.lax.ragged_dot``. On XLA:CPU it is far slower and grows
+  with the number of experts; on an H200 it also lost to ``"einsum"`` at the bench shapes
+  (README, "Measured figures").
 With ``fp8`` (an FP8 backend, ``fp8.fp8_mode(cfg)``) every expert GEMM, forward and
 backward, follows DeepSeek-V3's FP8 recipe (``deepseek_jax/fp8.py``): the slots run
 ``fp8_expert_ffn``, the spill blocks ``fp8_swiglu``, the ragged path ``fp8_grouped_ffn``;
 the weights then come in as the FP32 masters and are quantised per 128x128 block.
 ``routed_ffn_reference`` is the plain twin: every expert applied to every token, masked.
+
+Shape letters: T tokens (rows), K experts per token, A = T K assignments, E local experts, C
+capacity slots, D hidden, F expert FFN width, P padded sorted positions.
 """
 
 from __future__ import annotations
@@ -37,27 +39,29 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from cpu_kernels import grouped_gemm
-from deepseek_jax import backends
-from deepseek_jax import fp8 as fp8_ops
+import cpu_kernels.grouped_gemm as grouped_gemm
+import deepseek_jax.backends as backends
+import deepseek_jax.fp8 as fp8_ops
+import deepseek_jax.moe.permute as perm
 from deepseek_jax.layers import swiglu
-from deepseek_jax.moe import permute as perm
 from deepseek_jax.moe.permute import Dispatch, SlotSizes
 
-Backend = Literal["einsum", "grouped", "ragged_dot"]
+ExpertBackend = Literal["einsum", "grouped", "ragged_dot"]
 KERNEL_NAME = "the C++ grouped GEMM"
 
 
 def check_backend(name: str) -> str:
     """``name`` if it is ``"auto"`` or a backend, else a clear error."""
-    if name != "auto" and name not in typing.get_args(Backend):
-        raise ValueError(f"MoE backend {name!r}: use 'auto' or one of {typing.get_args(Backend)}")
+    if name != "auto" and name not in typing.get_args(ExpertBackend):
+        raise ValueError(
+            f"MoE backend {name!r}: use 'auto' or one of {typing.get_args(ExpertBackend)}"
+        )
     return name
 
 
 def resolve_backend(
     name: str, shape_TKEDF: tuple[int, ...] | None = None, dtype=jnp.float32, fp8=None
-) -> Backend:
+) -> ExpertBackend:
     """The expert backend for one device's T tokens x K choices over E local experts of
     width D -> F.
 
@@ -82,7 +86,7 @@ def resolve_backend(
     )
 
 
-def _timed(backend: Backend, shape_TKEDF, dtype, fp8) -> backends.Candidate:
+def _timed(backend: ExpertBackend, shape_TKEDF, dtype, fp8) -> backends.Candidate:
     """``routed_ffn`` forward (and backward) on uniform random routing of these shapes."""
     T, K, E, D, F = shape_TKEDF
 
@@ -154,9 +158,9 @@ def routed_ffn(
     w_up_EDF: Float[Array, "E D F"],
     w_down_EFD: Float[Array, "E F D"],
     *,
-    backend: Backend | Literal["auto"] = "einsum",
+    backend: ExpertBackend | Literal["auto"] = "einsum",
     sizes: SlotSizes | None = None,
-    fp8: fp8_ops.Backend | None = None,
+    fp8: fp8_ops.Fp8Backend | None = None,
 ) -> Float[Array, "T D"]:
     """sum_k weight[t, k] * FFN_{idx[t, k]}(x[t]) for every token, in float32.
 
@@ -181,12 +185,12 @@ def routed_ffn(
         return perm.unpermute_sorted(y_AD, weight_TK, d)
     if backend != "einsum":
         raise ValueError(
-            f"routed_ffn: unknown backend {backend!r}; use one of {typing.get_args(Backend)}"
+            f"routed_ffn: unknown backend {backend!r}; use one of {typing.get_args(ExpertBackend)}"
         )
     return _slots_and_spill(x_TD, weight_TK, *ws, d, fp8)
 
 
-def _in_fp8(plain, fp8_twin, fp8: fp8_ops.Backend | None):
+def _in_fp8(plain, fp8_twin, fp8: fp8_ops.Fp8Backend | None):
     """``plain``, or its FP8 drop-in bound to the backend when ``fp8`` is set."""
     return functools.partial(fp8_twin, backend=fp8) if fp8 else plain
 

@@ -4,6 +4,9 @@ On a mesh of more than one device whose ``batch`` and ``expert`` axes are both (
 the router and routed experts run inside ``shard_map``, exchanging tokens with
 ``dispatch.exchange`` (two-hop or flat, ``EPOptions``); otherwise, or when the batch does
 not split over the devices, XLA partitions the single-device computation.
+
+Shape letters: B batch, T positions (``x_TD``: B T tokens), D hidden, E routed experts, F
+expert FFN width, K experts per token, R received rows.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax.config import ModelConfig
+import deepseek_jax.moe.dispatch as dispatch
+import deepseek_jax.moe.routing as routing
+from deepseek_jax.config import EPOptions, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, param
-from deepseek_jax.moe import dispatch, routing
-from deepseek_jax.moe.dispatch import EPOptions, SlotSizes, Topology
-from deepseek_jax.moe.experts import Backend, resolve_backend, routed_ffn
-from deepseek_jax.sharding import EXPERT_AXES, logical_to_spec
+from deepseek_jax.moe.dispatch import SlotSizes, Topology
+from deepseek_jax.moe.experts import ExpertBackend, resolve_backend, routed_ffn
+from deepseek_jax.sharding import RULES, Rules, logical_to_spec, mesh_axes_of
 
 
 class RoutingBias(nnx.Variable):
@@ -48,17 +52,20 @@ class MoE(nnx.Module):
         cfg: ModelConfig,
         *,
         rngs: nnx.Rngs,
-        backend: Backend | None = None,
+        backend: ExpertBackend | None = None,
         ep: EPOptions | None = None,
+        rules: Rules = RULES,
     ):
         """backend: the local expert compute (``experts.routed_ffn``); default
-        ``cfg.moe_backend``. ep: the expert-parallel exchange on a multi-device mesh;
-        default from ``cfg.ep_*``."""
+        ``cfg.run.moe_backend``. ep: the expert-parallel exchange on a multi-device mesh;
+        default ``cfg.run.ep``. rules: the logical-to-mesh table the exchange follows
+        (which mesh axes hold experts and tokens, which one crosses nodes)."""
         D, E, F = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-        std, dtype = cfg.initializer_range, jnp.dtype(cfg.dtype)
+        std, dtype = cfg.initializer_range, jnp.dtype(cfg.run.dtype)
         self.cfg = cfg
-        self.backend = resolve_backend(backend or cfg.moe_backend)
-        self.ep = ep or EPOptions.from_config(cfg)
+        self.backend = resolve_backend(backend or cfg.run.moe_backend)
+        self.ep = ep or cfg.run.ep
+        self.rules = rules
         self.gate = param(rngs, (D, E), ("embed", None), std=std)
         self.e_score_correction_bias = (
             RoutingBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,), eager_sharding=False)
@@ -75,11 +82,11 @@ class MoE(nnx.Module):
         )
 
     def __call__(self, x_BTD: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], MoEStats]:
-        """Args: x_BTD [B, T, D]. Returns: y_BTD [B, T, D] in ``cfg.dtype``, and the stats.
+        """Args: x_BTD [B, T, D]. Returns: y_BTD [B, T, D] in ``cfg.run.dtype``, and the stats.
 
-        Router logits and scores are float32; the experts run in ``cfg.dtype``.
+        Router logits and scores are float32; the experts run in ``cfg.run.dtype``.
         """
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype = jnp.dtype(self.cfg.run.dtype)
         bias = self.e_score_correction_bias
         args = (
             x_BTD.astype(dtype),
@@ -90,9 +97,9 @@ class MoE(nnx.Module):
             self.w_down[...],
         )
         mesh = _mesh_of(args)
-        if _expert_parallel_fits(mesh, x_BTD.shape[0]):
+        if _expert_parallel_fits(mesh, x_BTD.shape[0], self.rules):
             y_BTD, stats = _expert_parallel(
-                *args, cfg=self.cfg, backend=self.backend, opts=self.ep, mesh=mesh
+                *args, cfg=self.cfg, backend=self.backend, opts=self.ep, mesh=mesh, rules=self.rules
             )
         else:
             fn = lambda *a: _routed(*a, cfg=self.cfg, backend=self.backend)  # noqa: E731
@@ -115,17 +122,18 @@ def _mesh_of(args):
     return mesh
 
 
-def _expert_parallel_fits(mesh, batch: int) -> bool:
+def _expert_parallel_fits(mesh, batch: int, rules: Rules = RULES) -> bool:
     """Explicit node and gpu axes, more than one device, tokens and experts both laid out
     over (node, gpu), and a batch that splits over them."""
-    if mesh.empty or any(a not in mesh.axis_names for a in EXPERT_AXES):
+    expert_axes = mesh_axes_of("expert", rules)
+    if mesh.empty or len(expert_axes) != 2 or any(a not in mesh.axis_names for a in expert_axes):
         return False
     types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-    if any(types[a] != jax.sharding.AxisType.Explicit for a in EXPERT_AXES):
+    if any(types[a] != jax.sharding.AxisType.Explicit for a in expert_axes):
         return False
-    devices = math.prod(mesh.shape[a] for a in EXPERT_AXES)
-    spec = lambda name: logical_to_spec((name,), mesh_axes=mesh.axis_names)[0]  # noqa: E731
-    return devices > 1 and batch % devices == 0 and spec("batch") == spec("expert") == EXPERT_AXES
+    devices = math.prod(mesh.shape[a] for a in expert_axes)
+    spec = lambda name: logical_to_spec((name,), rules, mesh.axis_names)[0]  # noqa: E731
+    return devices > 1 and batch % devices == 0 and spec("batch") == spec("expert") == expert_axes
 
 
 def _expert_parallel(
@@ -137,14 +145,15 @@ def _expert_parallel(
     w_down_EFD,
     *,
     cfg: ModelConfig,
-    backend: Backend,
+    backend: ExpertBackend,
     opts: EPOptions,
     mesh,
+    rules: Rules = RULES,
 ):
-    """Router and routed experts in ``shard_map`` over (node, gpu): (y_BTD, MoEStats)."""
-    topo = Topology.for_mesh(cfg, mesh, opts.path)
-    data = logical_to_spec(("batch", None, None), mesh_axes=mesh.axis_names)
-    experts = logical_to_spec(("expert", None, None), mesh_axes=mesh.axis_names)
+    """Router and routed experts in ``shard_map`` over the expert axes: (y_BTD, MoEStats)."""
+    topo = Topology.for_mesh(cfg, mesh, opts.path, rules)
+    data = logical_to_spec(("batch", None, None), rules, mesh.axis_names)
+    experts = logical_to_spec(("expert", None, None), rules, mesh.axis_names)
     rep = P()
     args = [
         _laid_out(a, s, mesh)
@@ -166,7 +175,7 @@ def _expert_parallel(
         mesh=mesh,
         in_specs=(data, rep, rep, experts, experts, experts),
         out_specs=(data, MoEStats(rep, rep, rep, rep, rep)),
-        axis_names=set(EXPERT_AXES),
+        axis_names=set(topo.axes),
         check_vma=opts.kernel != "pallas",
     )
     return fn(*args)
@@ -191,7 +200,7 @@ def _routed_local(
     w_down_EFD,
     *,
     cfg: ModelConfig,
-    backend: Backend,
+    backend: ExpertBackend,
     opts: EPOptions,
     topo: Topology,
     has_bias: bool,
@@ -212,7 +221,7 @@ def _routed_local(
 
     with jax.named_scope("routed_experts"):
         y_TD, st = dispatch.exchange(x_TD, idx_TK, weight_TK, experts, topo, opts)
-    stats = MoEStats(jax.lax.psum(load_E, EXPERT_AXES), jax.lax.pmean(loss, EXPERT_AXES), *st)
+    stats = MoEStats(jax.lax.psum(load_E, topo.axes), jax.lax.pmean(loss, topo.axes), *st)
     return y_TD.astype(x_BTD.dtype).reshape(B, T, D), stats
 
 
@@ -235,7 +244,15 @@ def _partitioned(fn, args, mesh):
 
 
 def _routed(
-    x_BTD, gate_DE, bias_E, w_gate_EDF, w_up_EDF, w_down_EFD, *, cfg: ModelConfig, backend: Backend
+    x_BTD,
+    gate_DE,
+    bias_E,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    *,
+    cfg: ModelConfig,
+    backend: ExpertBackend,
 ):
     """Router and routed experts: (y_BTD in x's dtype, load_E, balance loss)."""
     B, T, D = x_BTD.shape
@@ -250,7 +267,7 @@ def _routed(
 def _expert_weights(cfg: ModelConfig, dtype, *ws):
     """The expert weights as the GEMMs take them: the FP32 masters under FP8 (quantised
     per 128x128 block inside), else cast to the compute dtype."""
-    return list(ws) if cfg.fp8 else [w.astype(dtype) for w in ws]
+    return list(ws) if cfg.run.fp8 else [w.astype(dtype) for w in ws]
 
 
 def _router(x_TD, gate_DE, bias_E, cfg: ModelConfig, batch: int):

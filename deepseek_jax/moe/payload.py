@@ -6,21 +6,22 @@ each gets a custom VJP here: the transpose of a gather is a scatter-add, that of
 weighted combine a scatter-add of the weighted cotangent (and a row gather for the
 weights). The FP8 send is straight-through: quantise, all_to_all codes and scales,
 dequantise; its cotangent travels back in the compute dtype.
+
+Shape letters: S source rows, T tokens, J rows per token to combine, R received rows, P
+peers, C capacity per peer, D hidden, B 128-wide scale tiles of D (not batch).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from deepseek_jax import logfmt
-from pallas_kernels import dispatch as kernels
-
-Kernel = Literal["xla", "pallas"]
+import deepseek_jax.logfmt as logfmt
+import pallas_kernels.dispatch as kernels
+from deepseek_jax.config import KernelBackend
 
 
 def all_to_all(x_P, axis):
@@ -29,7 +30,7 @@ def all_to_all(x_P, axis):
 
 
 def send(
-    x_SD, src_PC, axis, *, fp8: bool, kernel: Kernel, logfmt_bits: int = 0
+    x_SD, src_PC, axis, *, fp8: bool, kernel: KernelBackend, logfmt_bits: int = 0
 ) -> Float[Array, "P C D"]:
     """The rows ``x[src]`` (zero where ``src`` is out of range) sent to their peers: row block
     p of the [P, C] buffer goes to peer p. Returns what arrives, in x's dtype."""
@@ -42,7 +43,7 @@ def send(
     return all_to_all(x_PCD, axis)
 
 
-def _gather(x_SD, src_R, kernel: Kernel):
+def _gather(x_SD, src_R, kernel: KernelBackend):
     if kernel == "pallas":
         return _gather_pallas(x_SD, src_R)
     return kernels.permute_quantize_reference(x_SD, src_R, quantize=False)
@@ -72,7 +73,7 @@ _gather_pallas.defvjp(_gather_pallas_fwd, _gather_pallas_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _send_fp8(x_SD, src_PC, axis, kernel: Kernel):
+def _send_fp8(x_SD, src_PC, axis, kernel: KernelBackend):
     """FP8 dispatch: gather + quantise (1x128 tiles), all_to_all of codes and scales,
     dequantise. The backward sends the cotangent back in x's dtype (straight through)."""
     P, C = src_PC.shape
@@ -123,7 +124,7 @@ def _send_logfmt_fwd(x_SD, src_PC, axis, n_bits):
 _send_logfmt.defvjp(_send_logfmt_fwd, _send_bwd)
 
 
-def combine_rows(y_SD, row_TJ, w_TJ, kernel: Kernel) -> Float[Array, "T D"]:
+def combine_rows(y_SD, row_TJ, w_TJ, kernel: KernelBackend) -> Float[Array, "T D"]:
     """sum_j w[t, j] y[row[t, j]] in float32 (w None: all ones)."""
     if w_TJ is None:
         w_TJ = jnp.ones(row_TJ.shape, jnp.float32)

@@ -6,8 +6,9 @@ then lay them out for the expert compute in one of two ways:
   (``jax.lax.ragged_dot`` on GPU, our C++ kernel ``cpu_kernels.grouped_gemm`` on CPU);
 - ``permute``: dense capacity slots ``x[E, C, D]``, so the experts are one batched
   einsum that reads every expert's weights exactly once, for platforms without a fast
-  grouped GEMM (XLA:CPU's ``ragged_dot`` is ~300x slower and slows down with the group
-  count; gathering weights per row block costs traffic that grows with the block count).
+  grouped GEMM (XLA:CPU's ``ragged_dot`` is far slower and slows down with the group
+  count, README "Measured figures"; gathering weights per row block costs traffic that
+  grows with the block count).
   Assignments beyond an expert's C slots are *spilled*, not dropped: the handle lists
   them as blocks of b rows of one expert each, and ``experts.py`` runs a loop over the
   blocks actually used. C is sized from the static shapes so that balanced routing
@@ -17,6 +18,10 @@ An expert id equal to the number of experts means "no expert": such an assignmen
 no slot and no row of output (the expert-parallel exchange pads with it, ``dispatch.py``).
 Sizes are static, so a handle describes the worst case and the used part is read from its
 counts.
+
+Shape letters: T tokens, K experts per token, A = T K assignments, E experts, C capacity
+slots per expert, D hidden, P = A + b sorted positions (b: spill-block padding), N spill
+blocks (not nope dim), R rows.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax.moe import routing
+import deepseek_jax.moe.routing as routing
 
 
 class RouteProbe(NamedTuple):
@@ -54,7 +54,7 @@ def route_probe(model, ids_BT: Int[Array, "B T"]) -> RouteProbe:
     for block in _layers(model.moe_layers):
         # The MoE's input, as Block.__call__ forms it (attention residual, then the norm).
         a_BTD = x_BTD + block.self_attn(block.input_layernorm(x_BTD), positions_BT)
-        u_BTD = block.post_attention_layernorm(a_BTD).astype(cfg.dtype)
+        u_BTD = block.post_attention_layernorm(a_BTD).astype(cfg.run.dtype)
         logits_BTE = u_BTD.astype(jnp.float32) @ block.mlp.gate[...].astype(jnp.float32)
         s_BTE = routing.gate_scores(logits_BTE, cfg)
         bias = block.mlp.e_score_correction_bias

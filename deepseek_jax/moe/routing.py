@@ -8,6 +8,9 @@ groups, and weights them by their *unbiased* scores, normalised and multiplied b
 ``routed_scaling_factor``. DeepSeek-V2 (``topk_method='group_limited_greedy'``) uses a
 softmax and ranks groups by their best expert; V2-Lite (``'greedy'``) has no groups.
 Everything here is float32 and works on any leading axes (``...`` below).
+
+Shape letters: B batch, T tokens, E routed experts, K experts per token, G routing groups, M
+groups kept per token, N bias-update steps (``simulate_bias``; not nope dim).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def gate_scores(logits_TE: Float[Array, "... E"], cfg: ModelConfig) -> Float[Arr
 def _top2_sum(x_TGe: Float[Array, "... G e"]) -> Float[Array, "... G"]:
     """Sum of the two largest values on the last axis (ties counted twice, as top_k does).
 
-    Plain max reductions: on XLA:CPU this is several times faster than ``lax.top_k``.
+    Plain max reductions: on XLA:CPU faster than ``lax.top_k`` (README, "Measured figures").
     """
     m1 = jnp.max(x_TGe, axis=-1, keepdims=True)
     ties = jnp.sum(x_TGe == m1, axis=-1) > 1
@@ -42,8 +45,8 @@ def _top2_sum(x_TGe: Float[Array, "... G e"]) -> Float[Array, "... G"]:
 def top_k(x: Float[Array, "... E"], k: int) -> tuple[Float[Array, "... k"], Int[Array, "... k"]]:
     """The k largest values and their indices, best first; ties go to the lowest index.
 
-    k rounds of max, lowest index at the max, mask it: on XLA:CPU about 2x faster than
-    ``lax.top_k`` for [4096, 256], k = 4 (whose sort-based kernel does not exploit k << E).
+    k rounds of max, lowest index at the max, mask it: on XLA:CPU faster than ``lax.top_k``
+    (whose sort-based kernel does not exploit k << E; README, "Measured figures").
     """
     E = x.shape[-1]
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)

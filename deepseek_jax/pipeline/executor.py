@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 from deepseek_jax.pipeline.placement import (
     LayerPlan,
     Pipeline,

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import sharding
+import deepseek_jax.sharding as sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.pipeline.schedule import B, F, Schedule, W, make_schedule, ticks
 
@@ -108,7 +108,7 @@ class Pipeline:
     @classmethod
     def build(cls, cfg: ModelConfig, name: str, pp: int, microbatches: int) -> Pipeline:
         sched = make_schedule(name, pp, microbatches)
-        return cls(sched, layer_plan(cfg, sched), cfg.hidden_size, cfg.dtype)
+        return cls(sched, layer_plan(cfg, sched), cfg.hidden_size, cfg.run.dtype)
 
 
 LAYER_KEYS = ("dense_layers", "moe_layers")

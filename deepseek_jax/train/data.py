@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from deepseek_jax.train import tokenizer as tokenizer_lib
+import deepseek_jax.train.tokenizer as tokenizer_lib
 from deepseek_jax.train.documents import read_documents, split_documents, stdlib_root
 from deepseek_jax.train.tokenizer import Tokenizer
 

@@ -58,9 +58,9 @@ class Setup:
 
 
 def _build(args: argparse.Namespace) -> Setup:
-    from deepseek_jax import backends
-    from deepseek_jax.config import get_preset
+    import deepseek_jax.backends as backends
     from deepseek_jax.mesh import make_mesh, parse_mesh_spec
+    from deepseek_jax.presets import get_preset
     from deepseek_jax.train.config import TrainConfig
     from deepseek_jax.train.data import DataConfig, load_corpus
 
