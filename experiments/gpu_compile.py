@@ -82,7 +82,8 @@ def _table(sched, n_ops: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     from deepseek_jax.codesign import gpu_compile as gc
-    from deepseek_jax.codesign.schedule import CostModel, Schedule, summary
+    from deepseek_jax.codesign.overlap_report import body_table, summary
+    from deepseek_jax.codesign.schedule import CostModel, Schedule
     from deepseek_jax.config import get_preset
 
     shape = _mesh(args.mesh)
@@ -113,6 +114,9 @@ def run(args: argparse.Namespace) -> dict:
             f"mesh {dict(mesh.shape)}, batch {args.batch} x {args.seq_len}"
         )
         print("\n".join(_table(sched, args.window_ops)))
+        print("per loop body (one trip; us under the cost model):")
+        for row in body_table(sched):
+            print(f"  {json.dumps(row)}")
         print(f"memory per device: {mem}")
         print(f"compile: {out.compile_s:.1f} s")
         print(model.describe())

@@ -179,3 +179,53 @@ def test_processes_measuring_at_once_adopt_the_first_stored_decision(fake_timing
     monkeypatch.setattr(backends, "_load", lambda key: next(looks, None) or load(key))
     set_ms({"a": 2.0, "b": 1.0})
     assert backends.measured("op", (8,), {"a": noop, "b": noop}, build_id="x") == "a"
+
+
+def _kernel_calls(fn, *args) -> list[tuple[str, object]]:
+    """(primitive, interpret) of every Pallas call in fn's jaxpr, nested jaxprs included
+    (``mpmd_map``: a compiled Mosaic GPU kernel)."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("pallas_call", "mpmd_map"):
+                found.append((e.primitive.name, e.params.get("interpret")))
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_target_platform_decides_kernel_modes_whatever_runs_the_trace():
+    """The deviceless GPU compile traces on a CPU host: under ``targeting("gpu")`` the Pallas
+    kernels are compiled ones (Triton, Mosaic GPU), not the interpreter, and no C++ CPU
+    kernel is offered; before and after, the CPU's choices, with no trace reused across."""
+    from pallas_kernels import dispatch as pd
+    from pallas_kernels import fp8_matmul as fm
+
+    x, src = jnp.ones((32, 256)), jnp.arange(20, dtype=jnp.int32)
+    a8 = jax.ShapeDtypeStruct((1, 128, 256), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+    gather = lambda x, src: pd.permute_quantize(x, src)  # noqa: E731
+    gemm = lambda a, sa, b, sb: fm.fp8_matmul(a, sa, b, sb)  # noqa: E731
+    cpu = [("pallas_call", True)]
+    assert backends.target_platform() == jax.default_backend() == "cpu"
+    assert _kernel_calls(gather, x, src) == _kernel_calls(gemm, a8, s, a8, s) == cpu
+    with backends.targeting("gpu"):
+        assert backends.on_gpu() and not backends.pallas_interpret(None)
+        assert not backends.kernel_available(grouped_gemm.KERNEL, "grouped GEMM")
+        assert backends.layer_loop("auto", ("auto", "scan", "unroll")) == "scan"
+        assert backends.default_dtype() == "bfloat16"
+        assert _kernel_calls(gather, x, src) == [("pallas_call", False)]
+        assert _kernel_calls(gemm, a8, s, a8, s) == [("mpmd_map", None)]
+        with backends.targeting("cpu"):
+            assert backends.target_platform() == "cpu"
+        assert backends.target_platform() == "gpu"
+    assert backends.target_platform() == "cpu" and not backends.on_gpu()
+    assert _kernel_calls(gather, x, src) == cpu
+    with pytest.raises(ValueError, match="target platform 'cuda'"):
+        with backends.targeting("cuda"):
+            pass
