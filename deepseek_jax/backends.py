@@ -179,6 +179,15 @@ def on_gpu() -> bool:
     return target_platform() == "gpu"
 
 
+def pallas_kernel(op: str, requested: str) -> str:
+    """``auto`` for our Pallas kernels (``fp8_backend``, ``ep_kernel``): ``pallas`` when
+    compiling for a GPU (both compile into the sm_90a train step: README, "Deviceless GPU
+    compile"), else ``xla`` (off-GPU they run in the interpreter: for tests, not speed)."""
+    if requested != "auto":
+        return requested
+    return note(op, (), "pallas" if on_gpu() else "xla", f"auto: {target_platform()}")
+
+
 def default_dtype() -> str | None:
     """The compute dtype a run gets when none is asked for: bfloat16 on a GPU (tensor
     cores), else None: the config's own (float32 in every preset; CPUs have no fast bf16

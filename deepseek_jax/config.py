@@ -15,9 +15,9 @@ from typing import Any, Literal
 ScoringFunc = Literal["sigmoid", "softmax"]
 TopkMethod = Literal["noaux_tc", "group_limited_greedy", "greedy"]
 DType = Literal["float32", "bfloat16", "float16"]
-Fp8Backend = Literal["xla", "pallas"]
+Fp8Backend = Literal["auto", "xla", "pallas"]
 EPDispatch = Literal["two_hop", "flat"]
-KernelBackend = Literal["xla", "pallas"]
+KernelBackend = Literal["auto", "xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
 Overlap = Literal["none", "dual"]
@@ -101,7 +101,7 @@ class ModelConfig:
     # Not in HF's config: how we compute. Parameters stay float32 (master weights).
     dtype: DType = "float32"
     fp8: bool = False  # DeepSeek-V3 FP8 recipe for the large linears (fp8.py)
-    fp8_backend: Fp8Backend = "xla"  # "xla" (reference GEMM) or "pallas" (our kernel)
+    fp8_backend: Fp8Backend = "auto"  # "xla" (reference GEMM), "pallas" (ours); auto: backends
     # Local expert compute (moe/experts.py): "einsum" (capacity slots), "grouped" (grouped
     # GEMM: our C++ kernel on CPU, ragged_dot elsewhere), "ragged_dot"; "auto": grouped
     # on CPU when its kernel builds, else einsum.
@@ -114,7 +114,7 @@ class ModelConfig:
     ep_dispatch: EPDispatch = "two_hop"  # "two_hop" (node, then gpu) or "flat" (one hop)
     ep_capacity_factor: float | None = 3.0  # per-peer buffers x balanced load; None: dropless
     ep_fp8_dispatch: bool = False  # dispatch payload E4M3 with 1x128 scales (V3TR 3.3.2)
-    ep_kernel: KernelBackend = "xla"  # permute/combine: "xla" (jnp) or "pallas" (our kernel)
+    ep_kernel: KernelBackend = "auto"  # permute/combine: "xla" (jnp), "pallas"; auto: backends
     ep_logfmt_bits: int = 0  # dispatch payload in LogFMT-n (ISCA 3.2), n in 4..16; 0: off
     # MoE blocks under expert parallelism: "dual" splits each device's batch in two halves
     # whose all-to-alls overlap the other half's compute (overlap.py); "none": one batch.

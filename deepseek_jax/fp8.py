@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax import fp8_vjp
+from deepseek_jax import backends, fp8_vjp
 from deepseek_jax.fp8_gemm import Backend, contiguous_layout
 
 
@@ -76,7 +76,7 @@ def _auto_sharded(fn, x: Array):
 
 def fp8_mode(cfg) -> Backend | None:
     """The FP8 backend a config asks for, or None when ``cfg.fp8`` is off."""
-    return cfg.fp8_backend if cfg.fp8 else None
+    return backends.pallas_kernel("fp8_gemm", cfg.fp8_backend) if cfg.fp8 else None
 
 
 def fp8_linear(

@@ -203,8 +203,14 @@ def test_target_platform_decides_kernel_modes_whatever_runs_the_trace():
     """The deviceless GPU compile traces on a CPU host: under ``targeting("gpu")`` the Pallas
     kernels are compiled ones (Triton, Mosaic GPU), not the interpreter, and no C++ CPU
     kernel is offered; before and after, the CPU's choices, with no trace reused across."""
+    from deepseek_jax.fp8 import fp8_mode
+    from deepseek_jax.moe.dispatch import EPOptions
     from pallas_kernels import dispatch as pd
     from pallas_kernels import fp8_matmul as fm
+
+    cfg = get_preset("tiny")
+    fp8_cfg = cfg.with_overrides({"fp8": "true"})
+    assert cfg.ep_kernel == cfg.fp8_backend == "auto"
 
     x, src = jnp.ones((32, 256)), jnp.arange(20, dtype=jnp.int32)
     a8 = jax.ShapeDtypeStruct((1, 128, 256), jnp.float8_e4m3fn)
@@ -221,11 +227,15 @@ def test_target_platform_decides_kernel_modes_whatever_runs_the_trace():
         assert backends.default_dtype() == "bfloat16"
         assert _kernel_calls(gather, x, src) == [("pallas_call", False)]
         assert _kernel_calls(gemm, a8, s, a8, s) == [("mpmd_map", None)]
+        # our kernels are the GPU defaults (they compile into the sm_90a train step)
+        assert EPOptions.from_config(cfg).kernel == "pallas" == fp8_mode(fp8_cfg)
+        assert backends.pallas_kernel("ep_kernel", "xla") == "xla"
         with backends.targeting("cpu"):
             assert backends.target_platform() == "cpu"
         assert backends.target_platform() == "gpu"
     assert backends.target_platform() == "cpu" and not backends.on_gpu()
     assert _kernel_calls(gather, x, src) == cpu
+    assert EPOptions.from_config(cfg).kernel == "xla" == fp8_mode(fp8_cfg)
     with pytest.raises(ValueError, match="target platform 'cuda'"):
         with backends.targeting("cuda"):
             pass

@@ -69,6 +69,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax import backends
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.moe.payload import Kernel, all_to_all, combine_rows, send
 from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re-exported
@@ -117,7 +118,7 @@ class EPOptions:
             capacity_factor=cfg.ep_capacity_factor,
             fp8_dispatch=cfg.ep_fp8_dispatch,
             logfmt_bits=cfg.ep_logfmt_bits,
-            kernel=cfg.ep_kernel,
+            kernel=backends.pallas_kernel("ep_kernel", cfg.ep_kernel),
         )
 
 
