@@ -6,7 +6,8 @@
 Needs the CUDA plugin wheels (``make gpu-compile`` builds ``.venv-gpu``). Prints every
 collective (kind, mesh axes, bytes, async with compute between start and done, or sync),
 the compute ops in each window, ``memory_analysis()`` per device, the compile time, the
-cost model, and a last JSON line (``--json``: only that line). What it proves is XLA's
+cost model, a table per loop body, and a last JSON line (``custom_calls``: the kernels in
+the program, by custom-call target) (``--json``: only that line). What it proves is XLA's
 intended schedule, not measured runtime (README, "Deviceless GPU compile").
 """
 
@@ -17,8 +18,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin must not try to open a GPU
 
 import argparse
+import collections
 import json
+import re
 import sys
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         "output_bytes_per_device": int(mem.output_size_in_bytes),
         "alias_bytes_per_device": int(mem.alias_size_in_bytes),
         "compile_s": round(out.compile_s, 1),
+        # kernels in the program (our Pallas ones: Triton and Mosaic GPU calls)
+        "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(out.hlo))),
     }
     if not args.json:
         print(
