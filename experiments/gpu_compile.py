@@ -87,7 +87,7 @@ def _table(sched, n_ops: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     from deepseek_jax.codesign import gpu_compile as gc
-    from deepseek_jax.codesign.overlap_report import body_table, summary
+    from deepseek_jax.codesign.overlap_report import body_table, phase_bound, summary
     from deepseek_jax.codesign.schedule import CostModel, Schedule
     from deepseek_jax.config import get_preset
 
@@ -115,6 +115,12 @@ def run(args: argparse.Namespace) -> dict:
         # kernels in the program (our Pallas ones: Triton and Mosaic GPU calls)
         "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(out.hlo))),
     }
+    if args.program == "train" and cfg.num_moe_layers and shape.get("stage", 1) == 1:
+        # what pairing the halves with GEMMs could hide at best (overlap_report.phase_bound)
+        nodes, gpus = shape.get("node", 1), shape.get("gpu", 8)
+        tokens = args.batch * args.seq_len // (nodes * gpus)
+        b = phase_bound(cfg, tokens, args.seq_len, nodes, gpus, model)
+        result |= {"gemm_bound_forward": b.forward, "gemm_bound_backward": b.backward}
     if not args.json:
         print(
             f"{args.program} of {args.preset} {' '.join(args.overrides)} on {args.target} "

@@ -148,7 +148,8 @@ def phase_bound(
 
     def bound(scale: float, last: float) -> float:
         pairs = [(x_d, attn), (x_d, experts), (x_c, experts + shared), (x_c, last)]
-        return sum(min(x, scale * c) for x, c in pairs) / (2 * x_d + 2 * x_c)
+        total = 2 * x_d + 2 * x_c  # 0 on one device: nothing to hide
+        return sum(min(x, scale * c) for x, c in pairs) / total if total else 1.0
 
     return PhaseBound(
         x_d, x_c, attn, experts, shared,
