@@ -155,7 +155,7 @@ def note(op: str, shape: tuple[int, ...], choice: str, reason: str) -> str:
 def kernel_available(kernel: build.Kernel, what: str) -> bool:
     """Whether ``kernel`` builds and loads here; the first failure is logged with its
     reason (never a silent fallback)."""
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return False
     error = kernel.build_error()
     if error is not None and what not in _logged_failures:
@@ -164,8 +164,50 @@ def kernel_available(kernel: build.Kernel, what: str) -> bool:
     return error is None
 
 
+_targets: list[str] = []  # platforms named by ``targeting``, innermost last
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def target_platform() -> str:
+    """The platform programs are compiled for: ``jax.default_backend()``, unless a
+    deviceless compile (``codesign.gpu_compile``) names another with ``targeting``. Every
+    platform-decided choice reads this, so a GPU program compiled on a CPU host gets the
+    GPU's choices (compiled Pallas kernels, no C++ CPU kernels, bf16, scan)."""
+    return _targets[-1] if _targets else jax.default_backend()
+
+
+@contextlib.contextmanager
+def targeting(platform: str):
+    """Within the block, choices are made for ``platform`` (``cpu``, ``gpu`` or ``tpu``)
+    whatever runs the trace. JAX's trace caches do not know this setting, so they are
+    cleared when the target changes (on entry and exit): no trace made for one target is
+    reused for another."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"target platform {platform!r}: choose one of {PLATFORMS}")
+    before = target_platform()
+    _targets.append(platform)
+    if platform != before:
+        jax.clear_caches()
+    try:
+        yield platform
+    finally:
+        _targets.pop()
+        if platform != before:
+            jax.clear_caches()
+
+
 def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    """Whether programs are compiled for a GPU (``target_platform``)."""
+    return target_platform() == "gpu"
+
+
+def pallas_kernel(op: str, requested: str) -> str:
+    """``auto`` for our Pallas kernels (``fp8_backend``, ``ep_kernel``): ``pallas`` when
+    compiling for a GPU (both compile into the sm_90a train step: README, "Deviceless GPU
+    compile"), else ``xla`` (off-GPU they run in the interpreter: for tests, not speed)."""
+    if requested != "auto":
+        return requested
+    return note(op, (), "pallas" if on_gpu() else "xla", f"auto: {target_platform()}")
 
 
 def default_dtype() -> str | None:
@@ -193,7 +235,7 @@ def layer_loop(requested: str, choices: tuple[str, ...]) -> str:
     if requested not in choices:
         raise ValueError(f"layer loop: unknown {requested!r}; choose from {list(choices)}")
     if requested == "auto":
-        on_cpu = jax.default_backend() == "cpu"
+        on_cpu = target_platform() == "cpu"
         why = "auto: residual copies on CPU" if on_cpu else "auto: compile time flat in depth"
         return note("layer_loop", (), "unroll" if on_cpu else "scan", why)
     return note("layer_loop", (), requested, "requested")

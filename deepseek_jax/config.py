@@ -20,9 +20,9 @@ from deepseek_jax.config_fields import Rule, apply_overrides, build, positive, v
 ScoringFunc = Literal["sigmoid", "softmax"]
 TopkMethod = Literal["noaux_tc", "group_limited_greedy", "greedy"]
 DType = Literal["float32", "bfloat16", "float16"]
-Fp8Backend = Literal["xla", "pallas"]
+Fp8Backend = Literal["auto", "xla", "pallas"]
 EPPath = Literal["two_hop", "flat"]
-KernelBackend = Literal["xla", "pallas"]
+KernelBackend = Literal["auto", "xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
 Overlap = Literal["none", "dual"]
@@ -79,8 +79,9 @@ class EPOptions:
     logfmt_bits: the dispatch payload is LogFMT-n (ISCA 3.2, ``deepseek_jax.logfmt``); 0: off.
     combine_dtype: the combine payload; None: the compute dtype.
     kernel: "pallas" runs our permute/combine kernels (interpreted off-GPU), "xla" their
-      jnp twins. The Pallas interpreter does not track varying mesh axes, so a shard_map
-      around the exchange needs ``check_vma=False`` with "pallas" (the MoE layer does so).
+      jnp twins; "auto": pallas when compiling for a GPU, else xla (``backends``). The
+      Pallas interpreter does not track varying mesh axes, so a shard_map around the
+      exchange needs ``check_vma=False`` with "pallas" (the MoE layer does so).
     """
 
     path: EPPath = "two_hop"
@@ -88,7 +89,7 @@ class EPOptions:
     fp8_dispatch: bool = False
     logfmt_bits: int = 0
     combine_dtype: DType | None = None
-    kernel: KernelBackend = "xla"
+    kernel: KernelBackend = "auto"
 
     def __post_init__(self):
         validate(self, _EP_RULES)
@@ -126,7 +127,8 @@ class RunOptions:
 
     dtype: compute dtype; parameters stay float32 (master weights).
     fp8: DeepSeek-V3's FP8 recipe for the large linears (``fp8.py``), by ``fp8_backend``:
-      "xla" (reference GEMM) or "pallas" (our kernel).
+      "xla" (reference GEMM) or "pallas" (our kernel); "auto": pallas when compiling for a GPU,
+      else xla (``backends.pallas_kernel``).
     moe_backend: local expert compute (``moe/experts.py``): "einsum" (capacity slots),
       "grouped" (our C++ grouped GEMM on CPU, ragged_dot elsewhere), "ragged_dot"; "auto":
       grouped on CPU when its kernel builds, else einsum.
@@ -139,7 +141,7 @@ class RunOptions:
 
     dtype: DType = "float32"
     fp8: bool = False
-    fp8_backend: Fp8Backend = "xla"
+    fp8_backend: Fp8Backend = "auto"
     moe_backend: MoEBackend = "auto"
     attention_backend: AttentionBackend = "auto"
     overlap: Overlap = "none"

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.backends as backends
 import deepseek_jax.fp8_vjp as fp8_vjp
 from deepseek_jax.config import Fp8Backend
 from deepseek_jax.fp8_gemm import contiguous_layout
@@ -76,8 +77,9 @@ def _auto_sharded(fn, x: Array):
 
 
 def fp8_mode(cfg) -> Fp8Backend | None:
-    """The FP8 backend a config asks for, or None when ``cfg.run.fp8`` is off."""
-    return cfg.run.fp8_backend if cfg.run.fp8 else None
+    """The FP8 backend a config asks for (``auto`` decided by ``backends``), or None when
+    ``cfg.run.fp8`` is off."""
+    return backends.pallas_kernel("fp8_gemm", cfg.run.fp8_backend) if cfg.run.fp8 else None
 
 
 def fp8_linear(

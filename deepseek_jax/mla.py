@@ -52,7 +52,7 @@ from jaxtyping import Array, Float, Int
 import deepseek_jax.sharding as sharding
 from deepseek_jax.causal_attention import causal_attend
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.fp8 import fp8_linear
+from deepseek_jax.fp8 import fp8_linear, fp8_mode
 from deepseek_jax.layers.basic import matmul, param, rms_norm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, softmax_scale
 
@@ -121,7 +121,7 @@ def _proj(spec: str, x: Array, w: Weights, name: str, cfg: ModelConfig) -> Array
     n_in = len(set(spec.split(",")[0]) & set(spec.split(",")[1].split("->")[0]))
     if not cfg.run.fp8:
         return matmul(x, _cast(w, name, x.dtype), n_in)
-    return matmul(x, w[name], n_in, dot=functools.partial(fp8_linear, backend=cfg.run.fp8_backend))
+    return matmul(x, w[name], n_in, dot=functools.partial(fp8_linear, backend=fp8_mode(cfg)))
 
 
 def mla_queries(

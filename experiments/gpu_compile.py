@@ -6,7 +6,8 @@
 Needs the CUDA plugin wheels (``make gpu-compile`` builds ``.venv-gpu``). Prints every
 collective (kind, mesh axes, bytes, async with compute between start and done, or sync),
 the compute ops in each window, ``memory_analysis()`` per device, the compile time, the
-cost model, and a last JSON line (``--json``: only that line). What it proves is XLA's
+cost model, a table per loop body, and a last JSON line (``custom_calls``: the kernels in
+the program, by custom-call target) (``--json``: only that line). What it proves is XLA's
 intended schedule, not measured runtime (README, "Deviceless GPU compile").
 """
 
@@ -17,8 +18,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin must not try to open a GPU
 
 import argparse
+import collections
 import json
+import re
 import sys
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +87,8 @@ def _table(sched, n_ops: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     from deepseek_jax.codesign import gpu_compile as gc
-    from deepseek_jax.codesign.schedule import CostModel, Schedule, summary
+    from deepseek_jax.codesign.overlap_report import body_table, phase_bound, summary
+    from deepseek_jax.codesign.schedule import CostModel, Schedule
     from deepseek_jax.presets import get_preset
 
     shape = _mesh(args.mesh)
@@ -106,13 +112,24 @@ def run(args: argparse.Namespace) -> dict:
         "output_bytes_per_device": int(mem.output_size_in_bytes),
         "alias_bytes_per_device": int(mem.alias_size_in_bytes),
         "compile_s": round(out.compile_s, 1),
+        # kernels in the program (our Pallas ones: Triton and Mosaic GPU calls)
+        "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(out.hlo))),
     }
+    if args.program == "train" and cfg.num_moe_layers and shape.get("stage", 1) == 1:
+        # what pairing the halves with GEMMs could hide at best (overlap_report.phase_bound)
+        nodes, gpus = shape.get("node", 1), shape.get("gpu", 8)
+        tokens = args.batch * args.seq_len // (nodes * gpus)
+        b = phase_bound(cfg, tokens, args.seq_len, nodes, gpus, model)
+        result |= {"gemm_bound_forward": b.forward, "gemm_bound_backward": b.backward}
     if not args.json:
         print(
             f"{args.program} of {args.preset} {' '.join(args.overrides)} on {args.target} "
             f"mesh {dict(mesh.shape)}, batch {args.batch} x {args.seq_len}"
         )
         print("\n".join(_table(sched, args.window_ops)))
+        print("per loop body (one trip; us under the cost model):")
+        for row in body_table(sched):
+            print(f"  {json.dumps(row)}")
         print(f"memory per device: {mem}")
         print(f"compile: {out.compile_s:.1f} s")
         print(model.describe())

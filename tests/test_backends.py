@@ -210,3 +210,64 @@ def test_the_models_decode_path_measures_forward_only(fake_timings):
     jax.jit(decode).lower(state, jnp.zeros((2, 8), jnp.int32))
     reasons = [r for op, r in backends.decisions().items() if op.startswith("moe_experts")]
     assert reasons and all("measured fwd:" in r for r in reasons)
+
+
+def _kernel_calls(fn, *args) -> list[tuple[str, object]]:
+    """(primitive, interpret) of every Pallas call in fn's jaxpr, nested jaxprs included
+    (``mpmd_map``: a compiled Mosaic GPU kernel)."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("pallas_call", "mpmd_map"):
+                found.append((e.primitive.name, e.params.get("interpret")))
+            for v in e.params.values():
+                inner = getattr(v, "jaxpr", v)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_target_platform_decides_kernel_modes_whatever_runs_the_trace():
+    """The deviceless GPU compile traces on a CPU host: under ``targeting("gpu")`` the Pallas
+    kernels are compiled ones (Triton, Mosaic GPU), not the interpreter, and no C++ CPU
+    kernel is offered; before and after, the CPU's choices, with no trace reused across."""
+    from deepseek_jax.fp8 import fp8_mode
+    from deepseek_jax.moe.layer import MoE
+    from pallas_kernels import dispatch as pd
+    from pallas_kernels import fp8_matmul as fm
+
+    cfg = get_preset("tiny")
+    fp8_cfg = cfg.with_overrides({"fp8": "true"})
+    assert cfg.run.ep.kernel == cfg.run.fp8_backend == "auto"
+    ep_kernel = lambda: MoE(cfg, rngs=nnx.Rngs(0)).ep.kernel  # noqa: E731
+
+    x, src = jnp.ones((32, 256)), jnp.arange(20, dtype=jnp.int32)
+    a8 = jax.ShapeDtypeStruct((1, 128, 256), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((1, 128, 2), jnp.float32)
+    gather = lambda x, src: pd.permute_quantize(x, src)  # noqa: E731
+    gemm = lambda a, sa, b, sb: fm.fp8_matmul(a, sa, b, sb)  # noqa: E731
+    cpu = [("pallas_call", True)]
+    assert backends.target_platform() == jax.default_backend() == "cpu"
+    assert _kernel_calls(gather, x, src) == _kernel_calls(gemm, a8, s, a8, s) == cpu
+    with backends.targeting("gpu"):
+        assert backends.on_gpu() and not backends.pallas_interpret(None)
+        assert not backends.kernel_available(grouped_gemm.KERNEL, "grouped GEMM")
+        assert backends.layer_loop("auto", ("auto", "scan", "unroll")) == "scan"
+        assert backends.default_dtype() == "bfloat16"
+        assert _kernel_calls(gather, x, src) == [("pallas_call", False)]
+        assert _kernel_calls(gemm, a8, s, a8, s) == [("mpmd_map", None)]
+        # our kernels are the GPU defaults (they compile into the sm_90a train step)
+        assert ep_kernel() == "pallas" == fp8_mode(fp8_cfg)
+        assert backends.pallas_kernel("ep_kernel", "xla") == "xla"
+        with backends.targeting("cpu"):
+            assert backends.target_platform() == "cpu"
+        assert backends.target_platform() == "gpu"
+    assert backends.target_platform() == "cpu" and not backends.on_gpu()
+    assert _kernel_calls(gather, x, src) == cpu
+    assert ep_kernel() == "xla" == fp8_mode(fp8_cfg)
+    with pytest.raises(ValueError, match="target platform 'cuda'"):
+        with backends.targeting("cuda"):
+            pass

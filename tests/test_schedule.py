@@ -4,7 +4,8 @@ hand-written module whose figures follow from the cost model by hand."""
 
 import pytest
 
-from deepseek_jax.codesign.schedule import CostModel, Schedule, mesh_axes, shape_bytes, summary
+from deepseek_jax.codesign.overlap_report import summary
+from deepseek_jax.codesign.schedule import CostModel, Schedule, mesh_axes, shape_bytes
 
 AXES = {"node": 2, "gpu": 4}
 G = "replica_groups=mesh['node'=2,'gpu'=4] {'gpu'}"
@@ -81,3 +82,36 @@ def test_shapes_and_replica_group_forms():
 def test_not_a_compiled_module_is_named():
     with pytest.raises(ValueError, match="ENTRY"):
         Schedule("HloModule m\n", AXES)
+
+
+DUS = """HloModule m, is_scheduled=true
+
+%fused_dus (p0: f32[6,64,128], p1: s32[], p2: bf16[64,128]) -> f32[6,64,128] {
+  %p0 = f32[6,64,128]{2,1,0} parameter(0)
+  %p2 = bf16[64,128]{1,0} parameter(2)
+  %c = f32[64,128]{1,0} convert(%p2)
+  %b = f32[1,64,128]{2,1,0} bitcast(%c)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[6,64,128]{2,1,0} dynamic-update-slice(%p0, %b, %p1, %z, %z)
+}
+
+ENTRY %main (buf: f32[6,64,128], i: s32[], x: bf16[64,128]) -> f32[6,64,128] {
+  %buf = f32[6,64,128]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = bf16[64,128]{1,0} parameter(2)
+  %f = f32[6,64,128]{2,1,0} fusion(%buf, %i, %x), kind=kLoop, calls=%fused_dus
+  ROOT %n = f32[6,64,128]{2,1,0} negate(%f)
+}
+"""
+
+
+def test_an_in_place_update_costs_its_slice_not_the_buffer():
+    """A scan's residual stacks are written one slice per layer in place: pricing the whole
+    [L, ...] buffer per layer credited windows with L-fold the real work."""
+    model = CostModel()
+    sched = Schedule(DUS, AXES, model)
+    f, n = sched.comps["main"][3], sched.comps["main"][4]
+    update, x, i = 64 * 128 * 4, 64 * 128 * 2, 4
+    assert sched.cost("main", f) == pytest.approx((update + x + i) / model.hbm_Bps)
+    assert sched.cost("main", n) == pytest.approx(2 * 6 * update / model.hbm_Bps)  # not in place

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import deepseek_jax.backends as backends
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.sharding import logical_to_spec, state_shardings
@@ -95,7 +96,8 @@ def compile_program(
     if batch % dp:
         raise ValueError(f"--batch {batch} is not divisible by the {dp} devices of the mesh")
     build = {"train": _train, "prefill": _prefill, "decode": _decode}[program]
-    with jax.set_mesh(mesh):
+    # Choices by platform (Pallas kernels compiled, not interpreted) are made for the GPU.
+    with jax.set_mesh(mesh), backends.targeting("gpu"):
         traced = build(cfg, mesh, batch, seq_len, remat)
         lowered = traced.lower()
     t0 = time.perf_counter()

@@ -12,8 +12,9 @@ slowest link of the collective's mesh axes (for an all-to-all over P peers, the 
 of its buffer that leaves the device) (``node`` 50 GB/s per GPU, 400 Gb/s InfiniBand;
 ``gpu`` 160 GB/s, H800 NVLink as measured in V3TR 3.2.2); compute time of a window = its
 dots' FLOPs at 989 TFLOP/s (H100 BF16 dense) plus the other kernels' bytes (operands and
-result) at 3.35 TB/s; hidden = min(1, window compute / transfer). A sync collective hides
-0. Collectives in a loop body count once per trip. What it ignores: latency, contention
+result; of a dynamic-update-slice only its update: XLA writes it in place) at 3.35 TB/s;
+hidden = min(1, window compute / transfer). A sync collective hides 0. Collectives in a
+loop body count once per trip. What it ignores: latency, contention
 between collectives in flight together (each window's compute is credited to every
 collective open across it), and whether the GPU really runs the two streams concurrently:
 it reads XLA's intended schedule, not a measured one.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 from deepseek_jax.mesh import GPU, NODE
 
@@ -336,8 +336,21 @@ class Schedule:
         if flops:
             return flops / self.model.flops
         shapes = self.shapes[comp]
-        nbytes = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
-        return nbytes / self.model.hbm_Bps
+        update = self._in_place_update(comp, ins)  # then operand 0 is neither read nor written
+        read = ins.operands if update is None else ins.operands[1:]
+        written = shape_bytes(ins.shape) if update is None else update
+        return (written + sum(shape_bytes(shapes.get(o, "")) for o in read)) / self.model.hbm_Bps
+
+    def _in_place_update(self, comp: str, ins: Instr) -> int | None:
+        """Bytes a dynamic-update-slice (alone or a fusion's root) writes: its update, not
+        the buffer, which XLA updates in place (a scan's [L, ...] residual stacks)."""
+        root, where = ins, comp
+        if ins.opcode == "fusion" and ins.calls():
+            where = ins.calls()[0]
+            root = (self.comps.get(where) or [ins])[-1]
+        if root.opcode != "dynamic-update-slice":
+            return None
+        return shape_bytes(self.shapes[where].get(root.operands[1], ""))
 
     def _comp_cost(self, comp: str) -> float:
         if comp not in self._cost_cache:
@@ -359,39 +372,3 @@ class Schedule:
         if ins.opcode == "fusion":
             return sum(self._flops(c, i) for c in ins.calls() for i in self.comps.get(c, []))
         return 0.0
-
-
-def _hidden_fraction(cs: list[Collective]) -> float:
-    """Transfer-time-weighted hidden fraction (loop trips counted); 1.0 when nothing moves."""
-    total = sum(c.transfer_s * c.trips for c in cs)
-    return sum(c.hidden * c.transfer_s * c.trips for c in cs) / total if total else 1.0
-
-
-def summary(sched: Schedule) -> dict[str, Any]:
-    """The schedule's figures (the harness's JSON keys); counts are HLO instructions."""
-    cs = sched.collectives
-    a2a = [c for c in cs if c.kind == "all-to-all"]
-    over = [c for c in a2a if c.overlapped]
-    nbytes = sum(c.nbytes * c.trips for c in a2a)
-    out: dict[str, Any] = {
-        "collectives": len(cs),
-        "all_to_all_total": len(a2a),
-        "all_to_all_overlapped": len(over),
-        "all_to_all_overlapped_bytes_fraction": (
-            sum(c.nbytes * c.trips for c in over) / nbytes if nbytes else 1.0
-        ),
-        "all_to_all_hidden_fraction": _hidden_fraction(a2a),
-        "sync_collectives": sum(not c.is_async for c in cs),
-        "sync_all_to_all": sum(not c.is_async for c in a2a),
-    }
-    for phase in ("forward", "backward"):
-        part = [c for c in a2a if c.phase == phase]
-        out[f"all_to_all_hidden_fraction_{phase}"] = _hidden_fraction(part)
-        out[f"sync_all_to_all_{phase}"] = sum(not c.is_async for c in part)
-    # The best any schedule can do under the model: all compute of the program against all
-    # all-to-all transfer time (each counted once per trip).
-    compute = sched.program_compute_s()
-    transfer = sum(c.transfer_s * c.trips for c in a2a)
-    out["all_to_all_transfer_s"] = transfer
-    out["program_compute_s"] = compute
-    return out

@@ -11,6 +11,7 @@ expert FFN width, K experts per token, R received rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.backends as backends
 import deepseek_jax.moe.dispatch as dispatch
 import deepseek_jax.moe.routing as routing
 from deepseek_jax.config import EPOptions, ModelConfig
@@ -64,7 +66,8 @@ class MoE(nnx.Module):
         std, dtype = cfg.initializer_range, jnp.dtype(cfg.run.dtype)
         self.cfg = cfg
         self.backend = resolve_backend(backend or cfg.run.moe_backend)
-        self.ep = ep or cfg.run.ep
+        ep = ep or cfg.run.ep
+        self.ep = dataclasses.replace(ep, kernel=backends.pallas_kernel("ep_kernel", ep.kernel))
         self.rules = rules
         self.gate = param(rngs, (D, E), ("embed", None), std=std)
         self.e_score_correction_bias = (
