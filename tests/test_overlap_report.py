@@ -5,7 +5,7 @@ import pytest
 
 from deepseek_jax.codesign.overlap_report import at_width, body_table, phase_bound
 from deepseek_jax.codesign.schedule import CostModel, Schedule
-from deepseek_jax.config import get_preset
+from deepseek_jax.presets import get_preset
 from tests.test_schedule import AXES, HLO
 
 
