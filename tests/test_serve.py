@@ -189,11 +189,14 @@ def test_bench_serve_script(capsys, load_s):
     from experiments.bench_serve import main
 
     argv = ["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--concurrency", "1,2"]
+    argv += ["--repeats", "2"]
     assert main([*argv, "--load-s", str(load_s), "--load-clients", "2"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     keys = {"decode_tokens_per_s_c1", "decode_tokens_per_s_c2", "ttft_ms_p50", "tpot_ms_p50"}
     keys |= {"tpot_ms_p99", "mtp_acceptance", "mtp_speedup", "lost_requests"}
     assert keys <= set(last) and last["lost_requests"] == 0
+    assert len(last["decode_tokens_per_s_c2_runs"]) == 2
+    assert last["decode_tokens_per_s_c2"] in last["decode_tokens_per_s_c2_runs"]
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
     assert 0 <= last["mtp_acceptance"] <= 1 and last["mtp_speedup"] > 0
     assert last["resident_requests_mla"] > last["resident_requests_gqa"] > 0
