@@ -121,13 +121,17 @@ def make_prompts(tokens, vocab: int, n: int, length: int, rng):
 def mtp_heldout(model, tokens, seq_len: int = 128, rows: int = 8) -> dict:
     """Teacher-forced held-out top-1 accuracy of the main head (t+1) and MTP head (t+2),
     and their agreement on t+2 (the greedy acceptance rate the MTP head allows)."""
-    import jax
     import numpy as np
+    from flax import nnx
 
     n = min(rows, len(tokens) // seq_len)
     ids = np.asarray(tokens[: n * seq_len]).reshape(n, seq_len).astype(np.int32)
-    out = jax.jit(lambda m, x: (m(x).logits, m(x).mtp_logits[0]))(model, ids)
-    main, mtp = (np.asarray(a).argmax(-1) for a in out)
+
+    def heads(m, x):
+        out = m(x)
+        return out.logits_BTV.argmax(-1), out.mtp_logits_KBTV[0].argmax(-1)
+
+    main, mtp = (np.asarray(a) for a in nnx.jit(heads)(model, ids))
     return {
         "main_top1": float((main[:, :-1] == ids[:, 1:]).mean()),
         "mtp_top1": float((mtp[:, :-2] == ids[:, 2:]).mean()),
@@ -211,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         run_round(spec, prompts, args.new_tokens)
         spec.stats.clear()
         rates = {"spec": [], "plain": []}  # alternated, medians: the machine's load drifts
-        for _ in range(3):
+        for _ in range(max(args.repeats, 3)):
             for key, eng in (("spec", spec), ("plain", engine)):
                 r = run_round(eng, prompts, args.new_tokens)
                 lost += r["lost"]
                 rates[key].append(r["decode_tokens_per_s"])
+        print("MTP rounds, tokens/s: spec " + ", ".join(f"{x:.1f}" for x in rates["spec"])
+              + "; plain " + ", ".join(f"{x:.1f}" for x in rates["plain"]))  # fmt: skip
         s = {"decode_tokens_per_s": float(np.median(rates["spec"]))}
         plain = {"decode_tokens_per_s": float(np.median(rates["plain"]))}
         acceptance = spec.stats["accepted"] / max(spec.stats["drafted"], 1)
