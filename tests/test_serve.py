@@ -207,3 +207,23 @@ def test_serve_script_reports_bad_sources(capsys):
 
     assert main(["--hf", "/nonexistent", "--port", "0"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_serve_prompts_and_heldout_heads():
+    """A checkpoint's prompts are windows of its held-out tokens; the held-out head
+    figures are fractions of the positions (none of them lost or double-counted)."""
+    import numpy as np
+
+    from experiments.bench_serve import make_prompts, mtp_heldout
+
+    tokens = np.arange(1000) % 200
+    rng = np.random.default_rng(0)
+    for p in make_prompts(tokens, 256, 3, 16, rng):
+        assert len(p) == 16 and all((b - a) % 200 == 1 for a, b in zip(p, p[1:], strict=False))
+    rand = make_prompts(None, 256, 2, 16, rng)
+    assert np.asarray(rand).shape == (2, 16) and np.asarray(rand).max() < 256
+    model = Transformer(get_preset("tiny"), rngs=nnx.Rngs(0))
+    h = mtp_heldout(model, tokens, seq_len=16, rows=2)
+    assert set(h) == {"main_top1", "mtp_top1", "mtp_agrees_with_main"}
+    assert all(0.0 <= v <= 1.0 for v in h.values())
+    assert h["main_top1"] * 2 * 15 == round(h["main_top1"] * 2 * 15)  # whole positions
