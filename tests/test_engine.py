@@ -9,7 +9,7 @@ from flax import nnx
 
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.generate import Generator
-from deepseek_jax.infer.sampling import RowSampling, SamplingParams, distribution, verify
+from deepseek_jax.infer.sampling import RowSampling, SamplingParams, distribution, sample, verify
 from deepseek_jax.model import Transformer
 from deepseek_jax.presets import get_preset
 
@@ -170,3 +170,30 @@ def test_speculative_sampling_keeps_the_target_distribution():
         jnp.ones((1,)), jnp.zeros((1,), jnp.int32), jnp.full((1,), 0.7), jnp.zeros((1,), jnp.int32)
     )
     np.testing.assert_allclose(distribution(logits, nucleus)[0], [0.625, 0.375, 0, 0], atol=1e-6)
+
+
+def test_sampling_fast_paths_equal_the_full_path():
+    """Greedy-only, uncut and top-k / top-p batches take different branches (the sort and
+    the draws run only when needed): each row samples the same alone as in a mixed batch."""
+    logits = jax.random.normal(jax.random.key(1), (4, 64)) * 3
+    s = RowSampling(
+        jnp.asarray([0.0, 0.7, 1.0, 1.3]),
+        jnp.asarray([0, 0, 5, 0], jnp.int32),
+        jnp.asarray([1.0, 1.0, 1.0, 0.8]),
+        jnp.asarray([1, 2, 3, 4], jnp.int32),
+    )
+    pos = jnp.arange(4, dtype=jnp.int32) + 9
+    fn = jax.jit(sample)
+    tok, probs = fn(logits, s, pos)
+    for i in range(4):
+        row = jax.tree.map(lambda a, i=i: a[i : i + 1], s)
+        t, p = fn(logits[i : i + 1], row, pos[i : i + 1])
+        assert int(t[0]) == int(tok[i])
+        np.testing.assert_allclose(p[0], probs[i], rtol=1e-6, atol=1e-7)
+    assert int(tok[0]) == int(jnp.argmax(logits[0]))
+    assert int((probs[2] > 0).sum()) == 5 and float(probs[1].min()) > 0
+    draft = jnp.asarray([int(jnp.argmax(logits[0])), 0], jnp.int32)  # right, then wrong
+    greedy = jax.tree.map(lambda a: jnp.stack([a[0], a[0]]), s)
+    p2 = jnp.stack([probs[0], probs[0]])
+    accepted, y = jax.jit(verify)(draft, jax.nn.one_hot(draft, 64), p2, greedy, pos[:2])
+    assert accepted.tolist() == [True, False] and y.tolist() == [int(draft[0])] * 2

@@ -189,11 +189,14 @@ def test_bench_serve_script(capsys, load_s):
     from experiments.bench_serve import main
 
     argv = ["--preset", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--concurrency", "1,2"]
+    argv += ["--repeats", "2"]
     assert main([*argv, "--load-s", str(load_s), "--load-clients", "2"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     keys = {"decode_tokens_per_s_c1", "decode_tokens_per_s_c2", "ttft_ms_p50", "tpot_ms_p50"}
     keys |= {"tpot_ms_p99", "mtp_acceptance", "mtp_speedup", "lost_requests"}
     assert keys <= set(last) and last["lost_requests"] == 0
+    assert len(last["decode_tokens_per_s_c2_runs"]) == 2
+    assert last["decode_tokens_per_s_c2"] in last["decode_tokens_per_s_c2_runs"]
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
     assert 0 <= last["mtp_acceptance"] <= 1 and last["mtp_speedup"] > 0
     assert last["resident_requests_mla"] > last["resident_requests_gqa"] > 0
@@ -204,3 +207,23 @@ def test_serve_script_reports_bad_sources(capsys):
 
     assert main(["--hf", "/nonexistent", "--port", "0"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_serve_prompts_and_heldout_heads():
+    """A checkpoint's prompts are windows of its held-out tokens; the held-out head
+    figures are fractions of the positions (none of them lost or double-counted)."""
+    import numpy as np
+
+    from experiments.bench_serve import make_prompts, mtp_heldout
+
+    tokens = np.arange(1000) % 200
+    rng = np.random.default_rng(0)
+    for p in make_prompts(tokens, 256, 3, 16, rng):
+        assert len(p) == 16 and all((b - a) % 200 == 1 for a, b in zip(p, p[1:], strict=False))
+    rand = make_prompts(None, 256, 2, 16, rng)
+    assert np.asarray(rand).shape == (2, 16) and np.asarray(rand).max() < 256
+    model = Transformer(get_preset("tiny"), rngs=nnx.Rngs(0))
+    h = mtp_heldout(model, tokens, seq_len=16, rows=2)
+    assert set(h) == {"main_top1", "mtp_top1", "mtp_agrees_with_main"}
+    assert all(0.0 <= v <= 1.0 for v in h.values())
+    assert h["main_top1"] * 2 * 15 == round(h["main_top1"] * 2 * 15)  # whole positions

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import deepseek_jax.infer.programs as programs
@@ -69,6 +68,17 @@ def buckets(limit: int, start: int = 1) -> tuple[int, ...]:
     out = [start]
     while out[-1] < limit:
         out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def _page_buckets(limit: int) -> tuple[int, ...]:
+    """Page-table widths: powers of two and the midpoints 3 x 2^k (1, 2, 3, 4, 6, 8, 12,
+    ...) up to the first >= ``limit``. Decode attention reads every slot of the width, so
+    the midpoints cut the padding read per step from up to 2x to up to 1.5x."""
+    out = [1]
+    while out[-1] < limit:
+        b = out[-1]
+        out.append(b + b // 2 if b >= 2 and b & (b - 1) == 0 else 1 << b.bit_length())
     return tuple(out)
 
 
@@ -113,7 +123,7 @@ class Engine:
             self.prefill = Stage.build(model, prefill_mesh, num_pages, page_size, attention)
         shards = self.decode.batch_shards
         self.batch_buckets = batch_buckets or buckets(max(max_batch, shards), start=shards)
-        self.page_buckets = page_buckets or buckets(self.alloc.pages_for(self.max_context))
+        self.page_buckets = page_buckets or _page_buckets(self.alloc.pages_for(self.max_context))
         if self.batch_buckets[-1] < max_batch:
             raise ValueError(f"batch_buckets {batch_buckets} do not reach max_batch {max_batch}")
         if any(b % shards for b in self.batch_buckets):
@@ -240,11 +250,11 @@ class Engine:
     def _sampling(self, reqs: list[Request], rows: int) -> RowSampling:
         pad = [SamplingParams()] * (rows - len(reqs))
         ps = [r.params for r in reqs] + pad
-        return RowSampling(
-            jnp.asarray([p.temperature for p in ps], jnp.float32),
-            jnp.asarray([p.top_k for p in ps], jnp.int32),
-            jnp.asarray([p.top_p for p in ps], jnp.float32),
-            jnp.asarray([p.seed for p in ps], jnp.int32),
+        return RowSampling(  # numpy: the compiled call copies them in (no eager dispatches)
+            np.asarray([p.temperature for p in ps], np.float32),
+            np.asarray([p.top_k for p in ps], np.int32),
+            np.asarray([p.top_p for p in ps], np.float32),
+            np.asarray([p.seed for p in ps], np.int32),
         )
 
     def _prefill_chunk(self, req: Request) -> None:
