@@ -63,6 +63,17 @@ _CPU_CELL = (
 )
 
 
+def _kernel_cpu_s(km) -> float | None:
+    """The kernel process's CPU seconds so far (user + sys, with its waited-for children),
+    from /proc; None where there is no /proc."""
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = False):
     """The notebook at ``path`` executed in a fresh kernel (cwd: its folder); its metadata
     gains ``cpu_s``, the kernel's CPU time (user + sys, with its child processes).
@@ -77,14 +88,16 @@ def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = Fa
 
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(_CPU_CELL))
-    clock = [time.perf_counter()]
+    clock = [time.perf_counter(), 0.0]  # wall, kernel CPU at the last cell's end
 
     def report(cell, cell_index, **_):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), _kernel_cpu_s(km)
         if progress and cell.source != _CPU_CELL:
             first = "".join(cell.source).strip().splitlines()[:1] or [""]
-            print(f"  [{cell_index:2d}] {now - clock[0]:6.1f} s  {first[0][:70]}", flush=True)
-        clock[0] = now
+            used = f"{cpu - clock[1]:6.1f} s CPU" if cpu is not None else ""
+            line = f"  [{cell_index:2d}] {now - clock[0]:6.1f} s {used}  {first[0][:64]}"
+            print(line, flush=True)
+        clock[0], clock[1] = now, cpu or 0.0
 
     with tempfile.TemporaryDirectory() as tmp:
         ksm = KernelSpecManager(kernel_dirs=[str(kernel_spec_dir(Path(tmp), small=small))])
