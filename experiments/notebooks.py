@@ -110,7 +110,11 @@ def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = Fa
             resources={"metadata": {"path": str(path.parent)}},
             on_cell_executed=report,
         )
-        client.execute()
+        try:
+            client.execute()
+        finally:  # nbclient leaves a kernel it did not start running
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
     cpu = nb.cells.pop()
     nb.metadata["cpu_s"] = float("".join(o.get("text", "") for o in cpu.outputs).strip())
     return nb
