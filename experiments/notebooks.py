@@ -7,7 +7,12 @@ notebook, ``<notebook>-<figure>.png``, named by the ``figure`` entry of the cell
 
 The kernel is this interpreter, declared in a temporary kernelspec, with this repository
 first on ``PYTHONPATH``: no user-wide kernel is needed, and a clone tests its own code.
-The notebooks are only read; their stored copies stay without outputs.
+The notebooks are only read; their stored copies stay without outputs. Each run reports its
+wall time and the kernel's CPU time (user + sys, its child processes included).
+
+A figure cell may declare what it needs (``# %% figure="gpu_schedule" needs=".venv-gpu"``):
+without that path it prints how to get it and draws nothing, which is not an error, except
+under ``make test`` (``DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1``, which builds ``.venv-gpu``).
 
     python -m experiments.notebooks [--small] [--save-figures] [name ...]
 """
@@ -27,6 +32,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = ("quickstart", "mla_memory", "moe_routing")
 SMALL_ENV = "DEEPSEEK_JAX_NOTEBOOK_SMALL"
 KERNEL = "deepseek-jax-notebooks"
+REQUIRE_ENV = "DEEPSEEK_JAX_REQUIRE_GPU_COMPILE"  # make test: every figure must be drawn
 
 
 def kernel_spec_dir(where: Path, *, small: bool) -> Path:
@@ -49,8 +55,28 @@ def kernel_spec_dir(where: Path, *, small: bool) -> Path:
     return spec.parent
 
 
+# Run after the notebook's own cells (and dropped from the result): the kernel's CPU seconds.
+_CPU_CELL = (
+    "import resource as _r\n"
+    "print(sum(getattr(_r.getrusage(w), f) for w in (_r.RUSAGE_SELF, _r.RUSAGE_CHILDREN)"
+    " for f in ('ru_utime', 'ru_stime')))"
+)
+
+
+def _kernel_cpu_s(km) -> float | None:
+    """The kernel process's CPU seconds so far (user + sys, with its waited-for children),
+    from /proc; None where there is no /proc."""
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = False):
-    """The notebook at ``path`` executed in a fresh kernel (cwd: its folder).
+    """The notebook at ``path`` executed in a fresh kernel (cwd: its folder); its metadata
+    gains ``cpu_s``, the kernel's CPU time (user + sys, with its child processes).
 
     Raises ``nbclient.exceptions.CellExecutionError`` (with the cell's traceback) on the
     first failing cell.
@@ -61,14 +87,17 @@ def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = Fa
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    clock = [time.perf_counter()]
+    nb.cells.append(nbformat.v4.new_code_cell(_CPU_CELL))
+    clock = [time.perf_counter(), 0.0]  # wall, kernel CPU at the last cell's end
 
     def report(cell, cell_index, **_):
-        now = time.perf_counter()
-        if progress:
+        now, cpu = time.perf_counter(), _kernel_cpu_s(km)
+        if progress and cell.source != _CPU_CELL:
             first = "".join(cell.source).strip().splitlines()[:1] or [""]
-            print(f"  [{cell_index:2d}] {now - clock[0]:6.1f} s  {first[0][:70]}", flush=True)
-        clock[0] = now
+            used = f"{cpu - clock[1]:6.1f} s CPU" if cpu is not None else ""
+            line = f"  [{cell_index:2d}] {now - clock[0]:6.1f} s {used}  {first[0][:64]}"
+            print(line, flush=True)
+        clock[0], clock[1] = now, cpu or 0.0
 
     with tempfile.TemporaryDirectory() as tmp:
         ksm = KernelSpecManager(kernel_dirs=[str(kernel_spec_dir(Path(tmp), small=small))])
@@ -81,7 +110,13 @@ def execute(path: Path, *, small: bool, timeout: int = 1800, progress: bool = Fa
             resources={"metadata": {"path": str(path.parent)}},
             on_cell_executed=report,
         )
-        client.execute()
+        try:
+            client.execute()
+        finally:  # nbclient leaves a kernel it did not start running
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
+    cpu = nb.cells.pop()
+    nb.metadata["cpu_s"] = float("".join(o.get("text", "") for o in cpu.outputs).strip())
     return nb
 
 
@@ -96,6 +131,27 @@ def figures(nb) -> dict[str, list[bytes]]:
             data = [o.get("data", {}) for o in cell.outputs]
             out[name] = [base64.b64decode(d["image/png"]) for d in data if "image/png" in d]
     return out
+
+
+def unmet_needs(nb) -> dict[str, str]:
+    """Figures whose cell needs a path this clone lacks (``needs`` in the cell's metadata,
+    relative to the repository, e.g. ``.venv-gpu``): figure name -> that path. Such a cell
+    says how to get it instead of drawing; with DEEPSEEK_JAX_REQUIRE_GPU_COMPILE set (``make
+    test``), nothing is excused."""
+    if os.environ.get(REQUIRE_ENV):
+        return {}
+    out = {}
+    for cell in nb.cells:
+        meta = cell.get("metadata", {})
+        if meta.get("figure") and meta.get("needs") and not (ROOT / meta["needs"]).exists():
+            out[meta["figure"]] = meta["needs"]
+    return out
+
+
+def empty_figures(nb) -> list[str]:
+    """Figure cells that drew no image, less those excused by ``unmet_needs``."""
+    excused = unmet_needs(nb)
+    return sorted(n for n, pngs in figures(nb).items() if not pngs and n not in excused)
 
 
 def expected_figures(nb) -> list[str]:
@@ -120,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path.name}:", flush=True)
         nb = execute(path, small=args.small, progress=True)
         figs = figures(nb)
-        print(f"{path.name}: ran in {time.perf_counter() - t0:.0f} s, figures {sorted(figs)}")
-        empty = sorted(name for name, pngs in figs.items() if not pngs)
+        wall, cpu = time.perf_counter() - t0, nb.metadata["cpu_s"]
+        print(f"{path.name}: ran in {wall:.0f} s (kernel CPU {cpu:.0f} s), figures {sorted(figs)}")
+        for fig_name, need in unmet_needs(nb).items():
+            print(f"  {fig_name}: not drawn, {need} is missing (see the cell's output)")
+        empty = empty_figures(nb)
         if empty:
             print(f"error: {path.name}: figure cells {empty} drew no image", file=sys.stderr)
             return 1

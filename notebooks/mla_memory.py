@@ -22,8 +22,9 @@
 # 1. Cache bytes per token from our calculators, beside the paper's table.
 # 2. Cache size against context length for DeepSeek-V3, Qwen-2.5 72B and LLaMA-3.1 405B.
 # 3. A numerical check that the absorbed decode equals the naive path, on a small model.
+# 4. The serving engine's paged cache: pages in use as requests come and go.
 #
-# `DEEPSEEK_JAX_NOTEBOOK_SMALL=1` uses the `tiny` preset for part 3 (the test suite).
+# `DEEPSEEK_JAX_NOTEBOOK_SMALL=1` uses the `tiny` preset for parts 3 and 4 (the test suite).
 
 # %%
 import os
@@ -175,3 +176,81 @@ ax.legend(fontsize=8, loc="upper right")
 ax.set_title(f"{PRESET}: token-by-token absorbed decode vs the training forward")
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## 4. The paged cache as requests come and go
+#
+# A server does not give each request a cache as long as the context. The latent cache is
+# one pool of pages (a page holds the latents and RoPE keys of `page_size` positions in
+# every layer) and each request has a page table. The engine (`infer/engine.py`) admits a
+# request when the pool can *book* its worst case (prompt + new tokens), prefills its
+# prompt one chunk per step, then decodes it one token per step beside the others
+# (continuous batching). It *takes* a page from the free list only when a token needs one,
+# and returns them all when the request finishes. `trace_pages` drives the engine (the
+# model above) through requests of different lengths arriving at different steps and
+# records the pool after every step.
+
+# %% figure="paged_cache"
+from deepseek_jax.infer.engine import Engine
+from deepseek_jax.infer.page_trace import FREE, TRASH, Arrival, trace_pages
+
+if SMALL:  # (arrival step, prompt tokens, new tokens)
+    PAGE, PAGES, CHUNK = 8, 25, 8
+    plan = [(0, 30, 12), (0, 6, 20), (2, 17, 8), (5, 40, 10), (9, 9, 24), (12, 20, 6)]
+else:
+    PAGE, PAGES, CHUNK = 16, 41, 32
+    plan = [(0, 120, 40), (0, 20, 90), (3, 70, 30), (8, 200, 40), (15, 35, 100),
+            (20, 90, 20), (30, 10, 60), (45, 150, 50), (60, 60, 30), (70, 25, 80)]  # fmt: skip
+engine = Engine(
+    model, page_size=PAGE, num_pages=PAGES, max_batch=4, prefill_chunk=CHUNK,
+    batch_buckets=(4,), page_buckets=(-(-max(n + m + 1 for _, n, m in plan) // PAGE),),
+)  # fmt: skip
+rng = np.random.default_rng(0)
+arrivals = [Arrival(s, tuple(rng.integers(0, cfg.vocab_size, n).tolist()), m) for s, n, m in plan]
+trace = trace_pages(engine, arrivals)
+capacity, steps = engine.alloc.capacity, np.arange(1, len(trace.in_use_S) + 1)
+pages_SR = trace.pages_SR()
+
+fig, (area, pool) = plt.subplots(2, 1, figsize=(14, 7.5), sharex=True)
+colours = plt.cm.tab10(np.arange(len(plan)) % 10)
+area.stackplot(steps, pages_SR.T, colors=colours, step="post",
+               labels=[f"request {r}: {n} + {m} tokens" for r, (_, n, m) in enumerate(plan)])  # fmt: skip
+area.step(steps, trace.in_use_S + trace.booked_S, "k--", where="post", lw=1,
+          label="in use + booked (admitted requests' worst case)")  # fmt: skip
+area.step(steps, trace.free_S, "C7", where="post", lw=1.5, label="free list")
+area.axhline(capacity, color="k", lw=0.8, ls=":")
+for r, (s, _, _) in enumerate(plan):  # arrivals
+    area.plot(s + 1, capacity + 0.6, "v", color=colours[r], ms=7, clip_on=False)
+area.set(ylabel=f"pages of {PAGE} tokens", ylim=(0, capacity + 1.2))
+area.set_title(
+    f"{PAGES - 1} pages (page 0 is the trash page), at most {engine.max_batch} requests at "
+    f"once, prompts prefilled {CHUNK} tokens a step; triangles: arrivals",
+    fontsize=10,
+)
+area.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.02))
+grid = np.where(trace.owner_SN >= 0, trace.owner_SN, np.nan).T  # [pages, steps]
+pool.imshow(grid, aspect="auto", cmap=plt.matplotlib.colors.ListedColormap(colours),
+            vmin=-0.5, vmax=len(plan) - 0.5, interpolation="nearest",
+            extent=(0.5, steps[-1] + 0.5, PAGES - 0.5, -0.5))  # fmt: skip
+pool.set(xlabel="engine step", ylabel="page id")
+pool.set_title("who holds each page (white: on the free list): freed pages are reused", fontsize=10)
+fig.tight_layout()
+plt.show()
+
+# What the plot shows, checked: every page is free or held by one request, a request holds
+# exactly the pages its cached tokens fill, and everything comes back.
+assert (trace.owner_SN[:, 0] == TRASH).all()
+assert ((trace.in_use_S + trace.free_S) == capacity).all()
+assert (pages_SR == -(-trace.tokens_SR // PAGE)).all()
+assert [len(r.output) for r in trace.requests] == [m for _, _, m in plan]
+assert trace.in_use_S[-1] == 0 and trace.free_S[-1] == capacity
+held = trace.tokens_SR.sum(1)
+fill = held[trace.in_use_S > 0] / (PAGE * trace.in_use_S[trace.in_use_S > 0])
+print(f"{len(steps)} steps, compiled programs {dict(engine.compilations)}")
+print(
+    f"peak: {trace.in_use_S.max()} pages in use of {capacity}, {trace.booked_S.max()} more "
+    f"booked; tokens fill {fill.mean():.0%} of the pages in use on average"
+)
+dense = engine.max_batch * (-(-cfg.max_position_embeddings // PAGE))
+print(f"a cache of the whole context ({cfg.max_position_embeddings} tokens) per batch row "
+      f"would hold {dense} pages")  # fmt: skip

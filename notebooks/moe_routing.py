@@ -22,7 +22,9 @@
 # 1. which nodes and experts the tokens of a sentence reach;
 # 2. inter-node copies per token, flat against two-hop, counted from the router's choices
 #    and from the exchange's own send buffers;
-# 3. how the aux-loss-free bias moves the load towards balance.
+# 3. how the aux-loss-free bias moves the load towards balance;
+# 4. the compiled GPU schedule of one MoE layer with and without dual micro-batch overlap,
+#    from a deviceless compile for a cluster of H100s.
 #
 # `DEEPSEEK_JAX_NOTEBOOK_SMALL=1` uses a `tiny` model (the test suite).
 
@@ -230,3 +232,116 @@ print(
     f"max/mean load: first {ratio_N[0]:.2f}, mean of the last tenth {ratio_N[-tenth:].mean():.2f}"
 )
 assert ratio_N[-tenth:].mean() < ratio_N[0]
+
+# %% [markdown]
+# ## 4. One MoE layer's GPU schedule, with and without dual micro-batch overlap
+#
+# On a GPU, a dispatch or combine all-to-all can travel while the device computes, if XLA's
+# latency-hiding scheduler finds independent work to put between the collective's start and
+# its done. One batch has none: its experts need its dispatch, its combine needs its
+# experts. `overlap=dual` (V3TR 3.2.1, `deepseek_jax/overlap.py`) splits each device's batch
+# into halves A and B and orders the phases so that one half's all-to-all has the other
+# half's compute beside it.
+#
+# `experiments.gpu_compile` compiles the real program for a cluster of H100s on this CPU
+# (no GPU: abstract devices from the CUDA plugin, JAX_NOTES.md) and saves XLA's schedule;
+# `codesign.timeline` replays it under the cost model of `codesign/schedule.py`: kernels one
+# after another on the compute stream, each all-to-all on the link from its start for its
+# bytes over the link's bandwidth, the compute stream waiting at its done if it has not
+# arrived. The program is a prefill (a forward pass over a batch of prompts) of a model cut
+# to one MoE layer: there the split covers the MoE's phases (the training step also splits
+# attention, forward and backward: README, "Deviceless GPU compile"). It is XLA's intended
+# schedule priced by a model, not a measurement.
+
+# %% figure="gpu_schedule" needs=".venv-gpu"
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import deepseek_jax
+from deepseek_jax.codesign.timeline import CATEGORIES, OTHER, timeline, totals
+
+ROOT = Path(deepseek_jax.__file__).resolve().parents[1]
+GPU_PY = ROOT / ".venv-gpu" / "bin" / "python"  # jax plus the CUDA plugin wheels
+if SMALL:  # 8 experts, one per device; compiles in seconds
+    GPU_MESH, GPU_MODEL = {"node": 2, "gpu": 4}, ["--preset", "tiny", "--batch", "16"]
+    GPU_MODEL += ["--seq-len", "128"]
+else:  # bench-small's widths, 16 experts, one per device
+    GPU_MESH, GPU_MODEL = {"node": 2, "gpu": 8}, ["--preset", "bench-small", "--batch", "32"]
+    GPU_MODEL += ["--seq-len", "512"]
+ONE_MOE_LAYER = ["num_hidden_layers=1", "first_k_dense_replace=0", "num_nextn_predict_layers=0"]
+
+if not GPU_PY.exists():
+    print(
+        f"The deviceless compile needs {GPU_PY.relative_to(ROOT)}, a venv with the CUDA "
+        "plugin wheels (no GPU needed). Build it with `make gpu-venv` (or `make gpu-compile`), "
+        "then run this cell again."
+    )
+else:
+    out_dir = Path(tempfile.mkdtemp(prefix="gpu_schedule_"))
+    mesh_arg = ",".join(f"{k}={v}" for k, v in GPU_MESH.items())
+    # LLVM at -O0 shortens the compile; XLA's schedule is decided before LLVM runs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    runs = {}
+    for ov in ("none", "dual"):  # both compiles at once, one process each
+        cmd = [str(GPU_PY), "-m", "experiments.gpu_compile", "--json", "--target", "h100"]
+        cmd += ["--mesh", mesh_arg, "--program", "prefill", *GPU_MODEL, *ONE_MOE_LAYER]
+        cmd += ["--hlo-out", str(out_dir / f"{ov}.hlo"), f"overlap={ov}"]
+        runs[ov] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    summaries, bars = {}, {}
+    for ov, proc in runs.items():
+        stdout, _ = proc.communicate()
+        assert proc.returncode == 0, f"overlap={ov}: the compile failed ({proc.returncode})"
+        summaries[ov] = json.loads(stdout.strip().splitlines()[-1])
+        bars[ov] = timeline((out_dir / f"{ov}.hlo").read_text(), GPU_MESH)
+
+    colours = dict(zip([c for c, _ in CATEGORIES] + [OTHER], ["C0", "C2", "C4", "C1", "0.7"]))
+    link = {("node",): "C3", ("gpu",): "C9"}  # the all-to-all's mesh axis
+
+    def us(b, length):  # a (start, width) span in microseconds
+        return [(b.start_s * 1e6, length * 1e6)]
+
+    fig, axes = plt.subplots(2, 1, figsize=(13, 7.5), sharex=True)
+    for ax, ov in zip(axes, ("none", "dual"), strict=True):
+        comp = [b for b in bars[ov] if b.lane == "compute"]
+        coll = [b for b in bars[ov] if b.lane == "collective" and b.category == "all-to-all"]
+        for b in comp:  # row 0: the compute stream, one bar per kernel
+            ax.broken_barh(us(b, b.end_s - b.start_s), (-0.4, 0.8), color=colours[b.category])
+        for i, b in enumerate(coll, start=1):  # a row per all-to-all, in issue order
+            c = link.get(b.axes, "k")
+            window = us(b, b.end_s - b.start_s)
+            ax.broken_barh(window, (i - 0.4, 0.8), facecolor="none", edgecolor=c, lw=0.8)
+            style = dict(alpha=0.9) if b.is_async else dict(alpha=0.4, hatch="//")
+            ax.broken_barh(us(b, b.transfer_s), (i - 0.3, 0.6), color=c, **style)
+        names = [f"a2a {','.join(b.axes)}" + ("" if b.is_async else " (sync)") for b in coll]
+        ax.set_yticks(range(len(coll) + 1), ["compute", *names], fontsize=8)
+        ax.invert_yaxis()
+        t = totals(bars[ov])
+        ax.set_title(
+            f"overlap={ov}: {len(coll)} all-to-alls, {len(coll) - sum(b.is_async for b in coll)} "
+            f"sync; compute {t.compute_s * 1e6:.2f} us + waiting for transfers "
+            f"{t.stall_s * 1e6:.2f} us = {t.makespan_s * 1e6:.2f} us",
+            fontsize=10,
+        )
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, list(colours), fontsize=8, ncol=5, loc="lower center")
+    axes[1].set_xlabel(
+        "us under the cost model. All-to-alls: solid, bytes on the link (red: node, blue: "
+        "gpu; hatched: sync); outline, start..done"
+    )
+    fig.suptitle(
+        f"one MoE layer, prefill of {GPU_MODEL[1]} ({' '.join(GPU_MODEL[2:])}) on "
+        f"{GPU_MESH} H100s: the compiled schedule",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    plt.show()
+    keys = ("all_to_all_total", "sync_all_to_all", "all_to_all_overlapped")
+    keys += ("all_to_all_hidden_fraction", "compile_s")
+    for ov in ("none", "dual"):
+        print(f"overlap={ov:5s}", {k: round(summaries[ov][k], 3) for k in keys})
+    n_none, n_dual = (summaries[o]["all_to_all_total"] for o in ("none", "dual"))
+    assert n_dual == 2 * n_none, (n_none, n_dual)  # each half exchanges on its own
+    ends = {ov: totals(bars[ov]).makespan_s for ov in bars}
+    print(f"end of the layer: none {ends['none'] * 1e6:.1f} us, dual {ends['dual'] * 1e6:.1f} us")

@@ -225,8 +225,10 @@ assert result.cache_bytes_per_token == mla_kv_bytes_per_token(cfg, bytes_per_val
 # %% [markdown]
 # ## Next
 #
-# - `mla_memory.ipynb`: MLA's cache against MHA and GQA, and the absorbed decode checked.
-# - `moe_routing.ipynb`: node-limited routing on a virtual `(node, gpu)` mesh.
+# - `mla_memory.ipynb`: MLA's cache against MHA and GQA, the absorbed decode checked, and
+#   the serving engine's paged cache as requests come and go.
+# - `moe_routing.ipynb`: node-limited routing on a virtual `(node, gpu)` mesh, and one MoE
+#   layer's compiled GPU schedule with and without dual micro-batch overlap.
 # - `python -m experiments.train --help`: the job above from the command line
 #   (`fp8=true` trains with DeepSeek-V3's FP8 recipe).
 # - `python -m experiments.codesign` reproduces the papers' co-design tables.
