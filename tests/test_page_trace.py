@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax.config import get_preset
+from deepseek_jax.presets import get_preset
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.page_trace import FREE, TRASH, Arrival, pool_owners, trace_pages
 from deepseek_jax.infer.paged import PageAllocator
