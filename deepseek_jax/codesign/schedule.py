@@ -9,8 +9,7 @@ order is the execution order on the compute stream) and finds every collective:
 
 Cost model (``CostModel``, printed with every result): transfer time = bytes over the
 slowest link of the collective's mesh axes (for an all-to-all over P peers, the (P - 1) / P
-of its buffer that leaves the device) (``node`` and ``stage``, which spans hosts too, 50 GB/s
-per GPU, 400 Gb/s InfiniBand;
+of its buffer that leaves the device) (``node`` and ``stage`` 50 GB/s per GPU, 400 Gb/s IB;
 ``gpu`` 160 GB/s, H800 NVLink as measured in V3TR 3.2.2); compute time of a window = its
 dots' FLOPs at 989 TFLOP/s (H100 BF16 dense) plus the other kernels' bytes (operands and
 result) at 3.35 TB/s; hidden = min(1, window compute / transfer). A sync collective hides
@@ -27,8 +26,6 @@ import math
 import re
 from typing import Any
 
-from deepseek_jax.mesh import STAGE
-
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2}
 _BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _BYTES |= {"c64": 8, "c128": 16, "token": 0}
@@ -44,7 +41,7 @@ _FREE |= {"replica-id", "after-all", "opt-barrier", "add-dependency"}
 class CostModel:
     """Link bandwidths per GPU (bytes/s) by mesh axis, and the compute roofline."""
 
-    link_Bps: tuple[tuple[str, float], ...] = (("node", 50e9), ("gpu", 160e9), (STAGE, 50e9))
+    link_Bps: tuple[tuple[str, float], ...] = (("node", 50e9), ("gpu", 160e9), ("stage", 50e9))
     flops: float = 989e12
     hbm_Bps: float = 3.35e12
 
@@ -389,23 +386,15 @@ def summary(sched: Schedule) -> dict[str, Any]:
         part = [c for c in a2a if c.phase == phase]
         out[f"all_to_all_hidden_fraction_{phase}"] = _hidden_fraction(part)
         out[f"sync_all_to_all_{phase}"] = sum(not c.is_async for c in part)
+    stage = [c for c in cs if c.kind == "collective-permute" and c.axes == ("stage",)]
+    out["stage_collective_permute_total"] = len(stage)  # a pipeline's stage-to-stage transfers
+    out["stage_collective_permute_overlapped"] = sum(c.overlapped for c in stage)
+    out["sync_stage_collective_permute"] = sum(not c.is_async for c in stage)
+    out["stage_collective_permute_hidden_fraction"] = _hidden_fraction(stage)
     # The best any schedule can do under the model: all compute of the program against all
     # all-to-all transfer time (each counted once per trip).
     compute = sched.program_compute_s()
     transfer = sum(c.transfer_s * c.trips for c in a2a)
     out["all_to_all_transfer_s"] = transfer
     out["program_compute_s"] = compute
-    return out | _permutes(cs)
-
-
-def _permutes(cs: list[Collective]) -> dict[str, Any]:
-    """Collective-permutes counted like the all-to-alls: all of them, and those over the
-    ``stage`` axis alone (a pipeline's stage-to-stage transfers)."""
-    out: dict[str, Any] = {}
-    perm = [c for c in cs if c.kind == "collective-permute"]
-    for key, part in (("", perm), ("stage_", [c for c in perm if c.axes == (STAGE,)])):
-        out[f"{key}collective_permute_total"] = len(part)
-        out[f"{key}collective_permute_overlapped"] = sum(c.overlapped for c in part)
-        out[f"sync_{key}collective_permute"] = sum(not c.is_async for c in part)
-        out[f"{key}collective_permute_hidden_fraction"] = _hidden_fraction(part)
     return out
