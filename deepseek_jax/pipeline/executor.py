@@ -16,7 +16,7 @@ Each tick every stage runs its slot of the table in two halves (each a ``lax.swi
 slot's kind: F, B, W, full backward, or DualPipe's F&B pair): the forward half, then the
 backward half. Activations move one stage forward and gradients one stage back by
 ``ppermute`` (both ways for DualPipe; DualPipeV's turn at the last stage is a local copy),
-double-buffered so that every transfer has compute beside it: this tick's activations travel
+double-buffered so that XLA may overlap each transfer: this tick's activations travel
 during its backward half, and last tick's input gradients during this tick's forward half
 (``tick``). That is XLA's schedule; at run time a window holds the other half's switch,
 which is empty on a stage whose slot has no such half (every slot of 1F1B and ZB1P holds one
@@ -258,9 +258,9 @@ def value_and_grad(
         def tick(carry, tab):
             """Double-buffered transfers: the last tick's input gradients travel beside this
             tick's forward half (which reads only activations), this tick's activations
-            beside its backward half (which reads only stored ones), so each stage-to-stage
-            ppermute has compute in its window and every value still arrives before the
-            tick after the one that made it, as the table assumes."""
+            beside its backward half (which reads only stored ones), so no stage-to-stage
+            ppermute waits on the compute it could overlap, and every value still arrives
+            before the tick after the one that made it, as the table assumes."""
             row = {k: v[stage] for k, v in tab.items()}
             carry = dict(carry)
             got_dx = {ch: send(ch, carry["pend_dx"]) for ch in used if ch.startswith("grad")}
