@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="global batch (sequences)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--remat", default="none", help="none | full | dots (train)")
+    p.add_argument("--pipeline", default="none", help="schedule over the stage axis (train)")
+    p.add_argument("--microbatches", type=int, default=1, help="pipelined micro-batches per step")
     p.add_argument("--no-lhs", action="store_true", help="latency-hiding scheduler off (control)")
     p.add_argument(
         "--xla", action="append", default=[], help="extra XLA:GPU option key=value (repeatable)"
@@ -98,7 +100,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.no_lhs:
         options["xla_gpu_enable_latency_hiding_scheduler"] = False
     out = gc.compile_program(
-        args.program, cfg, mesh, args.batch, args.seq_len, options=options, remat=args.remat
+        args.program,
+        cfg,
+        mesh,
+        args.batch,
+        args.seq_len,
+        options=options,
+        remat=args.remat,
+        pipeline=args.pipeline,
+        microbatches=args.microbatches,
     )
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:

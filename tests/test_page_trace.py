@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax.presets import get_preset
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.page_trace import FREE, TRASH, Arrival, pool_owners, trace_pages
 from deepseek_jax.infer.paged import PageAllocator
 from deepseek_jax.infer.sampling import SamplingParams
 from deepseek_jax.model import Transformer
+from deepseek_jax.presets import get_preset
 
 # One MoE layer, no MTP: the cheapest model the engine serves.
 CFG = get_preset(

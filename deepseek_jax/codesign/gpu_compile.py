@@ -14,6 +14,7 @@ MoE experts on capacity slots (``einsum``), the XLA attention core, bfloat16 com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from importlib import resources
 from typing import Any
@@ -88,14 +89,21 @@ def compile_program(
     *,
     options: dict[str, Any] | None = None,
     remat: str = "none",
+    pipeline: str = "none",
+    microbatches: int = 1,
 ) -> Compiled:
-    """Traces ``program`` on abstract state over ``mesh`` and compiles it for the GPU."""
+    """Traces ``program`` on abstract state over ``mesh`` and compiles it for the GPU;
+    ``pipeline`` (train only) runs the step pipelined over the mesh's stages."""
     if program not in PROGRAMS:
         raise ValueError(f"--program {program!r}: choose one of {PROGRAMS}")
     dp = mesh.size
     if batch % dp:
         raise ValueError(f"--batch {batch} is not divisible by the {dp} devices of the mesh")
     build = {"train": _train, "prefill": _prefill, "decode": _decode}[program]
+    if pipeline != "none":
+        if program != "train":
+            raise ValueError(f"--pipeline {pipeline}: only --program train is pipelined")
+        build = functools.partial(_train, pipeline=pipeline, microbatches=microbatches)
     # Choices by platform (Pallas kernels compiled, not interpreted) are made for the GPU.
     with jax.set_mesh(mesh), backends.targeting("gpu"):
         traced = build(cfg, mesh, batch, seq_len, remat)
@@ -112,13 +120,22 @@ def _ids(mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, spec))
 
 
-def _train(cfg, mesh, batch, seq_len, remat):
+def _train(cfg, mesh, batch, seq_len, remat, pipeline="none", microbatches=1):
     import deepseek_jax.train.state as st
     import deepseek_jax.train.step as sp
+    from deepseek_jax.pipeline.placement import pipeline_for
 
-    tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, layer_loop="scan", remat=remat)
+    tcfg = TrainConfig(
+        batch_size=batch,
+        seq_len=seq_len,
+        layer_loop="scan",
+        remat=remat,
+        pipeline=pipeline,
+        microbatches=microbatches,
+    )
     graphdef, abs_state, layout, tx = st.plan(cfg, tcfg, mesh)
-    fn = lambda s, ids: sp.train_step(graphdef, tx, tcfg, layout, s, ids)  # noqa: E731
+    pipe = pipeline_for(cfg, tcfg, mesh)
+    fn = lambda s, ids: sp.train_step(graphdef, tx, tcfg, layout, s, ids, pipe)  # noqa: E731
     jitted = jax.jit(
         fn,
         in_shardings=(layout.state, sp.batch_sharding(mesh)),

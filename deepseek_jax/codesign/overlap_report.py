@@ -25,6 +25,7 @@ from typing import Any
 from deepseek_jax.codesign.flops import mla_params
 from deepseek_jax.codesign.schedule import Collective, CostModel, Schedule
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.mesh import STAGE
 from deepseek_jax.moe.dispatch import Capacities, Topology
 from deepseek_jax.sharding import RULES, expert_links
 
@@ -64,6 +65,11 @@ def summary(sched: Schedule) -> dict[str, Any]:
         part = [c for c in a2a if c.phase == phase]
         out[f"all_to_all_hidden_fraction_{phase}"] = _hidden_fraction(part)
         out[f"sync_all_to_all_{phase}"] = sum(not c.is_async for c in part)
+    stage = [c for c in cs if c.kind == "collective-permute" and c.axes == (STAGE,)]
+    out["stage_collective_permute_total"] = len(stage)  # a pipeline's stage-to-stage transfers
+    out["stage_collective_permute_overlapped"] = sum(c.overlapped for c in stage)
+    out["sync_stage_collective_permute"] = sum(not c.is_async for c in stage)
+    out["stage_collective_permute_hidden_fraction"] = _hidden_fraction(stage)
     # The best any schedule can do under the model: all compute of the program against all
     # all-to-all transfer time (each counted once per trip).
     out["all_to_all_transfer_s"] = sum(c.transfer_s * c.trips for c in a2a)

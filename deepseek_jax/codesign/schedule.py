@@ -9,7 +9,7 @@ order is the execution order on the compute stream) and finds every collective:
 
 Cost model (``CostModel``, printed with every result): transfer time = bytes over the
 slowest link of the collective's mesh axes (for an all-to-all over P peers, the (P - 1) / P
-of its buffer that leaves the device) (``node`` 50 GB/s per GPU, 400 Gb/s InfiniBand;
+of its buffer that leaves the device) (``node`` and ``stage`` 50 GB/s per GPU, 400 Gb/s IB;
 ``gpu`` 160 GB/s, H800 NVLink as measured in V3TR 3.2.2); compute time of a window = its
 dots' FLOPs at 989 TFLOP/s (H100 BF16 dense) plus the other kernels' bytes (operands and
 result; of a dynamic-update-slice only its update: XLA writes it in place) at 3.35 TB/s;
@@ -26,7 +26,7 @@ import dataclasses
 import math
 import re
 
-from deepseek_jax.mesh import GPU, NODE
+from deepseek_jax.mesh import GPU, NODE, STAGE
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2}
 _BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -43,7 +43,7 @@ _FREE |= {"replica-id", "after-all", "opt-barrier", "add-dependency"}
 class CostModel:
     """Link bandwidths per GPU (bytes/s) by mesh axis, and the compute roofline."""
 
-    link_Bps: tuple[tuple[str, float], ...] = ((NODE, 50e9), (GPU, 160e9))
+    link_Bps: tuple[tuple[str, float], ...] = ((NODE, 50e9), (GPU, 160e9), (STAGE, 50e9))
     flops: float = 989e12
     hbm_Bps: float = 3.35e12
 

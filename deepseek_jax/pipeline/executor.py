@@ -12,19 +12,23 @@ are passed to every stage whole; the first hop embeds, the last hop runs the hea
 (which reuse the embedding and head): each stage's share of those shared gradients is
 summed over stages explicitly (``psum``), which is the tied-weights all-reduce.
 
-Each tick every stage runs its slot of the table (``lax.switch`` on the slot's kind: F, B,
-W, full backward, or DualPipe's F&B pair), then activations move one stage forward and
-gradients one stage back by ``ppermute`` (both ways for DualPipe; DualPipeV's turn at the
-last stage is a local copy). A forward stores its input; B and W recompute the chunk under
-``jax.vjp`` (B: input gradient only, W: weight gradient only, as the zero-bubble split
-needs), so nothing but the stored inputs and output gradients crosses ticks. Simplified:
-every micro-batch's input and output gradient are kept for the whole step (the table's
-activation count is what a freeing runtime would hold), an F&B pair runs its halves one
-after the other (the hook for the dual micro-batch overlap of ``overlap.py`` is
-``branch`` below, kinds FB and FBW), the embedding is computed on every hop and kept only
-on the first, and compute overlaps the ppermutes only as far as XLA schedules it (the GPU
-compile check of the stage transfers belongs on ``tick``'s ppermutes). Placement of layers
-and micro-batches is in ``placement.py``.
+Each tick every stage runs its slot of the table in two halves (each a ``lax.switch`` on the
+slot's kind: F, B, W, full backward, or DualPipe's F&B pair): the forward half, then the
+backward half. Activations move one stage forward and gradients one stage back by
+``ppermute`` (both ways for DualPipe; DualPipeV's turn at the last stage is a local copy),
+double-buffered so that XLA may overlap each transfer: this tick's activations travel
+during its backward half, and last tick's input gradients during this tick's forward half
+(``tick``). That is XLA's schedule; at run time a window holds the other half's switch,
+which is empty on a stage whose slot has no such half (every slot of 1F1B and ZB1P holds one
+phase), so the overlap is real where the table pairs F and B in one slot (DualPipe's F&B). A
+forward stores its input; B and W recompute the chunk under ``jax.vjp`` (B: input gradient
+only, W: weight gradient only, as the zero-bubble split needs), so nothing but the stored
+inputs and output gradients crosses ticks. Simplified: every micro-batch's input and output
+gradient are kept for the whole step (the table's activation count is what a freeing runtime
+would hold), an F&B pair runs its halves one after the other (the hook for the dual
+micro-batch overlap of ``overlap.py`` is ``f_half``/``b_half`` below, kinds FB and FBW), and
+the embedding is computed on every hop and kept only on the first. Placement of layers and
+micro-batches is in ``placement.py``.
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def value_and_grad(
     stage_r = to_stages(layers_r, plan)
     ids = microbatches(ids_BT1, m)
     tables_np = tick_tables(sched, plan)
+    for ch in ("grad_down", "grad_up", "grad_self"):  # gradients land one tick later
+        for k in ("on", "c", "mb"):
+            a = tables_np[f"{ch}_{k}"]
+            tables_np[f"prev_{ch}_{k}"] = np.concatenate([np.zeros_like(a[:1]), a[:-1]])
     tables = {k: jnp.asarray(v) for k, v in tables_np.items()}
     channels = ("act_down", "act_up", "act_self", "grad_down", "grad_up", "grad_self")
     used = [k for k in channels if tables_np[f"{k}_on"].any()]  # ppermute only these
@@ -169,20 +177,21 @@ def value_and_grad(
         )
         carry0["mtp"] = zeros(mtp0)
         blank = jnp.zeros_like(xin[0, 0])
+        carry0["pend_dx"] = blank  # the input gradient made last tick, delivered this tick
         inv_m = jnp.asarray(1.0 / m, jnp.float32)
 
-        def run_f(carry, row):
+        def run_f(carry, xin, row):
             c, mb = row["f_c"], row["f_mb"]
-            (y, _), (terms, stats, mtp) = chunk(_take(sp, c), shp, carry["xin"][c, mb], ids[mb], c)
+            (y, _), (terms, stats, mtp) = chunk(_take(sp, c), shp, xin[c, mb], ids[mb], c)
             carry = dict(carry)
             carry["terms"] = jax.tree.map(lambda a, b: a + b, carry["terms"], terms)
             carry["stats"] = _add_at(carry["stats"], c, stats)
             carry["mtp"] = jax.tree.map(lambda a, b: a + b, carry["mtp"], mtp)
             return carry, y
 
-        def run_b(carry, row, *, grad_x: bool, grad_w: bool):
+        def run_b(carry, xin, dys, row, *, grad_x: bool, grad_w: bool):
             c, mb = row["b_c"], row["b_mb"]
-            x_in, dy, p_c = carry["xin"][c, mb], carry["dys"][c, mb], _take(sp, c)
+            x_in, dy, p_c = xin[c, mb], dys[c, mb], _take(sp, c)
             f = lambda p, sh, x: chunk(p, sh, x, ids[mb], c)[0]  # noqa: E731
             cot = (dy, inv_m)
             carry = dict(carry)
@@ -198,41 +207,77 @@ def value_and_grad(
                 (dx,) = vjp(cot)
             return carry, dx
 
-        def branch(kind):
-            # FB / FBW run their two halves in turn: overlap.py's dual micro-batch
-            # interleave (one half's all-to-alls beside the other's compute) plugs in here.
-            def run(carry, row):
-                y = dx = blank
-                if "F" in KINDS[kind]:
-                    carry, y = run_f(carry, row)
-                if KINDS[kind] != "F" and kind:
-                    phases = KINDS[kind].replace("F", "")
-                    carry, dx = run_b(carry, row, grad_x="B" in phases, grad_w="W" in phases)
-                return carry, y, dx
+        # A slot runs as two halves, each a switch over the slot kinds present: its forward
+        # (kinds F, FB, FBW) and its backward (B, W, BW, FB, FBW). The FB / FBW pair's
+        # halves run in turn: overlap.py's dual micro-batch interleave (one half's
+        # all-to-alls beside the other's compute) would plug in here.
+        def f_half(kind):
+            def run(acc, xin, row):
+                return run_f(acc, xin, row) if "F" in KINDS[kind] else (acc, blank)
 
             return run
 
-        branches = [branch(k) for k in kinds]
-        kind_index = jnp.asarray(np.searchsorted(kinds, np.arange(len(KINDS))), jnp.int32)
+        def b_half(kind):
+            phases = KINDS[kind].replace("F", "")
+
+            def run(acc, xin, dys, row):
+                if not phases or not kind:
+                    return acc, blank
+                return run_b(acc, xin, dys, row, grad_x="B" in phases, grad_w="W" in phases)
+
+            return run
+
+        def halves(make, keep):
+            ks = sorted({k for k in kinds if keep(KINDS[k])} | {0})
+            index = jnp.asarray(
+                [ks.index(k) if k in ks and keep(KINDS[k]) else 0 for k in range(len(KINDS))],
+                jnp.int32,
+            )
+            return [make(k) for k in ks], index
+
+        f_branches, f_index = halves(f_half, lambda k: "F" in k)
+        b_branches, b_index = halves(b_half, lambda k: bool(k.replace("F", "").replace("idle", "")))
+        acc_f = ("terms", "stats", "mtp")
+        acc_b = ("g_p", "g_sh")
+
+        def send(ch, val):
+            way = ch.split("_")[1]
+            if way == "self":
+                return val
+            perm = (
+                [(s, s + 1) for s in range(sched.pp - 1)]
+                if way == "down"
+                else [(s, s - 1) for s in range(1, sched.pp)]
+            )
+            return jax.lax.ppermute(val, stage_axes, perm)
+
+        def deliver(buf, row, ch, val, prefix=""):
+            on, c, mb = (row[f"{prefix}{ch}_{k}"] for k in ("on", "c", "mb"))
+            return _write(buf, on > 0, c, mb, val)
 
         def tick(carry, tab):
+            """Double-buffered transfers: the last tick's input gradients travel beside this
+            tick's forward half (which reads only activations), this tick's activations
+            beside its backward half (which reads only stored ones), so no stage-to-stage
+            ppermute waits on the compute it could overlap, and every value still arrives
+            before the tick after the one that made it, as the table assumes."""
             row = {k: v[stage] for k, v in tab.items()}
-            carry, y, dx = jax.lax.switch(kind_index[row["kind"]], branches, carry, row)
-            for ch in used:
-                kind, way = ch.split("_")
-                val = y if kind == "act" else dx
-                if way != "self":
-                    pp = sched.pp
-                    perm = (
-                        [(s, s + 1) for s in range(pp - 1)]
-                        if way == "down"
-                        else [(s, s - 1) for s in range(1, pp)]
-                    )
-                    val = jax.lax.ppermute(val, stage_axes, perm)
-                key = "xin" if kind == "act" else "dys"
-                carry[key] = _write(
-                    carry[key], row[f"{ch}_on"] > 0, row[f"{ch}_c"], row[f"{ch}_mb"], val
-                )
+            carry = dict(carry)
+            got_dx = {ch: send(ch, carry["pend_dx"]) for ch in used if ch.startswith("grad")}
+            acc = {k: carry[k] for k in acc_f}
+            acc, y = jax.lax.switch(f_index[row["kind"]], f_branches, acc, carry["xin"], row)
+            carry |= acc
+            for ch, val in got_dx.items():
+                carry["dys"] = deliver(carry["dys"], row, ch, val, prefix="prev_")
+            got_y = {ch: send(ch, y) for ch in used if ch.startswith("act")}
+            acc = {k: carry[k] for k in acc_b}
+            acc, dx = jax.lax.switch(
+                b_index[row["kind"]], b_branches, acc, carry["xin"], carry["dys"], row
+            )
+            carry |= acc
+            for ch, val in got_y.items():
+                carry["xin"] = deliver(carry["xin"], row, ch, val)
+            carry["pend_dx"] = dx
             return carry, None
 
         carry, _ = jax.lax.scan(tick, carry0, tables)
