@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup gpu-venv
-	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile --durations=15
 
 test-all: setup gpu-venv
 	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
@@ -56,7 +56,7 @@ bench-cpu: setup $(TORCH_VENV)/.installed
 	$(PY) -m experiments.bench_cpu --torch $(TORCH_VENV)/bin/python
 
 # Runs the notebooks at full size; each figure is saved as notebooks/<notebook>-<figure>.png.
-notebooks: setup
+notebooks: setup gpu-venv
 	$(PY) -m experiments.notebooks --save-figures
 
 params: setup
