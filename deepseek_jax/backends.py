@@ -9,16 +9,16 @@
 - Pallas kernels (FP8 GEMM, dispatch): compiled on a GPU, interpreted elsewhere.
 - the run's compute dtype when ``--dtype`` is not given: bfloat16 on a GPU.
 
-Why measure: a kernel tuned on one CPU ran 10-30x slower than XLA on another (AVX-512
-register tiles compiled for AVX2). So on CPU a C++ kernel wins only where it was timed
-faster than its XLA twin *here*: on first use per (CPU model and flags, kernel build,
-operation, shape class, phase) both run on the real per-device shapes, best of a few runs,
-in a worker thread (outside any trace and mesh). The phase is what the program runs:
-forward and backward when training, the forward alone inside ``inference()`` (prefill,
-decode), where a kernel whose backward wins the race may lose it. The decision is cached as
-JSON beside the kernel cache, so later processes reuse it, and logged once per process on
-the ``deepseek_jax.backends`` logger. An explicit config value always wins; a kernel that
-does not build is logged once and loses.
+Why measure: a kernel tuned on one CPU can run far slower than XLA on another (AVX-512
+register tiles compiled for AVX2: README, 'Per machine class'). So on CPU a C++ kernel wins
+only where it was timed faster than its XLA twin *here*: on first use per (CPU model and
+flags, kernel build, operation, shape class, phase) both run on the real per-device shapes,
+best of a few runs, in a worker thread (outside any trace and mesh). The phase is what the
+program runs: forward and backward when training, the forward alone inside ``inference()``
+(prefill, decode), where a kernel whose backward wins the race may lose it. The decision is
+cached as JSON beside the kernel cache, so later processes reuse it, and logged once per
+process on the ``deepseek_jax.backends`` logger. An explicit config value always wins; a
+kernel that does not build is logged once and loses.
 """
 
 from __future__ import annotations

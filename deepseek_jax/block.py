@@ -1,4 +1,7 @@
-"""One transformer block: pre-norm MLA, then a dense SwiGLU FFN or a DeepSeekMoE layer."""
+"""One transformer block: pre-norm MLA, then a dense SwiGLU FFN or a DeepSeekMoE layer.
+
+Shape letters: B batch, T positions, D hidden, L layers, E routed experts.
+"""
 
 from __future__ import annotations
 

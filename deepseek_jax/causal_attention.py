@@ -4,8 +4,8 @@ our fused C++ kernel on CPU (``cpu_kernels/attention.py``), chosen by
 ``cfg.run.attention_backend`` through ``resolve_attention_backend``. The XLA path is the kernel's
 plain-jnp twin (tests/test_mla.py, tests/test_cpu_attention.py).
 
-Shapes: B batch, T query positions, S key positions, H heads, N nope head dim, R rope head
-dim, O v head dim.
+Shape letters: B batch, T query positions, S key positions, H heads, N nope head dim, R rope
+head dim, O v head dim, K = N + R.
 """
 
 from __future__ import annotations

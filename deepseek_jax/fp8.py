@@ -45,6 +45,10 @@ for comparison. E5M2 and delayed scaling are not used.
 *Modules, bottom up* (imports form a DAG): ``fp8_quant.py`` (the one tile quantiser and
 its constants), ``fp8_gemm.py`` (block-scaled GEMMs), ``fp8_vjp.py`` (the custom VJPs),
 this file (the FP8 linears the model calls).
+
+Shape letters: K in and N out features of one linear (not experts per token / nope dim), D
+hidden, F FFN width, E experts, C capacity slots per expert, A rows sorted by expert, P
+their padded positions, B 128-row blocks.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 ``scaled_matmul_reference`` is the slow twin; ``scaled_matmul`` runs ``xla`` (plain jnp)
 or ``pallas`` (``pallas_kernels/fp8_matmul.py``); ``grouped_scaled_matmul`` takes rows in
 the m-grouped contiguous layout that ``contiguous_layout`` builds.
+
+Shape letters: M rows, K contraction, N output columns (not experts per token / nope dim), G
+K/128 scale tiles, E experts, B 128-row blocks (M = 128 B), P padded positions.
 """
 
 from __future__ import annotations

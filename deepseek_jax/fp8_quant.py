@@ -17,6 +17,8 @@ cast to the FP8 format, so that x ~ q s.
   overflowing cast is NaN); round-to-nearest would give fmt_max anyway, the clip makes it
   independent of the cast's rounding.
 - ``pow2`` rounds the scale up to a power of two (exact rescaling; kept for comparison).
+
+Shape letters: R rows, C columns (``s_RC`` holds one scale per 128x128 block).
 """
 
 from __future__ import annotations

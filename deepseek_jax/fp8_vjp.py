@@ -3,6 +3,10 @@
 Tile orientations (the design note in ``fp8.py``): Fprop x 1x128 along K with W in
 128x128 blocks; Dgrad dy 1x128 along N with the same W blocks transposed; Wgrad x and dy
 both re-tiled along tokens. The Fprop input is kept for Wgrad already re-tiled, in FP8.
+
+Shape letters: B a leading batch of GEMMs in ``fp8_dot`` but 128-row blocks in the grouped
+path, M rows, K contraction, N output columns, G and H 128-wide scale tiles, E experts, P
+padded rows.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ that sense: where the density falls with |x| (a Gaussian's), nearest rounding in
 space leans a little low or high, about 1 % of the rms error (``experiments.logfmt_error``).
 What we simplify: min and max travel as float32 per tile (0.5 extra bits per value); codes
 are uint8 (n <= 8) or uint16, one per value, not bit-packed.
+
+Shape letters: T rows (tokens), D columns, G 1x128 tiles per row (G = D / 128, not groups),
+C the 128 values of a tile.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The DeepSeek-V3 transformer: embedding, dense blocks, scanned MoE blocks, head, MTP."""
+"""The DeepSeek-V3 transformer: embedding, dense blocks, scanned MoE blocks, head, MTP.
+
+Shape letters: B batch, T positions, D hidden, V vocab, K MTP depth (not experts per token),
+L layers, E routed experts.
+"""
 
 from __future__ import annotations
 

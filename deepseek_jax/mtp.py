@@ -11,6 +11,8 @@ its final norm, and depth k > 1 gets depth k-1's normed output (``shared_head.no
 is how transformers' ``MtpModel`` and vLLM run the released MTP weights (our golden MTP
 logits come from the former). Causality holds: position i sees tokens up to i+k, all of
 them inputs.
+
+Shape letters: B batch, T positions, D hidden.
 """
 
 from __future__ import annotations

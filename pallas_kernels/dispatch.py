@@ -21,6 +21,9 @@ and is read with one vector gather per block. ``interpret=True`` runs it on CPU 
 on a GPU it compiles through the Triton backend (the kernels cross-lower for CUDA on a CPU
 host; speed is unmeasured). Shapes need not be multiples of the blocks: the wrappers pad
 rows and columns and slice the result.
+
+Shape letters: T tokens, D hidden, S send-buffer rows, B 1x128 scale tiles per row (not
+batch), J copies per token.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Layout: ``qlat_BHC``, ``qrope_BHR`` (already scaled), the pool ``ckv_NPC``, ``kr
 ``table_BM`` page ids, ``n_keys_B`` visible positions per request (its own included).
 Output: the probability-weighted latent ``olat_BHC`` (float32). ``mla_decode_reference``
 is the plain-jnp twin (gather the pages, masked softmax).
+
+Shape letters: B requests, H heads, C kv_lora_rank, R rope dim, N pages (not nope dim), P
+positions per page, M page slots per request, S splits in the kernel but key positions (M P)
+in the reference.
 """
 
 from __future__ import annotations

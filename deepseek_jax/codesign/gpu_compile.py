@@ -9,6 +9,8 @@ latency-hiding scheduler. Nothing is materialised and no GPU is needed.
 
 The GPU choices are forced (what ``auto`` picks on a GPU): the layer stacks in a scan, the
 MoE experts on capacity slots (``einsum``), the XLA attention core, bfloat16 compute.
+
+Shape letters: B batch, T positions.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ copies drop from up to k (one per expert) to at most M.
 Counted: IB copies of one token's hidden state, as the paper counts them (the token's own
 node included, so these are upper bounds). Ignored: payload size (the same for every
 copy), the NVLink hop's latency, load imbalance.
+
+Shape letters: T tokens, K experts per token.
 """
 
 from __future__ import annotations

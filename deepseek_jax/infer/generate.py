@@ -12,6 +12,8 @@ copies each layer's weights out of the stack at every step (a dynamic slice feed
 default the decoder runs the layers unrolled over per-layer copies of the weights (made
 once per ``Generator``: twice the layer memory while it lives). ``unroll=False`` keeps the
 scanned ``Transformer.decode``; it is the default for a model on a mesh.
+
+Shape letters: B batch, T positions, D hidden, V vocab, N generated steps (not nope dim).
 """
 
 from __future__ import annotations

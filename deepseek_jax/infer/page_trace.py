@@ -6,6 +6,8 @@ the cache (one prefill chunk, then one decode token, per step), and returns them
 request retires. ``trace_pages`` drives an ``Engine`` through a schedule of arrivals and
 snapshots the pool after every step: which request holds each page, how many pages are
 booked but not yet taken, how many requests wait. It only reads the engine.
+
+Shape letters: S engine steps, N pages, R requests (not key positions, nope dim, rope dim).
 """
 
 from __future__ import annotations

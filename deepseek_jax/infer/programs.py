@@ -2,7 +2,8 @@
 
 Each is a pure function of (model state, page pool, batch arrays) that returns new tokens
 and the pool (donated). ``PagedDecoder`` is rebuilt from (graphdef, state) inside the
-trace. Shapes are fixed by the caller's buckets: B rows, M page-table slots, T tokens.
+trace. Shapes are fixed by the caller's buckets. Shape letters: B decode rows, R prefill
+requests, T prompt tokens, M page-table slots, D hidden, V vocab; digits are literal sizes.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): a draft token d 
 from q is kept with probability min(1, p(d) / q(d)); otherwise the token is drawn from
 max(0, p - q) renormalised. The kept token is then distributed as p exactly. Under greedy
 rows both p and q are one-hot, which makes the rule "keep d iff d = argmax p".
+
+Shape letters: B rows (requests), V vocab.
 """
 
 from __future__ import annotations

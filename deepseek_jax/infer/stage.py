@@ -6,6 +6,9 @@ weights laid out on its mesh by the rules table (routed experts split over the m
 expert axes), and its own page pool. Both pools use the same page ids (one allocator), so
 handing a prefilled request to decode copies its pages ``ids`` from one pool to the
 other: gathered on the prefill mesh, moved, scattered on the decode mesh.
+
+Shape letters: K the page ids handed over (not experts per token), N pages, P positions per
+page, C kv_lora_rank, R rope dim.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Parameters are float32 (master weights); each layer casts to the compute ``dtype
 then their GEMMs run through ``fp8.fp8_linear`` on the FP32 masters (DeepSeek-V3 recipe).
 ``eager_sharding=False`` keeps the names as metadata without sharding at creation: the model
 is initialised under ``jit`` with out-shardings derived from these names (``build.py``).
+
+Shape letters: B batch, T positions, D hidden, F FFN width.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ What is scaled, and by what
   (``m`` = ``yarn_mscale``), or ``m(factor, 1)`` when either is 0. 1.0 for V2 and V3.
 * Softmax scale ``qk_head_dim**-0.5 * m(factor, mscale_all_dim)**2`` (HF; the official code
   uses its ``mscale`` field, equal to ``mscale_all_dim`` in the released configs).
+
+Shape letters: B batch, S cached positions, R rope head dim.
 """
 
 from __future__ import annotations

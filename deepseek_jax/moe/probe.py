@@ -5,6 +5,9 @@ tokens of a sentence go, ``route_probe`` runs the model block by block and, befo
 MoE block's experts, calls the same router (``routing.gate_scores``, ``routing.route``)
 on the same input the layer sees. The loads it implies equal the model's own
 ``moe_stats.load_LE`` (tested), so the picture is the model's real routing.
+
+Shape letters: L MoE layers, B batch, T positions, D hidden, K experts per token, E routed
+experts.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ would hold), an F&B pair runs its halves one after the other (the hook for the d
 micro-batch overlap of ``overlap.py`` is ``f_half``/``b_half`` below, kinds FB and FBW), and
 the embedding is computed on every hop and kept only on the first. Placement of layers and
 micro-batches is in ``placement.py``.
+
+Shape letters: B batch, T positions (``ids_BT1``: T + 1), D hidden, L layers, E routed
+experts.
 """
 
 from __future__ import annotations

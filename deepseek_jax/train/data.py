@@ -7,6 +7,8 @@ cached under a key of (document contents, tokenizer kind, vocab size, split), so
 only reads and hashes the text. Training batch `step` is a pure function of `(seed, step)`:
 a resumed run sees exactly the batches it would have seen, and each process takes its block
 of rows of the same global batch.
+
+Shape letters: B batch rows.
 """
 
 from __future__ import annotations

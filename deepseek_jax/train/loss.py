@@ -1,4 +1,7 @@
-"""The training objective: next-token CE + MTP CE + sequence-wise balance loss."""
+"""The training objective: next-token CE + MTP CE + sequence-wise balance loss.
+
+Shape letters: B batch, T positions, V vocab, K MTP depth (not experts per token), L layers.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The pure training and evaluation steps, jitted once with explicit shardings."""
+"""The pure training and evaluation steps, jitted once with explicit shardings.
+
+Shape letters: B batch, T positions (``ids_BT1``: T + 1), D hidden, L layers, E routed
+experts.
+"""
 
 from __future__ import annotations
 
