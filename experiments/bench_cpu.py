@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
     from deepseek_jax import backends
 
-    out = {"machine": backends.machine(), "table": table}
+    every = {f"{c}/{p}": {k: [r[k] for r in rs] for k in keys} for (c, p), rs in runs.items()}
+    if args.rounds > 1:
+        for name, row in every.items():
+            print(f"{name:<20} every round: " + "; ".join(f"{k} {v}" for k, v in row.items()))
+    out = {"machine": backends.machine(), "table": table, "runs": every}
     print(json.dumps(out))
     return out
 
