@@ -192,7 +192,7 @@ def mla_paged(
             olat_BHC = mla_decode(
                 qlat_BTHC[:, 0] * scale, qrope_BTHR[:, 0] * scale, cache.ckv_NPC,
                 cache.krope_NPR, table_BM, lens_B + 1,
-                interpret=jax.default_backend() != "gpu",
+                interpret=backends.pallas_interpret(None),
             )  # fmt: skip
             olat_BTHC = olat_BHC[:, None].astype(dt)
     else:
@@ -252,7 +252,7 @@ class PagedDecoder(nnx.Module):
         if attention not in ("auto", "xla", "pallas"):
             raise ValueError(f"attention: unknown {attention!r}; choose auto, xla or pallas")
         if attention == "auto":
-            attention = "pallas" if jax.default_backend() == "gpu" else "xla"
+            attention = backends.pallas_kernel("paged_attention", "auto")
         self.attention = attention
         dec = UnrolledDecoder(model)
         self.cfg, self.dtype = dec.cfg, dec.dtype
