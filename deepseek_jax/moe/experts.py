@@ -74,7 +74,7 @@ def resolve_backend(
     if check_backend(name) != "auto":
         return backends.note("moe_experts", shape_TKEDF or (), name, f"moe_backend={name}")
     if not backends.kernel_available(grouped_gemm.KERNEL, KERNEL_NAME):
-        why = "auto: no C++ kernel here" if jax.default_backend() == "cpu" else "auto: off CPU"
+        why = "auto: no C++ kernel here" if backends.target_platform() == "cpu" else "auto: off CPU"
         return backends.note("moe_experts", shape_TKEDF or (), "einsum", why)
     if shape_TKEDF is None:
         return "auto"
@@ -140,7 +140,7 @@ def grouped_ffn(x_AD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
     """``grouped_ffn_ragged`` on the platform's fast grouped GEMM: our C++ kernel on CPU
     (``cpu_kernels.grouped_gemm``), ``jax.lax.ragged_dot`` elsewhere."""
     gmm = jax.lax.ragged_dot
-    if jax.default_backend() == "cpu":
+    if backends.target_platform() == "cpu":
         if not grouped_gemm.available():
             raise RuntimeError(
                 "MoE backend 'grouped' needs the C++ grouped GEMM on CPU, which did not "
