@@ -31,6 +31,7 @@ def harness(*args: str, timeout: int = 3600) -> dict:
             pytest.fail(f"{GPU_PY} missing: run `make gpu-venv`")
         pytest.skip(f"{GPU_PY} missing: `make gpu-venv` (make test builds it)")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # each GPU program is compiled once a run
     # The conftest's CPU flags (8 host devices, LLVM -O0) do not change XLA:GPU's schedule;
     # -O0 only shortens the LLVM part of the compile.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
@@ -54,7 +55,8 @@ def dual() -> dict:
 
 @pytest.fixture(scope="module")
 def control() -> dict:
-    return harness(*BENCH, "--no-lhs", "overlap=none")
+    # Without the MTP block: the control only has to fail the checks, at half the compile.
+    return harness(*BENCH, "--no-lhs", "overlap=none", "num_nextn_predict_layers=0")
 
 
 def test_dual_runs_both_halves_async(dual):
@@ -78,8 +80,8 @@ def test_dual_has_no_sync_all_to_all(dual):
 
 
 def test_control_fails_the_checks(control):
-    """Without the split and the scheduler the same checks fail (measured: 17 of 28
-    all-to-alls sync; XLA's default scheduler still leaves 11 with compute in the window)."""
+    """Without the split and the scheduler the same checks fail (measured, MTP off: 9 of 14
+    all-to-alls sync, hidden 0.04; XLA's default scheduler still puts compute in 5 windows)."""
     assert control["sync_all_to_all"] > 0, control
     assert control["all_to_all_hidden_fraction"] < 0.9, control
 

@@ -87,12 +87,14 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def test_killed_run_resumes_bit_identical(tmp_path):
     steps = ["--steps", "12", "--ckpt-every", "4"]
+    # One after another: the later runs load the first one's programs from the test run's
+    # compilation cache (conftest) instead of compiling them again.
     ref = _spawn(TINY + steps + ["--out", str(tmp_path / "ref")])
+    assert ref.wait() == 0, ref.stdout.read()
     run = _spawn(TINY + steps + ["--out", str(tmp_path / "run")])
     _wait_for(tmp_path / "run" / "checkpoints" / "4", run)
     run.send_signal(signal.SIGKILL)  # no chance to save: resume from the last committed step
     run.wait()
-    assert ref.wait() == 0, ref.stdout.read()
     resumed = _spawn(TINY + steps + ["--out", str(tmp_path / "run")])
     log = resumed.communicate()[0]
     assert resumed.returncode == 0, log
