@@ -57,6 +57,7 @@ def resolve_attention_backend(cfg: ModelConfig, shape_BTHNRO: tuple[int, ...]) -
             "xla": _timed(_causal_attend_xla, shape_BTHNRO, cfg),
         },
         build_id=cpu_attention.KERNEL.identity(),
+        fallback="xla",
     )
 
 
