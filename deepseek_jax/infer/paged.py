@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, Int
 
 import deepseek_jax.backends as backends
 import deepseek_jax.sharding as sharding
+from deepseek_jax.attention_core import latent_attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.layers import matmul
@@ -216,15 +217,10 @@ def latent_attention_reference(
 ) -> Float[Array, "B T H C"]:
     """All heads against one shared latent; query (b, t) sees keys s <= positions[b, t].
     The same einsums as ``mla_absorbed``, float32 scores and softmax."""
-    f32 = jnp.float32
-    scores_BTHS = (
-        jnp.einsum("bthc,bsc->bths", qlat_BTHC, ckv_BSC, preferred_element_type=f32)
-        + jnp.einsum("bthr,bsr->bths", qrope_BTHR, krope_BSR, preferred_element_type=f32)
-    ) * softmax_scale(cfg)
     visible_BTS = jnp.arange(ckv_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
-    scores_BTHS = jnp.where(visible_BTS[:, :, None, :], scores_BTHS, -jnp.inf)
-    probs_BTHS = jax.nn.softmax(scores_BTHS, axis=-1).astype(ckv_BSC.dtype)
-    return jnp.einsum("bths,bsc->bthc", probs_BTHS, ckv_BSC)
+    return latent_attention(
+        qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, visible_BTS, softmax_scale(cfg)
+    )
 
 
 def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
