@@ -69,17 +69,16 @@ class Block(nnx.Module):
         cache_index: Int[Array, ""],
     ) -> tuple[Float[Array, "B T D"], LatentCache]:
         """The block over a latent cache (absorbed MLA); T new tokens at ``cache_index``.
-        Forward only, so measured backends race forward passes."""
-        with backends.inference():
-            a_BTD, cache = self.self_attn.decode(
-                self.input_layernorm(x_BTD), positions_BT, cache, cache_index
-            )
-            x_BTD = x_BTD + a_BTD
-            h_BTD = self.post_attention_layernorm(x_BTD)
-            if self._dual(x_BTD.shape[0]) and x_BTD.shape[1] > 1:  # prefill
-                h_BTD = overlap.dual_moe(self.mlp, h_BTD)[0]
-            else:
-                h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
+        Forward only: the inference programs that trace it are ``backends.forward_only``."""
+        a_BTD, cache = self.self_attn.decode(
+            self.input_layernorm(x_BTD), positions_BT, cache, cache_index
+        )
+        x_BTD = x_BTD + a_BTD
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if self._dual(x_BTD.shape[0]) and x_BTD.shape[1] > 1:  # prefill
+            h_BTD = overlap.dual_moe(self.mlp, h_BTD)[0]
+        else:
+            h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
         return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
     def _dual(self, batch: int) -> bool:

@@ -224,14 +224,14 @@ def latent_attention_reference(
 
 
 def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
-    """``Block.decode`` with paged attention (forward only: see ``backends.inference``)."""
-    with backends.inference():
-        x_in = block.input_layernorm(x_BTD)
-        w = block.self_attn.weights()
-        a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
-        x_BTD = x_BTD + a_BTD
-        h_BTD = block.post_attention_layernorm(x_BTD)
-        h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
+    """``Block.decode`` with paged attention (forward only: ``programs.py`` builds the
+    programs that trace it with ``backends.forward_only``)."""
+    x_in = block.input_layernorm(x_BTD)
+    w = block.self_attn.weights()
+    a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
+    x_BTD = x_BTD + a_BTD
+    h_BTD = block.post_attention_layernorm(x_BTD)
+    h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
     return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
 
