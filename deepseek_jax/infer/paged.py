@@ -199,28 +199,14 @@ def mla_paged(
     else:
         with jax.named_scope("mla_attend_latent"):
             ckv_BSC, krope_BSR = (a.astype(dt) for a in cache.gather(table_BM))
-            olat_BTHC = latent_attention_reference(
-                qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, positions_BT, cfg
+            # the same einsums as ``mla_absorbed``: query (b, t) sees keys s <= positions[b, t]
+            visible_BTS = jnp.arange(ckv_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
+            olat_BTHC = latent_attention(
+                qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, visible_BTS, softmax_scale(cfg)
             )
     with jax.named_scope("mla_out"):
         out_BTHO = jnp.einsum("bthc,cho->btho", olat_BTHC, wuv_CHO)  # absorb W_uv
         return _out_proj(w, out_BTHO, cfg), cache
-
-
-def latent_attention_reference(
-    qlat_BTHC: Float[Array, "B T H C"],
-    qrope_BTHR: Float[Array, "B T H R"],
-    ckv_BSC: Float[Array, "B S C"],
-    krope_BSR: Float[Array, "B S R"],
-    positions_BT: Int[Array, "B T"],
-    cfg: ModelConfig,
-) -> Float[Array, "B T H C"]:
-    """All heads against one shared latent; query (b, t) sees keys s <= positions[b, t].
-    The same einsums as ``mla_absorbed``, float32 scores and softmax."""
-    visible_BTS = jnp.arange(ckv_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
-    return latent_attention(
-        qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, visible_BTS, softmax_scale(cfg)
-    )
 
 
 def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
