@@ -16,10 +16,10 @@ use per (CPU model and flags, kernel build, operation, shape class, phase) both 
 real per-device shapes, best of a few runs (more, interleaved, before a kernel wins), in
 a worker thread (outside any trace and mesh). The phase is what the
 program runs: forward and backward when training, the forward alone inside ``inference()``
-(prefill, decode), where a kernel whose backward wins the race may lose it. The decision is
-cached as JSON beside the kernel cache, so later processes reuse it, and logged once per
-process on the ``deepseek_jax.backends`` logger. An explicit config value always wins; a
-kernel that does not build is logged once and loses.
+(prefill, decode: the programs built with ``forward_only``), where a kernel whose backward
+wins the race may lose it. The decision is cached as JSON beside the kernel cache, so later
+processes reuse it, and logged once per process on the ``deepseek_jax.backends`` logger. An
+explicit config value always wins; a kernel that does not build is logged once and loses.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -76,6 +77,19 @@ def inference():
         yield
     finally:
         _forward_only.reset(token)
+
+
+def forward_only(program: Callable) -> Callable:
+    """``program`` traced inside ``inference()``. Put it where a forward-only program
+    (prefill, decode, verify) is built, under its ``jax.jit``, so that every path into the
+    model it traces is marked, whatever layer functions it calls."""
+
+    @functools.wraps(program)
+    def traced(*args, **kwargs):
+        with inference():
+            return program(*args, **kwargs)
+
+    return traced
 
 
 def phase() -> str:

@@ -5,6 +5,7 @@ Shape letters: B batch, T positions, D hidden, L layers, E routed experts.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
@@ -19,7 +20,10 @@ from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
 from deepseek_jax.mla import MLA, LatentCache
-from deepseek_jax.moe.layer import MoE, MoEStats
+from deepseek_jax.moe.layer import MoE, MoEStats, _expert_parallel_fits, _mesh_of
+
+_log = logging.getLogger(__name__)
+_unsplit_logged: set[int] = set()  # batch sizes that ``overlap=dual`` ran unsplit
 
 
 class Block(nnx.Module):
@@ -69,26 +73,33 @@ class Block(nnx.Module):
         cache_index: Int[Array, ""],
     ) -> tuple[Float[Array, "B T D"], LatentCache]:
         """The block over a latent cache (absorbed MLA); T new tokens at ``cache_index``.
-        Forward only, so measured backends race forward passes."""
-        with backends.inference():
-            a_BTD, cache = self.self_attn.decode(
-                self.input_layernorm(x_BTD), positions_BT, cache, cache_index
-            )
-            x_BTD = x_BTD + a_BTD
-            h_BTD = self.post_attention_layernorm(x_BTD)
-            if self._dual(x_BTD.shape[0]) and x_BTD.shape[1] > 1:  # prefill
-                h_BTD = overlap.dual_moe(self.mlp, h_BTD)[0]
-            else:
-                h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
+        Forward only: the inference programs that trace it are ``backends.forward_only``."""
+        a_BTD, cache = self.self_attn.decode(
+            self.input_layernorm(x_BTD), positions_BT, cache, cache_index
+        )
+        x_BTD = x_BTD + a_BTD
+        h_BTD = self.post_attention_layernorm(x_BTD)
+        if x_BTD.shape[1] > 1 and self._dual(x_BTD.shape[0]):  # prefill
+            h_BTD = overlap.dual_moe(self.mlp, h_BTD)[0]
+        else:
+            h_BTD = self.mlp(h_BTD)[0] if self.is_moe else self.mlp(h_BTD)
         return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
     def _dual(self, batch: int) -> bool:
-        """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs."""
-        return (
-            self.is_moe
-            and self.mlp.cfg.run.overlap == "dual"
-            and overlap.can_split(self.mlp, batch)
-        )
+        """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs;
+        a batch that runs expert-parallel but cannot be halved per device is said once."""
+        if not (self.is_moe and self.mlp.cfg.run.overlap == "dual"):
+            return False
+        if overlap.can_split(self.mlp, batch):
+            return True
+        if batch not in _unsplit_logged and _expert_parallel_fits(_mesh_of(()), batch):
+            _unsplit_logged.add(batch)
+            _log.warning(
+                "overlap=dual: a batch of %d sequences cannot be halved on each expert-parallel"
+                " device (one sequence per device, or an odd count): the MoE blocks run unsplit",
+                batch,
+            )
+        return False
 
 
 class StackStats(NamedTuple):

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float
 
 import cpu_kernels.attention as cpu_attention
 import deepseek_jax.backends as backends
+from deepseek_jax.attention_core import masked_softmax
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.rope import softmax_scale
 
@@ -93,13 +94,20 @@ def causal_attend(
     return attend(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg)
 
 
+def _heads_qk(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR):
+    """(q_BTHK, k_BSHK), K = N + R: the rope key, one per position, broadcast to every head
+    (unscaled, in the inputs' dtype: each backend scales and casts in its own order)."""
+    B, S, H, _ = knope_BSHN.shape
+    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, S, H, krope_BSR.shape[-1]))
+    q_BTHK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1)
+    return q_BTHK, jnp.concatenate([knope_BSHN, krope_BSHR], -1)
+
+
 def _causal_attend_kernel(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR, v_BSHO, cfg):
     """Our fused C++ kernel (``cpu_kernels/attention.py``), in float32."""
-    B, T, H, _ = qnope_BTHN.shape
     f32 = jnp.float32
-    q_BTHK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1).astype(f32) * softmax_scale(cfg)
-    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
-    k_BSHK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).astype(f32)
+    q_BTHK, k_BSHK = _heads_qk(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR)
+    q_BTHK, k_BSHK = q_BTHK.astype(f32) * softmax_scale(cfg), k_BSHK.astype(f32)
     out_BTHO = cpu_attention.causal_attention(q_BTHK, k_BSHK, v_BSHO.astype(f32))
     return out_BTHO.astype(cfg.run.dtype)
 
@@ -116,13 +124,12 @@ def _causal_attend_xla(
     from the start, so no transpose ever copies them, and query blocks skip the key blocks
     that are fully masked. Scores and softmax in float32."""
     dt, f32 = jnp.dtype(cfg.run.dtype), jnp.float32
-    B, T, H, _ = qnope_BTHN.shape
+    T = qnope_BTHN.shape[1]
     n = CAUSAL_QUERY_BLOCKS if T % CAUSAL_QUERY_BLOCKS == 0 and T >= 256 else 1
     c = T // n
-    q_BHTK = jnp.concatenate([qnope_BTHN, qrope_BTHR], -1) * softmax_scale(cfg)
-    q_BHTK = q_BHTK.astype(dt).transpose(0, 2, 1, 3)
-    krope_BSHR = jnp.broadcast_to(krope_BSR[:, :, None, :], (B, T, H, krope_BSR.shape[-1]))
-    k_BHSK = jnp.concatenate([knope_BSHN, krope_BSHR], -1).transpose(0, 2, 1, 3)
+    q_BTHK, k_BSHK = _heads_qk(qnope_BTHN, qrope_BTHR, knope_BSHN, krope_BSR)
+    q_BHTK = (q_BTHK * softmax_scale(cfg)).astype(dt).transpose(0, 2, 1, 3)
+    k_BHSK = k_BSHK.transpose(0, 2, 1, 3)
     v_BHSO = v_BSHO.transpose(0, 2, 1, 3)
     # Blocks by split + concatenate, not slicing: the backward then concatenates the block
     # gradients instead of zero-padding each one to full length and adding them.
@@ -133,7 +140,7 @@ def _causal_attend_xla(
         k_BHSK = jnp.concatenate(k_blocks[: i + 1], axis=2)
         s_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_blocks[i], k_BHSK, preferred_element_type=f32)
         visible_TS = jnp.arange(S)[None, :] <= (i * c + jnp.arange(c))[:, None]
-        probs_BHTS = jax.nn.softmax(jnp.where(visible_TS, s_BHTS, -jnp.inf), axis=-1).astype(dt)
+        probs_BHTS = masked_softmax(s_BHTS, visible_TS, dt)
         v_BHSO = jnp.concatenate(v_blocks[: i + 1], axis=2)
         outs.append(jnp.einsum("bhts,bhso->bhto", probs_BHTS, v_BHSO))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)

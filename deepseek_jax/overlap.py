@@ -51,10 +51,12 @@ from deepseek_jax.moe.layer import (
     MoE,
     MoEStats,
     _expert_parallel_fits,
+    _expert_shard_map,
     _expert_weights,
     _laid_out,
     _mesh_of,
     _router,
+    _router_inputs,
 )
 from deepseek_jax.sharding import logical_to_spec, mesh_axes_of
 
@@ -142,25 +144,15 @@ class _Stages:
         self.dtype = jnp.dtype(cfg.run.dtype)
 
     def _smap(self, fn, in_specs, out_specs):
-        return jax.shard_map(
-            fn,
-            mesh=self.mesh,
-            in_specs=in_specs,
-            out_specs=out_specs,
-            axis_names=set(self.topo.axes),
-            check_vma=self.opts.kernel != "pallas",
-        )
+        return _expert_shard_map(fn, self.mesh, self.topo, self.opts, in_specs, out_specs)
 
     def dispatch(self, h_BTD) -> Dispatched:
-        moe, cfg, rep, dev = self.moe, self.cfg, P(), P(self.topo.axes)
+        moe, rep, dev = self.moe, P(), P(self.topo.axes)
         bias = moe.e_score_correction_bias
         has_bias = bias is not None
-        bias = bias[...] if has_bias else jnp.zeros((cfg.n_routed_experts,), jnp.float32)
-        args = (
-            _laid_out(h_BTD.astype(self.dtype), self.data, self.mesh),
-            _laid_out(moe.gate[...], rep, self.mesh),
-            _laid_out(bias, rep, self.mesh),
-        )
+        x_BTD = h_BTD.astype(self.dtype)
+        bias = bias[...] if has_bias else None
+        args = _router_inputs(x_BTD, moe.gate[...], bias, self.cfg, self.mesh, self.data)
         flat = self.opts.path == "flat"
         handle = dsp.FlatHandle(dev) if flat else dsp.TwoHopHandle(dev, dev)
         stats = MoEStats(rep, rep, rep, rep, rep)

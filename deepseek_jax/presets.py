@@ -56,33 +56,40 @@ BENCH_SMALL = dataclasses.replace(
     initializer_range=0.02,
 )
 
-# bench-small at half the width, 4 heads and 4 layers.
-SMALL = dataclasses.replace(
-    BENCH_SMALL,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    q_lora_rank=96,
-    kv_lora_rank=64,
-    qk_rope_head_dim=16,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
-    intermediate_size=704,
-    moe_intermediate_size=128,
-    max_position_embeddings=2048,
+# The widths a smaller preset divides: hidden, MLA ranks and head dims, FFN widths.
+_WIDTHS = (
+    "hidden_size",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "intermediate_size",
+    "moe_intermediate_size",
 )
 
-# small shrunk again, 8 experts of which 2 per token, with YaRN on (factor 4).
-TINY = dataclasses.replace(
+
+def _narrowed(base: ModelConfig, by: int, **changes) -> ModelConfig:
+    """``base`` with every width of ``_WIDTHS`` divided by ``by``, then ``changes``."""
+    widths = {f: getattr(base, f) // by for f in _WIDTHS}
+    return dataclasses.replace(base, **{**widths, **changes})
+
+
+# bench-small at half the width (and context), 4 heads and 4 layers.
+SMALL = _narrowed(
+    BENCH_SMALL, 2, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=2048
+)
+
+# small with head dims halved again, the rest narrower still; 8 experts of which 2 per
+# token, with YaRN on (factor 4).
+TINY = _narrowed(
     SMALL,
+    2,
     vocab_size=256,
     hidden_size=64,
     num_hidden_layers=3,
     q_lora_rank=32,
     kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=16,
-    v_head_dim=16,
     intermediate_size=128,
     moe_intermediate_size=32,
     n_routed_experts=8,

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
+from deepseek_jax.attention_core import latent_attention
+
 NEG = -1e30  # finite "minus infinity": an all-masked split must not make exp(nan)
 
 
@@ -128,14 +130,14 @@ def merge_splits(o_BSHC, m_BSH, l_BSH) -> Float[Array, "B H C"]:
 
 
 def mla_decode_reference(qlat_BHC, qrope_BHR, ckv_NPC, krope_NPR, table_BM, n_keys_B):
-    """The plain-jnp twin: gather each request's pages, masked float32 softmax."""
+    """The plain-jnp twin: gather each request's pages, then the latent attention of the
+    engine's jnp path (queries already scaled), one query per request."""
     B, M = table_BM.shape
     P = ckv_NPC.shape[1]
     f32 = jnp.float32
     ckv_BSC = ckv_NPC[table_BM].reshape(B, M * P, -1).astype(f32)
     krope_BSR = krope_NPR[table_BM].reshape(B, M * P, -1).astype(f32)
-    s_BHS = jnp.einsum("bhc,bsc->bhs", qlat_BHC.astype(f32), ckv_BSC)
-    s_BHS += jnp.einsum("bhr,bsr->bhs", qrope_BHR.astype(f32), krope_BSR)
     visible_BS = jnp.arange(M * P)[None, :] < n_keys_B[:, None]
-    p_BHS = jax.nn.softmax(jnp.where(visible_BS[:, None, :], s_BHS, -jnp.inf), axis=-1)
-    return jnp.einsum("bhs,bsc->bhc", p_BHS, ckv_BSC)
+    q_B1HC, q_B1HR = qlat_BHC[:, None].astype(f32), qrope_BHR[:, None].astype(f32)
+    out_B1HC = latent_attention(q_B1HC, q_B1HR, ckv_BSC, krope_BSR, visible_BS[:, None], 1.0)
+    return out_B1HC[:, 0]

@@ -210,9 +210,45 @@ def test_the_models_decode_path_measures_forward_only(fake_timings):
         m = nnx.merge(graphdef, s)
         return m.decode(ids, m.init_cache(2, 16), jnp.int32(0))[0]
 
-    jax.jit(decode).lower(state, jnp.zeros((2, 8), jnp.int32))
+    jax.jit(backends.forward_only(decode)).lower(state, jnp.zeros((2, 8), jnp.int32))
     reasons = [r for op, r in backends.decisions().items() if op.startswith("moe_experts")]
     assert reasons and all("measured fwd:" in r for r in reasons)
+
+
+def _expert_reasons() -> list[str]:
+    return [r for op, r in backends.decisions().items() if op.startswith("moe_experts")]
+
+
+@needs(grouped_gemm.available)
+def test_the_inference_programs_measure_forward_only(fake_timings, monkeypatch):
+    """The serving engine's decode step and the generator's prefill, traced as built (no
+    ``inference()`` around them here), race forward passes; the model traced outside them
+    (training) races both."""
+    from deepseek_jax.infer import generate, programs
+    from deepseek_jax.infer.paged import PagedDecoder
+    from deepseek_jax.infer.sampling import RowSampling
+
+    set_ms, _ = fake_timings
+    set_ms({"cpu_kernel": 1.0, "xla": 2.0, "grouped": 1.0, "einsum": 2.0})
+    model = Transformer(get_preset("tiny", ["dtype=float32"]), rngs=nnx.Rngs(0))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    g, st = nnx.split(model)
+    jax.jit(lambda s, i: nnx.merge(g, s)(i).logits_BTV).trace(st, ids)  # the training forward
+    assert _expert_reasons() and all("measured fwd+bwd:" in r for r in _expert_reasons())
+
+    monkeypatch.setattr(backends, "_decisions", {})
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0)
+    generate._prefill.trace(g, st, ids, jax.random.key(0), max_len=16, **greedy)
+    assert _expert_reasons() and all("measured fwd:" in r for r in _expert_reasons())
+
+    monkeypatch.setattr(backends, "_decisions", {})
+    dec = PagedDecoder(model, attention="xla")
+    graphdef, state = nnx.split(dec)
+    B, table, lens = 2, jnp.ones((2, 2), jnp.int32), jnp.zeros(2, jnp.int32)
+    samp = RowSampling(jnp.zeros(B), jnp.zeros(B, jnp.int32), jnp.ones(B), jnp.zeros(B, jnp.int32))
+    decode = jax.jit(programs.decode_step, static_argnums=0)
+    decode.trace(graphdef, state, dec.init_cache(8, 4), lens, lens, table, samp)
+    assert _expert_reasons() and all("measured fwd:" in r for r in _expert_reasons())
 
 
 def _kernel_calls(fn, *args) -> list[tuple[str, object]]:

@@ -99,3 +99,19 @@ def test_dual_moe_for_prefill_equals_unsplit():
 def test_overlap_field_is_validated():
     with pytest.raises(ValueError, match="overlap"):
         get_preset("tiny", ["overlap=triple"])
+
+
+def test_a_batch_that_cannot_be_halved_runs_unsplit_and_says_so(caplog, monkeypatch):
+    """One sequence per device: dual does not apply, and one log line names the field and
+    the batch (once per batch size); a batch that splits, or a single device, says nothing."""
+    import deepseek_jax.block as block_mod
+
+    monkeypatch.setattr(block_mod, "_unsplit_logged", set())
+    block = Block(get_preset("tiny", [*BASE, "overlap=dual"]), moe=True, rngs=nnx.Rngs(0))
+    with caplog.at_level("WARNING", logger="deepseek_jax.block"):
+        with jax.set_mesh(make_mesh(1, 8)):
+            assert [block._dual(b) for b in (16, 8, 8)] == [True, False, False]
+        with jax.set_mesh(make_mesh(1, 1, devices=jax.devices()[:1])):
+            assert not block._dual(8) and not block._dual(2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepseek_jax.block"]
+    assert len(lines) == 1 and "overlap=dual" in lines[0] and "batch of 8 " in lines[0], lines

@@ -6,7 +6,9 @@ import pytest
 from deepseek_jax.codesign.overlap_report import at_width, body_table, phase_bound
 from deepseek_jax.codesign.schedule import CostModel, Schedule
 from deepseek_jax.presets import get_preset
-from tests.test_schedule import AXES, HLO
+from tests.hlo_fixtures import AXES, a2a_module
+
+HLO = a2a_module()
 
 
 def test_body_table_splits_compute_and_transfer_per_loop_body():

@@ -13,28 +13,21 @@ import pytest
 
 from deepseek_jax.codesign.overlap_report import summary
 from deepseek_jax.codesign.schedule import CostModel, Schedule
+from tests.hlo_fixtures import FUSED_DOT, SYNC, XWY, module
 from tests.test_gpu_compile import harness
 
 AXES = {"stage": 2, "node": 1, "gpu": 2}  # device ids row-major: stage 1 is ids 2, 3
-HLO = """HloModule m, is_scheduled=true
-
-%fused_dot (p0: bf16[64,128], p1: bf16[128,256]) -> f32[64,256] {
-  %p0 = bf16[64,128]{1,0} parameter(0)
-  %p1 = bf16[128,256]{1,0} parameter(1)
-  ROOT %dot.1 = f32[64,256]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-}
-
-ENTRY %main (x: bf16[4,16,8], w: bf16[128,256], y: bf16[64,128]) -> bf16[4,16,8] {
-  %x = bf16[4,16,8]{2,1,0} parameter(0)
-  %w = bf16[128,256]{1,0} parameter(1)
-  %y = bf16[64,128]{1,0} parameter(2)
-  %s = ((bf16[4,16,8]{2,1,0}), bf16[4,16,8]{2,1,0}) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,2},{1,3}}, metadata={op_name="jit(f)/shard_map/while/body/ppermute"}
-  %g = f32[64,256]{1,0} fusion(%y, %w), kind=kCustom, calls=%fused_dot
-  %d = bf16[4,16,8]{2,1,0} collective-permute-done(%s)
-  %up = bf16[4,16,8]{2,1,0} collective-permute(%d), channel_id=2, source_target_pairs={{2,0},{3,1}}, backend_config={"collective_backend_config":{"is_sync":true}}
-  ROOT %gpu = bf16[4,16,8]{2,1,0} collective-permute(%up), channel_id=3, source_target_pairs={{0,1},{1,0}}
-}
-"""
+HLO = module(
+    FUSED_DOT,
+    f"""ENTRY %main (x: bf16[4,16,8], w: bf16[128,256], y: bf16[64,128]) -> bf16[4,16,8] {{
+{XWY}
+  %s = ((bf16[4,16,8]{{2,1,0}}), bf16[4,16,8]{{2,1,0}}) collective-permute-start(%x), channel_id=1, source_target_pairs={{{{0,2}},{{1,3}}}}, metadata={{op_name="jit(f)/shard_map/while/body/ppermute"}}
+  %g = f32[64,256]{{1,0}} fusion(%y, %w), kind=kCustom, calls=%fused_dot
+  %d = bf16[4,16,8]{{2,1,0}} collective-permute-done(%s)
+  %up = bf16[4,16,8]{{2,1,0}} collective-permute(%d), channel_id=2, source_target_pairs={{{{2,0}},{{3,1}}}}, {SYNC}
+  ROOT %gpu = bf16[4,16,8]{{2,1,0}} collective-permute(%up), channel_id=3, source_target_pairs={{{{0,1}},{{1,0}}}}
+}}""",
+)
 
 
 def test_reader_counts_stage_permutes():

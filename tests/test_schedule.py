@@ -1,4 +1,3 @@
-# ruff: noqa: E501 - HLO lines are kept whole, as XLA prints them
 """The scheduled-HLO reader of the deviceless GPU compile (codesign/schedule.py), on a small
 hand-written module whose figures follow from the cost model by hand."""
 
@@ -6,48 +5,9 @@ import pytest
 
 from deepseek_jax.codesign.overlap_report import summary
 from deepseek_jax.codesign.schedule import CostModel, Schedule, mesh_axes, shape_bytes
+from tests.hlo_fixtures import AXES, a2a_module
 
-AXES = {"node": 2, "gpu": 4}
-G = "replica_groups=mesh['node'=2,'gpu'=4] {'gpu'}"
-N = "replica_groups=mesh['node'=2,'gpu'=4] {'node'}"
-HLO = f"""HloModule m, is_scheduled=true
-
-%fused_dot (p0: bf16[64,128], p1: bf16[128,256]) -> f32[64,256] {{
-  %p0 = bf16[64,128]{{1,0}} parameter(0)
-  %p1 = bf16[128,256]{{1,0}} parameter(1)
-  ROOT %dot.1 = f32[64,256]{{1,0}} dot(%p0, %p1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
-}}
-
-%cond (c: (s32[], bf16[4,16,8])) -> pred[] {{
-  %c = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
-  %i = s32[] get-tuple-element(%c), index=0
-  %n = s32[] constant(3)
-  ROOT %lt = pred[] compare(%i, %n), direction=LT
-}}
-
-%body (b: (s32[], bf16[4,16,8])) -> (s32[], bf16[4,16,8]) {{
-  %b = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
-  %x = bf16[4,16,8]{{2,1,0}} get-tuple-element(%b), index=1
-  %a2a = bf16[4,16,8]{{2,1,0}} all-to-all(%x), channel_id=3, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/transpose(jvp(moe))/all_to_all"}}, backend_config={{"collective_backend_config":{{"is_sync":true}}}}
-  %j = s32[] get-tuple-element(%b), index=0
-  ROOT %t = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%j, %a2a)
-}}
-
-ENTRY %main (x: bf16[4,16,8], w: bf16[128,256], y: bf16[64,128]) -> bf16[4,16,8] {{
-  %x = bf16[4,16,8]{{2,1,0}} parameter(0)
-  %w = bf16[128,256]{{1,0}} parameter(1)
-  %y = bf16[64,128]{{1,0}} parameter(2)
-  %s = ((bf16[4,16,8]{{2,1,0}}), bf16[4,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=1, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/jvp(moe)/all_to_all"}}
-  %g = f32[64,256]{{1,0}} fusion(%y, %w), kind=kCustom, calls=%fused_dot
-  %d = bf16[4,16,8]{{2,1,0}} all-to-all-done(%s)
-  %s2 = ((bf16[2,16,8]{{2,1,0}}), bf16[2,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=2, {N}, dimensions={{0}}, metadata={{op_name="jit(f)/jvp(moe)/all_to_all"}}
-  %d2 = bf16[2,16,8]{{2,1,0}} all-to-all-done(%s2)
-  %z = s32[] constant(0)
-  %tup = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%z, %d)
-  %loop = (s32[], bf16[4,16,8]{{2,1,0}}) while(%tup), condition=%cond, body=%body
-  ROOT %out = bf16[4,16,8]{{2,1,0}} get-tuple-element(%loop), index=1
-}}
-"""
+HLO = a2a_module()
 
 
 def test_windows_sync_trips_and_hidden_fraction():

@@ -1,4 +1,3 @@
-# ruff: noqa: E501 - HLO lines are kept whole, as XLA prints them
 """Scheduled HLO as a timeline (codesign/timeline.py), on a hand-written module whose every
 bar follows from the cost model by hand: an async all-to-all with a GEMM in its window, one
 with nothing in it, a loop of sync all-to-alls (unrolled) and a loop without collectives
@@ -8,67 +7,9 @@ import pytest
 
 from deepseek_jax.codesign.schedule import CostModel
 from deepseek_jax.codesign.timeline import OTHER, category, timeline, totals
+from tests.hlo_fixtures import AXES, a2a_module
 
-AXES = {"node": 2, "gpu": 4}
-G = "replica_groups=mesh['node'=2,'gpu'=4] {'gpu'}"
-N = "replica_groups=mesh['node'=2,'gpu'=4] {'node'}"
-SYNC = 'backend_config={{"collective_backend_config":{{"is_sync":true}}}}'
-HLO = f"""HloModule m, is_scheduled=true
-
-%fused_dot (p0: bf16[64,128], p1: bf16[128,256]) -> f32[64,256] {{
-  %p0 = bf16[64,128]{{1,0}} parameter(0)
-  %p1 = bf16[128,256]{{1,0}} parameter(1)
-  ROOT %dot.1 = f32[64,256]{{1,0}} dot(%p0, %p1), lhs_contracting_dims={{1}}, rhs_contracting_dims={{0}}
-}}
-
-%cond (c: (s32[], bf16[4,16,8])) -> pred[] {{
-  %c = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
-  %i = s32[] get-tuple-element(%c), index=0
-  %n = s32[] constant(3)
-  ROOT %lt = pred[] compare(%i, %n), direction=LT
-}}
-
-%body (b: (s32[], bf16[4,16,8])) -> (s32[], bf16[4,16,8]) {{
-  %b = (s32[], bf16[4,16,8]{{2,1,0}}) parameter(0)
-  %x = bf16[4,16,8]{{2,1,0}} get-tuple-element(%b), index=1
-  %a2a = bf16[4,16,8]{{2,1,0}} all-to-all(%x), channel_id=3, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/moe/all_to_all"}}, {SYNC}
-  %j = s32[] get-tuple-element(%b), index=0
-  ROOT %t = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%j, %a2a)
-}}
-
-%cond2 (c2: (s32[], f32[256])) -> pred[] {{
-  %c2 = (s32[], f32[256]{{0}}) parameter(0)
-  %i2 = s32[] get-tuple-element(%c2), index=0
-  %n2 = s32[] constant(2)
-  ROOT %lt2 = pred[] compare(%i2, %n2), direction=LT
-}}
-
-%body2 (b2: (s32[], f32[256])) -> (s32[], f32[256]) {{
-  %b2 = (s32[], f32[256]{{0}}) parameter(0)
-  %v = f32[256]{{0}} get-tuple-element(%b2), index=1
-  %sum = f32[256]{{0}} add(%v, %v), metadata={{op_name="jit(f)/shard_map/routed_experts/add"}}
-  %k = s32[] get-tuple-element(%b2), index=0
-  ROOT %t2 = (s32[], f32[256]{{0}}) tuple(%k, %sum)
-}}
-
-ENTRY %main (x: bf16[4,16,8], w: bf16[128,256], y: bf16[64,128], v: f32[256]) -> bf16[4,16,8] {{
-  %x = bf16[4,16,8]{{2,1,0}} parameter(0)
-  %w = bf16[128,256]{{1,0}} parameter(1)
-  %y = bf16[64,128]{{1,0}} parameter(2)
-  %v0 = f32[256]{{0}} parameter(3)
-  %s = ((bf16[4,16,8]{{2,1,0}}), bf16[4,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=1, {G}, dimensions={{0}}, metadata={{op_name="jit(f)/moe/all_to_all"}}
-  %g = f32[64,256]{{1,0}} fusion(%y, %w), kind=kCustom, calls=%fused_dot, metadata={{op_name="jit(f)/mla_q/dot_general"}}
-  %d = bf16[4,16,8]{{2,1,0}} all-to-all-done(%s)
-  %s2 = ((bf16[2,16,8]{{2,1,0}}), bf16[2,16,8]{{2,1,0}}) all-to-all-start(%x), channel_id=2, {N}, dimensions={{0}}
-  %d2 = bf16[2,16,8]{{2,1,0}} all-to-all-done(%s2)
-  %z = s32[] constant(0)
-  %tup = (s32[], bf16[4,16,8]{{2,1,0}}) tuple(%z, %d)
-  %loop = (s32[], bf16[4,16,8]{{2,1,0}}) while(%tup), condition=%cond, body=%body
-  %tup2 = (s32[], f32[256]{{0}}) tuple(%z, %v0)
-  %loop2 = (s32[], f32[256]{{0}}) while(%tup2), condition=%cond2, body=%body2, metadata={{op_name="jit(f)/shard_map/while"}}
-  ROOT %out = bf16[4,16,8]{{2,1,0}} get-tuple-element(%loop), index=1
-}}
-"""
+HLO = a2a_module(dot_op_name="jit(f)/mla_q/dot_general", plain_loop=True)
 
 
 def test_bars_follow_the_schedule_and_the_cost_model():

@@ -171,7 +171,7 @@ def _prefill(cfg, mesh, batch, seq_len, remat):
         cache = model.init_cache(ids_BT.shape[0], ids_BT.shape[1])
         return model.decode(ids_BT, cache, jnp.int32(0))
 
-    return jax.jit(fn).trace(state, _ids(mesh, batch, seq_len))
+    return jax.jit(backends.forward_only(fn)).trace(state, _ids(mesh, batch, seq_len))
 
 
 def _decode(cfg, mesh, batch, seq_len, remat):
@@ -190,4 +190,6 @@ def _decode(cfg, mesh, batch, seq_len, remat):
     def fn(s, ids_BT, c, i):
         return nnx.merge(graphdef, s).decode(ids_BT, c, i)
 
-    return jax.jit(fn, donate_argnums=2).trace(state, _ids(mesh, batch, 1), cache, index)
+    return jax.jit(backends.forward_only(fn), donate_argnums=2).trace(
+        state, _ids(mesh, batch, 1), cache, index
+    )

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.backends as backends
 from deepseek_jax.mla import LatentCache
 from deepseek_jax.model import Transformer
 
@@ -94,6 +95,7 @@ def _pick(logits_BV, key, temperature: float, top_k: int, top_p: float):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_k", "top_p"))
+@backends.forward_only
 def _prefill(
     graphdef, state, prompt_BT, key, *, max_len: int, temperature: float, top_k: int, top_p: float
 ):
@@ -106,6 +108,7 @@ def _prefill(
 
 
 @partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p"))
+@backends.forward_only
 def _decode(
     graphdef,
     state,

@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, Int
 
 import deepseek_jax.backends as backends
 import deepseek_jax.sharding as sharding
+from deepseek_jax.attention_core import latent_attention
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.infer.generate import UnrolledDecoder
 from deepseek_jax.layers import matmul
@@ -198,44 +199,25 @@ def mla_paged(
     else:
         with jax.named_scope("mla_attend_latent"):
             ckv_BSC, krope_BSR = (a.astype(dt) for a in cache.gather(table_BM))
-            olat_BTHC = latent_attention_reference(
-                qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, positions_BT, cfg
+            # the same einsums as ``mla_absorbed``: query (b, t) sees keys s <= positions[b, t]
+            visible_BTS = jnp.arange(ckv_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
+            olat_BTHC = latent_attention(
+                qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, visible_BTS, softmax_scale(cfg)
             )
     with jax.named_scope("mla_out"):
         out_BTHO = jnp.einsum("bthc,cho->btho", olat_BTHC, wuv_CHO)  # absorb W_uv
         return _out_proj(w, out_BTHO, cfg), cache
 
 
-def latent_attention_reference(
-    qlat_BTHC: Float[Array, "B T H C"],
-    qrope_BTHR: Float[Array, "B T H R"],
-    ckv_BSC: Float[Array, "B S C"],
-    krope_BSR: Float[Array, "B S R"],
-    positions_BT: Int[Array, "B T"],
-    cfg: ModelConfig,
-) -> Float[Array, "B T H C"]:
-    """All heads against one shared latent; query (b, t) sees keys s <= positions[b, t].
-    The same einsums as ``mla_absorbed``, float32 scores and softmax."""
-    f32 = jnp.float32
-    scores_BTHS = (
-        jnp.einsum("bthc,bsc->bths", qlat_BTHC, ckv_BSC, preferred_element_type=f32)
-        + jnp.einsum("bthr,bsr->bths", qrope_BTHR, krope_BSR, preferred_element_type=f32)
-    ) * softmax_scale(cfg)
-    visible_BTS = jnp.arange(ckv_BSC.shape[1])[None, None, :] <= positions_BT[:, :, None]
-    scores_BTHS = jnp.where(visible_BTS[:, :, None, :], scores_BTHS, -jnp.inf)
-    probs_BTHS = jax.nn.softmax(scores_BTHS, axis=-1).astype(ckv_BSC.dtype)
-    return jnp.einsum("bths,bsc->bthc", probs_BTHS, ckv_BSC)
-
-
 def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
-    """``Block.decode`` with paged attention (forward only: see ``backends.inference``)."""
-    with backends.inference():
-        x_in = block.input_layernorm(x_BTD)
-        w = block.self_attn.weights()
-        a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
-        x_BTD = x_BTD + a_BTD
-        h_BTD = block.post_attention_layernorm(x_BTD)
-        h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
+    """``Block.decode`` with paged attention (forward only: ``programs.py`` builds the
+    programs that trace it with ``backends.forward_only``)."""
+    x_in = block.input_layernorm(x_BTD)
+    w = block.self_attn.weights()
+    a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
+    x_BTD = x_BTD + a_BTD
+    h_BTD = block.post_attention_layernorm(x_BTD)
+    h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
     return x_BTD + h_BTD.astype(x_BTD.dtype), cache
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+import deepseek_jax.backends as backends
 from deepseek_jax.infer.sampling import RowSampling, distribution, sample, verify
 
 DRAFT_STREAM = 3  # the random stream of MTP drafts (0: tokens; 1, 2: verification)
 
 
+@backends.forward_only
 def prefill_chunk(
     graphdef, state, caches, ids_RT, next_ids_RT, last, lens_R, table_RM, samp, final, *, mtp: bool
 ):
@@ -43,6 +45,7 @@ def prefill_chunk(
     return tok_R, draft_R, q_RV, caches
 
 
+@backends.forward_only
 def decode_step(graphdef, state, caches, tok_B, lens_B, table_BM, samp):
     """One token per row: ``tok_B`` goes into the cache at ``lens_B``; returns the next
     token [B] and the caches."""
@@ -52,6 +55,7 @@ def decode_step(graphdef, state, caches, tok_B, lens_B, table_BM, samp):
     return nxt_B, caches
 
 
+@backends.forward_only
 def speculative_step(
     graphdef, state, caches, tok_B, draft_B, q_BV, lens_B, table_BM, samp: RowSampling
 ):

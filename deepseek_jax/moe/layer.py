@@ -158,30 +158,38 @@ def _expert_parallel(
     data = logical_to_spec(("batch", None, None), rules, mesh.axis_names)
     experts = logical_to_spec(("expert", None, None), rules, mesh.axis_names)
     rep = P()
-    args = [
-        _laid_out(a, s, mesh)
-        for a, s in (
-            (x_BTD, data),
-            (gate_DE, rep),
-            (w_gate_EDF, experts),
-            (w_up_EDF, experts),
-            (w_down_EFD, experts),
-        )
-    ]
-    bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32) if bias_E is None else bias_E
-    args.insert(2, _laid_out(bias, rep, mesh))
+    args = (
+        *_router_inputs(x_BTD, gate_DE, bias_E, cfg, mesh, data),
+        *(_laid_out(w, experts, mesh) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)),
+    )
     local = functools.partial(
         _routed_local, cfg=cfg, backend=backend, opts=opts, topo=topo, has_bias=bias_E is not None
     )
-    fn = jax.shard_map(
-        local,
+    in_specs = (data, rep, rep, experts, experts, experts)
+    out_specs = (data, MoEStats(rep, rep, rep, rep, rep))
+    return _expert_shard_map(local, mesh, topo, opts, in_specs, out_specs)(*args)
+
+
+def _expert_shard_map(fn, mesh, topo: Topology, opts: EPOptions, in_specs, out_specs):
+    """``fn`` in ``shard_map`` over the expert axes (the expert-parallel layer and each stage
+    of the dual overlap); the Pallas exchange kernel carries no varying-axis types, so the
+    check is off for it."""
+    return jax.shard_map(
+        fn,
         mesh=mesh,
-        in_specs=(data, rep, rep, experts, experts, experts),
-        out_specs=(data, MoEStats(rep, rep, rep, rep, rep)),
+        in_specs=in_specs,
+        out_specs=out_specs,
         axis_names=set(topo.axes),
         check_vma=opts.kernel != "pallas",
     )
-    return fn(*args)
+
+
+def _router_inputs(x_BTD, gate_DE, bias_E, cfg: ModelConfig, mesh, data: P):
+    """(x, gate, bias) laid out for the router inside ``_expert_shard_map``: tokens on
+    ``data``, gate and bias replicated; zeros stand in for a model without a bias (the local
+    function is told ``has_bias``)."""
+    bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32) if bias_E is None else bias_E
+    return tuple(_laid_out(a, s, mesh) for a, s in ((x_BTD, data), (gate_DE, P()), (bias, P())))
 
 
 def _laid_out(x, spec: P, mesh):
