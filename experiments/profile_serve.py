@@ -44,12 +44,12 @@ def _engine(model, batch, prompt_len, speculative, prompts):
     from deepseek_jax.infer.engine import Engine
     from deepseek_jax.infer.sampling import SamplingParams
 
-    pages = (-(-(prompt_len + 4096) // 16)) * batch + 1
-    eng = Engine(model, num_pages=min(pages, 4096), max_batch=batch,
+    pages = (-(-(prompt_len + 1800 + 1) // 16)) * batch + 1
+    eng = Engine(model, num_pages=pages, max_batch=batch,
                  prefill_chunk=prompt_len, speculative=speculative)  # fmt: skip
     for p in prompts[:batch]:
-        eng.submit(p, SamplingParams(max_tokens=100_000))
-    while eng.prefilling:
+        eng.submit(p, SamplingParams(max_tokens=1800))
+    while len(eng.running) < batch:
         eng.step()
     return eng
 
