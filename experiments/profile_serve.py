@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     g, st = e1.decode.graphdef, e1.decode.state
     caches1 = jax.tree.map(jnp.copy, e1.decode.caches)  # the parts' own (not donated)
+    cachesB = jax.tree.map(jnp.copy, eB.decode.caches)
     t1, l1, tb1, s1 = arrays(e1, 2)
     tB, lB, tbB, sB = arrays(eB, 1)
     dec = nnx.merge(g, st)
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         "MTP draft T=2 (block+head)": (draft, (st, caches1, h2, ids2, l1, tb1)),
         "MTP draft T=2, kept position": (draft_kept, (st, caches1, h2, ids2, l1, tb1)),
         "sample B=1": (samp, (logitsV, s1, l1)),
+        f"main body B={args.batch}": (body, (st, cachesB, tB[:, None], lB, tbB)),
+        f"head B={args.batch}": (head, (st, jnp.zeros((len(tB), 1, D), jnp.float32))),
+        f"sample B={args.batch}": (samp, (jnp.zeros((len(tB), cfg.vocab_size)), sB, lB)),
     }
 
     def plain1():
