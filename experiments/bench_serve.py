@@ -79,14 +79,19 @@ def run_round(engine, prompts, new_tokens):
 
     reqs = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]
     peak = 0
+    s0 = dict(engine.stats)
     while engine.step():
         peak = max(peak, engine.alloc.in_use)
+    delta = {k: engine.stats[k] - s0.get(k, 0) for k in ("decode_tokens", "decode_seconds")}
     lost = sum(r.finish_reason != "length" for r in reqs)
     first = min(r.token_times[0] for r in reqs)
     last = max(r.token_times[-1] for r in reqs)
     decode_tokens = sum(len(r.output) - 1 for r in reqs)
     return {
         "decode_tokens_per_s": decode_tokens / (last - first),
+        # the decode steps alone (their host work included; the prefill chunks that run
+        # between them while later requests join are not): a decode deployment's rate
+        "decode_step_tokens_per_s": delta["decode_tokens"] / max(delta["decode_seconds"], 1e-9),
         "ttft_ms": [1e3 * (r.token_times[0] - r.t_submit) for r in reqs],
         "tpot_ms": [
             1e3 * (r.token_times[-1] - r.token_times[0]) / (len(r.output) - 1) for r in reqs
@@ -204,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     c1, cmax = out[levels[0]], out[levels[-1]]
     scale = cmax["decode_tokens_per_s"] / c1["decode_tokens_per_s"]
     print(f"aggregate decode at concurrency {levels[-1]} / {levels[0]}: {scale:.2f}x")
+    step_rate = {
+        c: float(np.median([r["decode_step_tokens_per_s"] for r in runs[c]])) for c in levels
+    }
+    step_scale = step_rate[levels[-1]] / step_rate[levels[0]]
+    print("decode steps alone (no prefill chunks between them), tokens/s: "
+          + ", ".join(f"c{c} {step_rate[c]:.1f}" for c in levels)
+          + f"; c{levels[-1]} / c{levels[0]}: {step_scale:.2f}x")  # fmt: skip
     per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
     print(f"latent cache: {per_token} bytes/token (float32, {cfg.num_hidden_layers} layers; "
           f"the MTP layer adds {per_token // cfg.num_hidden_layers})")  # fmt: skip
@@ -253,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         lost += load["lost"]
         print(f"HTTP load {args.load_s:g} s: {load}")
     row = {f"decode_tokens_per_s_c{c}": round(out[c]["decode_tokens_per_s"], 1) for c in levels}
+    row |= {f"decode_step_tokens_per_s_c{c}": round(step_rate[c], 1) for c in levels}
+    row["decode_step_scaling"] = round(step_scale, 2)
     row |= {
         f"decode_tokens_per_s_c{c}_runs": [round(r["decode_tokens_per_s"], 1) for r in runs[c]]
         for c in levels

@@ -80,6 +80,9 @@ def test_speculative_greedy_identical_to_plain(spec, prompts, reference):
     drafted, accepted = spec.stats["drafted"], spec.stats["accepted"]
     assert 0 < accepted < drafted  # both the two-token and the roll-back path ran
     assert spec.stats["decode_steps"] < sum(len(r.output) for r in reqs) - len(reqs)
+    # every token but each request's first (the prefill's) came from a timed decode step
+    assert spec.stats["decode_tokens"] == sum(len(r.output) for r in reqs) - len(reqs)
+    assert spec.stats["decode_seconds"] > 0
     assert spec.alloc.in_use == 0
 
 

@@ -78,3 +78,39 @@ def test_allocator_books_grows_and_frees():
     assert a.in_use == 0 and a.unbooked == 5
     with pytest.raises(ValueError, match="num_pages"):
         PageAllocator(1, 4)
+
+
+@pytest.mark.parametrize("attention", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_draft_and_head_at_the_kept_position_equal_all_positions(model, attention):
+    """The MTP draft with ``keep_B`` (attention, MoE and head at one position per row) and
+    the main head at one position give those positions' logits of the all-positions call,
+    and write the same cache entries (both positions: a kept second draft needs the
+    first's). Earlier positions hold random latents. ``pallas``: the decode kernel
+    (interpret mode) at the kept position."""
+    dec = PagedDecoder(model, attention=attention)
+    table = jnp.asarray([[3, 1, 7, 2], [5, 9, 4, 6]], jnp.int32)
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, CFG.vocab_size)
+    lens = jnp.asarray([5, 2], jnp.int32)
+    keep = jnp.asarray([1, 0], jnp.int32)
+
+    @nnx.jit
+    def run(dec, ids, table, lens, keep):
+        caches = [
+            type(c)(
+                *(jax.random.normal(jax.random.key(i), a.shape) for a in (c.ckv_NPC, c.krope_NPR))
+            )
+            for i, c in enumerate(dec.init_cache(16, P))
+        ]
+        head_at, h, caches = dec.forward(ids[:, 5:], caches, table, lens, head_at_B=keep)
+        logits = dec.head(h)
+        full, c_full = dec.draft(h, ids[:, 3:5], caches, table, lens)
+        kept, c_kept = dec.draft(h, ids[:, 3:5], caches, table, lens, keep)
+        return logits, head_at, full, c_full[-1], kept, c_kept[-1]
+
+    logits, head_at, full, c_full, kept, c_kept = run(dec, ids, table, lens, keep)
+    rows = jnp.arange(2)
+    assert kept.shape == (2, 1, CFG.vocab_size) and head_at.shape == kept.shape
+    np.testing.assert_allclose(head_at[:, 0], logits[rows, keep], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(kept[:, 0], full[rows, keep], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(c_kept.ckv_NPC, c_full.ckv_NPC)
+    np.testing.assert_array_equal(c_kept.krope_NPR, c_full.krope_NPR)

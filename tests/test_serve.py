@@ -197,6 +197,7 @@ def test_bench_serve_script(capsys, load_s):
     assert keys <= set(last) and last["lost_requests"] == 0
     assert len(last["decode_tokens_per_s_c2_runs"]) == 2
     assert last["decode_tokens_per_s_c2"] in last["decode_tokens_per_s_c2_runs"]
+    assert last["decode_step_tokens_per_s_c2"] > 0 and last["decode_step_scaling"] > 0
     assert last["cache_bytes_per_token"] == 3 * (16 + 8) * 4
     assert 0 <= last["mtp_acceptance"] <= 1 and last["mtp_speedup"] > 0
     assert last["resident_requests_mla"] > last["resident_requests_gqa"] > 0

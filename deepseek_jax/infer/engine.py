@@ -149,6 +149,8 @@ class Engine:
         self._inbox: list[Request] = []
         self._cancels: set[int] = set()
         self.wake = threading.Event()
+        self._samp_key: tuple[int, ...] = ()
+        self._samp: RowSampling | None = None
 
     def _counted(self, name: str, fn):
         def traced(*args):
@@ -225,7 +227,12 @@ class Engine:
         if self.prefilling:
             self._prefill_chunk(self.prefilling[0])
         if self.running:
+            t0, n0 = time.perf_counter(), self.stats["generated_tokens"]
             self._decode_step()
+            # The decode side alone (host work included, prefill chunks not): what a decode
+            # deployment of a prefill/decode split serves.
+            self.stats["decode_seconds"] += time.perf_counter() - t0
+            self.stats["decode_tokens"] += self.stats["generated_tokens"] - n0
         return True
 
     def run_until_done(self) -> None:
@@ -248,14 +255,22 @@ class Engine:
         return table
 
     def _sampling(self, reqs: list[Request], rows: int) -> RowSampling:
+        """The rows' settings, rebuilt only when the batch's requests change."""
+        key = (rows, *(r.rid for r in reqs))
+        if self._samp_key == key:
+            return self._samp
         pad = [SamplingParams()] * (rows - len(reqs))
         ps = [r.params for r in reqs] + pad
-        return RowSampling(  # numpy: the compiled call copies them in (no eager dispatches)
-            np.asarray([p.temperature for p in ps], np.float32),
-            np.asarray([p.top_k for p in ps], np.int32),
-            np.asarray([p.top_p for p in ps], np.float32),
-            np.asarray([p.seed for p in ps], np.int32),
+        self._samp_key, self._samp = (
+            key,
+            RowSampling(  # numpy: no eager dispatches
+                np.asarray([p.temperature for p in ps], np.float32),
+                np.asarray([p.top_k for p in ps], np.int32),
+                np.asarray([p.top_p for p in ps], np.float32),
+                np.asarray([p.seed for p in ps], np.int32),
+            ),
         )
+        return self._samp
 
     def _prefill_chunk(self, req: Request) -> None:
         start, n_prompt = req.prefilled, len(req.prompt)

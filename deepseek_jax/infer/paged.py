@@ -152,6 +152,12 @@ class PagedLayer:
         )
 
 
+def take_at(a_BT: Array, keep_B: Int[Array, " B"]) -> Array:
+    """Row b's entry ``keep_B[b]`` along axis 1, kept as a length-1 axis."""
+    idx = keep_B.reshape((-1,) + (1,) * (a_BT.ndim - 1))
+    return jnp.take_along_axis(a_BT, idx, axis=1)
+
+
 def page_slots(table_BM, lens_B, T: int, page_size: int):
     """(page, slot) of positions ``lens_B + t``; past the table's width: the trash page."""
     pos_BT = lens_B[:, None] + jnp.arange(T)[None, :]
@@ -169,22 +175,28 @@ def mla_paged(
     lens_B: Int[Array, " B"],
     cfg: ModelConfig,
     attention: str = "xla",
+    keep_B: Int[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B T D"], PagedLayer]:
     """``mla_absorbed`` through a page table: row b's token t sits at ``lens_B[b] + t`` and
-    sees that row's positions up to its own. ``attention="pallas"``: one-token steps run
+    sees that row's positions up to its own. ``attention="pallas"``: one-token queries run
     the Pallas decode kernel (``pallas_kernels/mla_decode.py``; interpret mode off GPU),
-    outside a multi-device mesh.
+    outside a multi-device mesh. ``keep_B``: all T positions enter the cache, but only
+    position ``keep_B[b]`` queries (y is [B, 1, D]): what a draft needs at one position.
     Returns (y_BTD, the cache with T new entries)."""
     dt = jnp.dtype(cfg.run.dtype)
     x_BTD = x_BTD.astype(dt)
     positions_BT = lens_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
     cos_BTR, sin_BTR = rope_cos_sin(positions_BT, cfg)
     wuk_CHN, wuv_CHO = jnp.split(_cast(w, "kv_b_proj", dt), [cfg.qk_nope_head_dim], axis=-1)
+    with jax.named_scope("mla_cache_write"):
+        cache = cache.write(*mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg), table_BM, lens_B)
+    if keep_B is not None:
+        x_BTD, positions_BT, cos_BTR, sin_BTR = (
+            take_at(a, keep_B) for a in (x_BTD, positions_BT, cos_BTR, sin_BTR)
+        )
     with jax.named_scope("mla_q"):
         qnope_BTHN, qrope_BTHR = mla_queries(w, x_BTD, cos_BTR, sin_BTR, cfg)
         qlat_BTHC = jnp.einsum("bthn,chn->bthc", qnope_BTHN, wuk_CHN)  # absorb W_uk
-    with jax.named_scope("mla_cache_write"):
-        cache = cache.write(*mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg), table_BM, lens_B)
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1  # the kernel is not partitioned over a mesh
     if attention == "pallas" and x_BTD.shape[1] == 1 and one_device:
@@ -192,7 +204,7 @@ def mla_paged(
             scale = softmax_scale(cfg)
             olat_BHC = mla_decode(
                 qlat_BTHC[:, 0] * scale, qrope_BTHR[:, 0] * scale, cache.ckv_NPC,
-                cache.krope_NPR, table_BM, lens_B + 1,
+                cache.krope_NPR, table_BM, positions_BT[:, 0] + 1,
                 interpret=backends.pallas_interpret(None),
             )  # fmt: skip
             olat_BTHC = olat_BHC[:, None].astype(dt)
@@ -209,13 +221,14 @@ def mla_paged(
         return _out_proj(w, out_BTHO, cfg), cache
 
 
-def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention):
+def _block(block, x_BTD, cache: PagedLayer, table_BM, lens_B, cfg, attention, keep_B=None):
     """``Block.decode`` with paged attention (forward only: ``programs.py`` builds the
-    programs that trace it with ``backends.forward_only``)."""
+    programs that trace it with ``backends.forward_only``). ``keep_B``: every position's
+    cache entry, the output at ``keep_B`` only ([B, 1, D])."""
     x_in = block.input_layernorm(x_BTD)
     w = block.self_attn.weights()
-    a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention)
-    x_BTD = x_BTD + a_BTD
+    a_BTD, cache = mla_paged(w, x_in, cache, table_BM, lens_B, cfg, attention, keep_B)
+    x_BTD = (x_BTD if keep_B is None else take_at(x_BTD, keep_B)) + a_BTD
     h_BTD = block.post_attention_layernorm(x_BTD)
     h_BTD = block.mlp(h_BTD)[0] if block.is_moe else block.mlp(h_BTD)
     return x_BTD + h_BTD.astype(x_BTD.dtype), cache
@@ -262,15 +275,19 @@ class PagedDecoder(nnx.Module):
         caches: list[PagedLayer],
         table_BM: Int[Array, "B M"],
         lens_B: Int[Array, " B"],
+        head_at_B: Int[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B T V"], Float[Array, "B T D"], list[PagedLayer]]:
-        """The main model on T new tokens per row: (logits, final-normed hidden, caches)."""
+        """The main model on T new tokens per row: (logits, final-normed hidden, caches).
+        ``head_at_B``: the logits at that position only ([B, 1, V]; a prefill chunk samples
+        one token)."""
         x_BTD = self.embed_tokens(ids_BT)
         new = []
         for layer, c in zip(self.layers, caches, strict=False):
             x_BTD, c = _block(layer, x_BTD, c, table_BM, lens_B, self.cfg, self.attention)
             new.append(c)
         h_BTD = self.norm(x_BTD).astype(self.dtype)
-        return self.head(h_BTD), h_BTD, new + list(caches[len(self.layers) :])
+        logits_BTV = self.head(h_BTD if head_at_B is None else take_at(h_BTD, head_at_B))
+        return logits_BTV, h_BTD, new + list(caches[len(self.layers) :])
 
     def draft(
         self,
@@ -279,11 +296,16 @@ class PagedDecoder(nnx.Module):
         caches: list[PagedLayer],
         table_BM: Int[Array, "B M"],
         lens_B: Int[Array, " B"],
+        keep_B: Int[Array, " B"] | None = None,
     ) -> tuple[Float[Array, "B T V"], list[PagedLayer]]:
         """MTP depth 1 (``mtp.MTPModule``) at the same positions as ``h_BTD``: its logits
-        predict the token after ``next_ids_BT``. Writes the MTP layer's cache entries."""
+        predict the token after ``next_ids_BT``. Writes the MTP layer's cache entries.
+        ``keep_B``: all T positions' cache entries, but the attention, MoE and vocab head
+        run only at position ``keep_B[b]`` (logits [B, 1, V]): the one draft kept."""
         m = self.mtp
         cat = jnp.concatenate([m.enorm(self.embed_tokens(next_ids_BT)), m.hnorm(h_BTD)], -1)
         x_BTD = matmul(cat.astype(self.dtype), m.eh_proj[...].astype(self.dtype))
-        x_BTD, c = _block(m.block, x_BTD, caches[-1], table_BM, lens_B, self.cfg, self.attention)
+        x_BTD, c = _block(
+            m.block, x_BTD, caches[-1], table_BM, lens_B, self.cfg, self.attention, keep_B
+        )
         return self.head(m.norm(x_BTD).astype(self.dtype)), [*caches[:-1], c]

@@ -33,15 +33,16 @@ def prefill_chunk(
     draft is the token and the distribution is empty [R, 0].
     """
     dec = nnx.merge(graphdef, state)
-    logits_RTV, h_RTD, caches = dec.forward(ids_RT, caches, table_RM, lens_R)
+    last_R = jnp.full(ids_RT.shape[:1], last, jnp.int32)
+    logits_R1V, h_RTD, caches = dec.forward(ids_RT, caches, table_RM, lens_R, head_at_B=last_R)
     pos_R = lens_R + last + 1  # position of the sampled token
-    tok_R, _ = sample(logits_RTV[:, last], samp, pos_R)
+    tok_R, _ = sample(logits_R1V[:, 0], samp, pos_R)
     if not mtp:
         return tok_R, tok_R, jnp.zeros((tok_R.shape[0], 0), jnp.float32), caches
     nxt_R = jnp.where(final, tok_R, next_ids_RT[:, last])
     next_ids_RT = next_ids_RT.at[:, last].set(nxt_R)
-    dlogits_RTV, caches = dec.draft(h_RTD, next_ids_RT, caches, table_RM, lens_R)
-    draft_R, q_RV = sample(dlogits_RTV[:, last], samp, pos_R + 1, DRAFT_STREAM)
+    dlogits_R1V, caches = dec.draft(h_RTD, next_ids_RT, caches, table_RM, lens_R, last_R)
+    draft_R, q_RV = sample(dlogits_R1V[:, 0], samp, pos_R + 1, DRAFT_STREAM)
     return tok_R, draft_R, q_RV, caches
 
 
@@ -64,9 +65,10 @@ def speculative_step(
     The main model runs on [token, draft] at positions lens, lens + 1. Its first logits
     verify the draft (``sampling.verify``): y1 is the draft when accepted, else the
     corrected token; its second logits give y2, the token after an accepted draft. The MTP
-    layer then runs on (hidden at lens, y1) and (hidden at lens + 1, y2); the output at the
-    last accepted position drafts the next token. A rejected draft's cache entries at
-    lens + 1 (main and MTP) are rolled back by the caller advancing ``lens`` by one only.
+    layer then writes its cache entries for (hidden at lens, y1) and (hidden at lens + 1,
+    y2), and runs its attention, MoE and vocab head only at the last accepted position,
+    whose output drafts the next token. A rejected draft's cache entries at lens + 1 (main
+    and MTP) are rolled back by the caller advancing ``lens`` by one only.
 
     Returns (y1 [B], y2 [B], accepted [B] bool, next draft [B], its distribution [B, V],
     caches).
@@ -77,8 +79,8 @@ def speculative_step(
     p_BV = distribution(logits_B2V[:, 0], samp)
     accepted_B, y1_B = verify(draft_B, q_BV, p_BV, samp, lens_B + 1)
     y2_B, _ = sample(logits_B2V[:, 1], samp, lens_B + 2)
-    dlogits_B2V, caches = dec.draft(h_B2D, jnp.stack([y1_B, y2_B], 1), caches, table_BM, lens_B)
     idx_B = accepted_B.astype(jnp.int32)
-    dlogits_BV = jnp.take_along_axis(dlogits_B2V, idx_B[:, None, None], axis=1)[:, 0]
-    draft_B, q_BV = sample(dlogits_BV, samp, lens_B + 2 + idx_B, DRAFT_STREAM)
+    ids_B2 = jnp.stack([y1_B, y2_B], 1)
+    dlogits_B1V, caches = dec.draft(h_B2D, ids_B2, caches, table_BM, lens_B, keep_B=idx_B)
+    draft_B, q_BV = sample(dlogits_B1V[:, 0], samp, lens_B + 2 + idx_B, DRAFT_STREAM)
     return y1_B, y2_B, accepted_B, draft_B, q_BV, caches
