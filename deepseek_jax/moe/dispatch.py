@@ -26,10 +26,12 @@ with T local tokens:
 - ``flat_dispatch`` (the reference and the comparison, what MaxText and EasyDeL do): one
   ``all_to_all`` over (node, gpu) with a row per (token, expert); the gate weights are
   applied when the results come back (``flat_combine``).
-Each hop is a padded ``all_to_all`` of a [peers, capacity, D] buffer (``ragged_all_to_all``
-has no XLA:CPU lowering). Row r of peer p's block is the r-th copy, in token order, this
-device sends to p; copies beyond the capacity are dropped (they contribute nothing),
-counted exactly and reported (``ExchangeStats.dropped``, in (token, expert) assignments).
+Each hop is one padded ``all_to_all`` of a [peers, capacity, D] buffer (``ragged_all_to_all``
+has no XLA:CPU lowering), the ids and gate weights packed beside the payload in each row
+(``payload.exchange``: a lone small transfer of ids could not hide behind compute). Row r
+of peer p's block is the r-th copy, in token order, this device sends to p; copies beyond
+the capacity are dropped (they contribute nothing), counted exactly and reported
+(``ExchangeStats.dropped``, in (token, expert) assignments).
 The permute into the send buffer is ``permute_quantize`` (optionally E4M3 with 1x128
 scales: the FP8 dispatch) and the return to token order is ``combine``, our Pallas kernels
 (``pallas_kernels/dispatch.py``) or their jnp twins (``EPOptions.kernel``), made
@@ -260,15 +262,16 @@ def flat_dispatch(
     dev_A = idx_A // El
     slot_AR, src_RC, ok_AR = _slots(dev_A[:, None] == jnp.arange(R)[None, :], C)
     expert_RC = jnp.take(idx_A % El, src_RC, mode="fill", fill_value=El)
-    x_RCD = send(
+    x_RCD, (expert_RC1,) = send(
         x_TD,
         src_RC // K,
         topo.axes,
         fp8=opts.fp8_dispatch,
         kernel=opts.kernel,
         logfmt_bits=opts.logfmt_bits,
+        extras=(expert_RC[..., None],),
     )
-    expert_RC = all_to_all(expert_RC, topo.axes)
+    expert_RC = expert_RC1[..., 0]
     me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
     sent_A = jnp.any(ok_AR, axis=1)
     node_A, gpu_A = dev_A // topo.gpus, dev_A % topo.gpus
@@ -308,31 +311,31 @@ def two_hop_dispatch(
         to_TNK = node_TK[:, None, :] == jnp.arange(N)[None, :, None]
         row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
         e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
-        x1_NCD = send(
+        x1_NCD, (e1_NCK, w1_NCK) = send(
             x_TD,
             src1_NC,
             topo.inter,
             fp8=opts.fp8_dispatch,
             kernel=opts.kernel,
             logfmt_bits=opts.logfmt_bits,
+            extras=(e1_NCK, w1_NCK),
         )
-        e1_UK = all_to_all(e1_NCK, topo.inter).reshape(-1, K)  # U = N C1 received rows
-        w1_UK = all_to_all(w1_NCK, topo.inter).reshape(-1, K)
+        e1_UK = e1_NCK.reshape(-1, K)  # U = N C1 received rows
+        w1_UK = w1_NCK.reshape(-1, K)
     with jax.named_scope("ep_hop2_intra_node"):
         # hop 2: each received row to the GPUs of its experts on this node
         to_UGK = (e1_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
         row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
         e2_GCK, w2_GCK = _blank_others(e1_UK, w1_UK, src2_GC, El)
-        x2_GCD = send(
+        x2_GCD, (e2_GCK, w2_GCK) = send(
             x1_NCD.reshape(-1, x_TD.shape[1]),
             src2_GC,
             topo.intra,
             fp8=opts.fp8_dispatch,
             kernel=opts.kernel,
             logfmt_bits=opts.logfmt_bits,
+            extras=(e2_GCK, w2_GCK),
         )
-        e2_GCK = all_to_all(e2_GCK, topo.intra)
-        w2_GCK = all_to_all(w2_GCK, topo.intra)
     me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
     stats = ExchangeStats(
         dropped=jnp.sum(jnp.where(ok1_TN, 0, jnp.sum(to_TNK, axis=2)))
