@@ -101,26 +101,39 @@ def dual_moe(moe: MoE, h_BTD: Float[Array, "B T D"]):
 
 
 def _pipeline(moe: MoE, ha, make_b):
-    """dispatch(A) + make_b() | experts(A) + dispatch(B) | combine(A) + experts(B) + shared(A)
-    | combine(B) + shared(B). ``make_b`` returns (B's MoE input, extras to carry)."""
+    """dispatch(A) + make_b() | experts(A) + dispatch(B) | combine(A), a phase per hop, beside
+    experts(B) then shared(A) | combine(B), a phase per hop, beside the two halves of
+    shared(B). ``make_b`` returns (B's MoE input, extras to carry)."""
     st = _Stages(moe, ha.shape)
     da = st.dispatch(ha)
     hb, extra = make_b()
     da, hb, extra = _barrier((da, hb, extra))
     ea = st.experts(da.recv)
     db = st.dispatch(hb)
-    ea, db = _barrier((ea, db))
-    ya = st.combine(ea, da)
-    eb = st.experts(db.recv)
-    sa = st.shared(ha)
-    ya, sa, eb = _barrier((ya, sa, eb))
-    yb = st.combine(eb, db) + st.shared(hb)
+    ea, db, ha, hb = _barrier((ea, db, ha, hb))
+    fills_a = [lambda c: st.experts(c[2].recv), lambda c: st.shared(c[0])]
+    ya, (eb, sa), (ha, hb, db) = _combine_beside(st, ea, da, fills_a, (ha, hb, db))
+    yb, sb = _combine_beside(st, eb, db, st.shared_parts(), hb)[:2]
     stats = MoEStats(
         da.stats.load_E + db.stats.load_E,
         (da.stats.balance_loss + db.stats.balance_loss) / 2,
         *(a + b for a, b in zip(da.stats[2:], db.stats[2:], strict=True)),
     )
-    return (ya + sa, yb), stats, extra
+    return (ya + sa, yb + jnp.concatenate(sb, axis=1)), stats, extra
+
+
+def _combine_beside(st: _Stages, y_RD, d: Dispatched, fills, carry):
+    """One half's combine, one phase per hop (an all-to-all each), phase i also running
+    ``fills[i]`` (the last phase: all those left) on ``carry``: the inputs come out of the
+    previous phase's barrier, so XLA cannot move a fill into another collective's window and
+    leave this one with nothing beside it. Returns (y, the fills' results, carry)."""
+    hops, done = st.combine_hops(), []
+    for i, hop in enumerate(hops):
+        y_RD = hop(y_RD, d)
+        todo = fills[i:] if i == len(hops) - 1 else fills[i : i + 1]
+        done += [f(carry) for f in todo]
+        y_RD, done, carry = _barrier((y_RD, done, carry))
+    return y_RD, done, carry
 
 
 class _Stages:
@@ -203,18 +216,38 @@ class _Stages:
         ws = _expert_weights(cfg, recv.x_RD.dtype, *ws)
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
 
-    def combine(self, y_RD, d: Dispatched) -> Float[Array, "B T D"]:
+    def combine_hops(self) -> list:
+        """Combine as a list of (y, Dispatched) -> y stages, one all-to-all each: two-hop
+        back over gpu then node (the last returns [B, T, D]); flat in one."""
+        if self.opts.path == "flat":
+            return [functools.partial(self._combine_stage, self._flat_local)]
+        return [
+            functools.partial(self._combine_stage, self._hop2_local),
+            functools.partial(self._combine_stage, self._hop1_local),
+        ]
+
+    def _combine_stage(self, local, y, d: Dispatched):
         dev = P(self.topo.axes)
         handle = jax.tree.map(lambda _: dev, d.handle)
-        fn = self._smap(self._combine_local, (dev, handle, dev), self.data)
-        return fn(y_RD, d.handle, d.weight_TK)
+        out = self.data if local != self._hop2_local else dev
+        return self._smap(local, (dev, handle, dev), out)(y, d.handle, d.weight_TK)
 
-    def _combine_local(self, y_RD, handle, weight_TK) -> Float[Array, "B T D"]:
-        dtype = jnp.dtype(self.opts.combine_dtype or self.dtype)
-        if self.opts.path == "flat":
-            y_TD = dsp.flat_combine(y_RD, weight_TK, handle, self.topo, self.caps, self.opts, dtype)
-        else:
-            y_TD = dsp.two_hop_combine(y_RD, handle, self.topo, self.caps, self.opts, dtype)
+    def _combine_dtype(self):
+        return jnp.dtype(self.opts.combine_dtype or self.dtype)
+
+    def _flat_local(self, y_RD, handle, weight_TK) -> Float[Array, "B T D"]:
+        o, c = self.opts, self.caps
+        y_TD = dsp.flat_combine(y_RD, weight_TK, handle, self.topo, c, o, self._combine_dtype())
+        return self._to_batch(y_TD)
+
+    def _hop2_local(self, y_RD, handle, _weight_TK) -> Float[Array, "U D"]:
+        return dsp.back_hop2(y_RD, handle, self.topo, self.caps, self.opts, self._combine_dtype())
+
+    def _hop1_local(self, y1_UD, handle, _weight_TK) -> Float[Array, "B T D"]:
+        o, c = self.opts, self.caps
+        return self._to_batch(dsp.back_hop1(y1_UD, handle, self.topo, c, o, self._combine_dtype()))
+
+    def _to_batch(self, y_TD):
         return y_TD.astype(self.dtype).reshape(self.T // self.seq, self.seq, -1)
 
     def shared(self, h_BTD):
@@ -222,6 +255,14 @@ class _Stages:
             return jnp.zeros(h_BTD.shape, self.dtype)
         with jax.named_scope("shared_experts"):
             return self.moe.shared_experts(h_BTD)
+
+    def shared_parts(self) -> list:
+        """The shared expert on the first and last positions of a half (per token: exact),
+        to run beside combine's two hops; one part when T < 2."""
+        cut = self.seq // 2
+        if cut == 0:
+            return [self.shared]
+        return [lambda h: self.shared(h[:, :cut]), lambda h: self.shared(h[:, cut:])]
 
 
 # ------------------------------------------------------------------------ halves

@@ -45,8 +45,7 @@ T min(K, M G) / G. Worst cases: flat T min(K, E/R); hop 1 T (a token goes once t
 node); hop 2 N C1 (every received row to one GPU). The node limit is what keeps hop 1
 small: its worst case is T per peer, against T min(K, E/R) for a flat buffer that never
 drops. The default factor, 3, dropped nothing in our checks (tiny and small presets at
-initialisation; the tiny preset's first training steps on text, where factor 2 dropped
-0.4 % of the assignments: repeated tokens route alike; the 256-expert ``bench_ep``).
+init; tiny's first steps on text, where factor 2 dropped 0.4 %; ``bench_ep``).
 
 *What we simplify relative to DeepEP.* Dense padded buffers and XLA collectives instead
 of NVSHMEM kernels writing straight into the receivers' buffers, so the wire carries the
@@ -55,9 +54,7 @@ full capacity, not the used rows; no overlap of the hops with compute (that is
 requantised for hop 2 (lossless: the dequantised tile requantises to the same codes)
 instead of forwarded as raw bytes; the combine payload is the compute dtype (BF16 when
 training in BF16, as V3); a capacity overflow drops the copy (DeepEP is dropless with
-dynamic sizes); and the backward pass is autodiff of all this, so the gradients travel
-the reverse routes in the compute dtype (the FP8 send passes its cotangent straight
-through).
+dynamic sizes); the gradients travel the reverse routes in the compute dtype.
 
 Shape letters (one device's block inside shard_map): T tokens, K experts per token, D
 hidden, A = T K assignments, P peers of an all_to_all, C capacity per peer, R devices
@@ -352,13 +349,21 @@ def two_hop_combine(
     y_RD, handle: TwoHopHandle, topo: Topology, caps: Capacities, opts: EPOptions, dtype
 ) -> Float[Array, "T D"]:
     """Back over ``gpu``, sum per hop-1 row; back over ``node``, sum per token (float32)."""
-    N, G, D = topo.nodes, topo.gpus, y_RD.shape[-1]
-    with jax.named_scope("ep_back_hop2_intra_node"):
-        back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), topo.intra)
-        y1_UD = combine_rows(back2_GCD.reshape(-1, D), handle.row2_UG, None, opts.kernel)
-    with jax.named_scope("ep_back_hop1_inter_node"):
-        back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), topo.inter)
-        return combine_rows(back1_NCD.reshape(-1, D), handle.row1_TN, None, opts.kernel)
+    y1_UD = back_hop2(y_RD, handle, topo, caps, opts, dtype)
+    return back_hop1(y1_UD, handle, topo, caps, opts, dtype)
+
+
+@jax.named_scope("ep_back_hop2_intra_node")
+def back_hop2(y_RD, handle: TwoHopHandle, topo, caps, opts, dtype) -> Float[Array, "U D"]:
+    """Combine's first hop (``overlap.py`` runs the hops in separate phases)."""
+    back2_GCD = all_to_all(y_RD.astype(dtype).reshape(topo.gpus, caps.gpu, -1), topo.intra)
+    return combine_rows(back2_GCD.reshape(-1, y_RD.shape[-1]), handle.row2_UG, None, opts.kernel)
+
+
+@jax.named_scope("ep_back_hop1_inter_node")
+def back_hop1(y1_UD, handle: TwoHopHandle, topo, caps, opts, dtype) -> Float[Array, "T D"]:
+    back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(topo.nodes, caps.node, -1), topo.inter)
+    return combine_rows(back1_NCD.reshape(-1, y1_UD.shape[-1]), handle.row1_TN, None, opts.kernel)
 
 
 # ------------------------------------------------------------------------ pieces
