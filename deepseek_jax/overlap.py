@@ -9,14 +9,19 @@ experts; the shared expert fills the gaps; the backward pass interleaves the sam
 *What we do.* ``dual_block`` splits the local batch into halves A and B (each device keeps
 its own rows: no communication) and issues, in program order,
     attention(A) | dispatch(A) + attention(B) | experts(A) + dispatch(B)
-    | combine(A) + experts(B) + shared(A) | combine(B) + shared(B),
-where ``+`` means "in the same phase". An ``optimization_barrier`` joins each phase's two
+    | combine(A) hop 2 + experts(B) | combine(A) hop 1 + shared(A)
+    | combine(B) hop 2 + shared(B) first positions | combine(B) hop 1 + shared(B) the rest,
+where ``+`` means "in the same phase". An ``optimization_barrier`` joins each phase's
 results, so no op of a later phase can start before both are done and XLA cannot serialise
 the halves again; inside a phase the latency-hiding scheduler runs the collective of one
-half beside the compute of the other. The barrier's transpose is a barrier on the
-cotangents, so the backward pass keeps the same pairing in reverse. The MoE is the layer of
-``moe/layer.py`` cut at its collectives into three ``shard_map`` stages (dispatch with the
-router, experts, combine), each a call of the same ``moe/dispatch.py`` functions; prefill
+half beside the compute of the other. XLA keeps one all-to-all in flight at a time, so each
+combine hop gets a phase and a fill of its own, whose inputs come out of the previous
+barrier (else XLA moves the fill into another window and leaves the hop sync); each
+dispatch hop is ONE all-to-all, the ids and gate weights packed beside the payload
+(``moe/payload.exchange``). The barrier's transpose is a barrier on the cotangents, so the
+backward pass keeps the same pairing in reverse. The MoE is the layer of ``moe/layer.py``
+cut at its collectives into ``shard_map`` stages (dispatch with the router, experts,
+combine hop by hop), each a call of the same ``moe/dispatch.py`` functions; prefill
 (``dual_moe``) runs the MoE phases the same way.
 
 *Equality.* Routing is per token and the einsum experts are exact (slots plus spill), so the
@@ -26,8 +31,9 @@ sent counts are the sums over the halves; the balance loss is their mean (a mean
 sequences, as unsplit).
 
 *What we simplify.* No deferral of combine(B) into the next block (a scan over layers ends
-each block at the loop boundary); no custom VJP or ``_scheduling_group_id`` pinning: the
-barriers alone (checked on the compiled GPU schedule by ``experiments.gpu_compile``).
+each block at the loop boundary; the fills above leave no all-to-all sync without it); no
+``_scheduling_group_id`` pinning: the barriers alone (checked on the compiled GPU schedule
+by ``experiments.gpu_compile``).
 
 Shape letters: B batch (a half's), T positions, D hidden, E routed experts, K experts per
 token, R received rows.
