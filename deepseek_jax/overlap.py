@@ -77,6 +77,17 @@ class Dispatched(NamedTuple):
     stats: MoEStats
 
 
+class Midway(NamedTuple):
+    """One half after hop 1 of a two-hop dispatch (``dispatch.Hop1``, stacked likewise)."""
+
+    x_UD: Float[Array, "U D"]
+    e_UK: Int[Array, "U K"]
+    w_UK: Float[Array, "U K"]
+    row1_TN: Int[Array, "T N"]
+    weight_TK: Float[Array, "T K"]
+    stats: MoEStats  # the router's, hop 1's drops and internode copies
+
+
 def can_split(moe: MoE, batch: int) -> bool:
     """Dual overlap applies under expert parallelism with halves that split over devices."""
     return batch % 2 == 0 and _expert_parallel_fits(_mesh_of(()), batch // 2)
@@ -92,9 +103,12 @@ def dual_block(block, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B 
     pa, pb = split_halves(positions_BT)
     xa = attention(xa, pa)
     ha = block.post_attention_layernorm(xa)
-    (ya, yb), stats, (xb,) = _pipeline(
-        block.mlp, ha, lambda: (block.post_attention_layernorm(xb2 := attention(xb, pb)), (xb2,))
-    )
+
+    def make_b(b):
+        xb = attention(*b)
+        return block.post_attention_layernorm(xb), (xb,)
+
+    (ya, yb), stats, (xb,) = _pipeline(block.mlp, ha, (xb, pb), make_b)
     out = merge_halves(xa + ya.astype(xa.dtype), xb + yb.astype(xb.dtype))
     return out, stats
 
@@ -102,44 +116,49 @@ def dual_block(block, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B 
 def dual_moe(moe: MoE, h_BTD: Float[Array, "B T D"]):
     """The MoE layer alone in the dual schedule (prefill): (y_BTD, MoEStats)."""
     ha, hb = split_halves(h_BTD)
-    (ya, yb), stats, _ = _pipeline(moe, ha, lambda: (hb, ()))
+    (ya, yb), stats, _ = _pipeline(moe, ha, hb, lambda h: (h, ()))
     return merge_halves(ya, yb), stats
 
 
-def _pipeline(moe: MoE, ha, make_b):
-    """dispatch(A) + make_b() | experts(A) + dispatch(B) | combine(A), a phase per hop, beside
-    experts(B) then shared(A) | combine(B), a phase per hop, beside the two halves of
-    shared(B). ``make_b`` returns (B's MoE input, extras to carry)."""
+def _pipeline(moe: MoE, ha, b_in, make_b):
+    """Each collective in a phase of its own, beside the other half's work (a fill), the
+    larger fills beside the larger (gpu) hops: dispatch(A) beside shared(A) then
+    make_b(b_in) | dispatch(B) beside shared(A) then experts(A) | combine(A) beside
+    experts(B) then shared(A) | combine(B) beside shared(B). ``make_b`` returns (B's MoE
+    input, extras to carry). The shared expert runs on position slices (per token: exact),
+    one per phase it fills."""
     st = _Stages(moe, ha.shape)
-    da = st.dispatch(ha)
-    hb, extra = make_b()
-    da, hb, extra = _barrier((da, hb, extra))
-    ea = st.experts(da.recv)
-    db = st.dispatch(hb)
-    ea, db, ha, hb = _barrier((ea, db, ha, hb))
-    fills_a = [lambda c: st.experts(c[2].recv), lambda c: st.shared(c[0])]
-    ya, (eb, sa), (ha, hb, db) = _combine_beside(st, ea, da, fills_a, (ha, hb, db))
-    yb, sb = _combine_beside(st, eb, db, st.shared_parts(), hb)[:2]
+    sh_a, sh_b = st.shared_parts(3), st.shared_parts(2)
+    fills = [lambda c: sh_a[0](c[0]), lambda c: make_b(c[1])]
+    da, (sa0, (hb, extra)), (ha, _) = _hops_beside(st.dispatch_hops(), ha, fills, (ha, b_in))
+    fills = [lambda c: sh_a[1](c[0]), lambda c: st.experts(c[1].recv)]
+    db, (sa1, ea), (ha, da, hb) = _hops_beside(st.dispatch_hops(), hb, fills, (ha, da, hb))
+    fills = [lambda c: st.experts(c[1].recv), lambda c: sh_a[2](c[0])]
+    ya, (eb, sa2), (_, db, hb) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
+    fills = [lambda c: sh_b[0](c), lambda c: sh_b[1](c)]
+    yb, sb, _ = _hops_beside(st.combine_hops(db), eb, fills, hb)
     stats = MoEStats(
         da.stats.load_E + db.stats.load_E,
         (da.stats.balance_loss + db.stats.balance_loss) / 2,
         *(a + b for a, b in zip(da.stats[2:], db.stats[2:], strict=True)),
     )
-    return (ya + sa, yb + jnp.concatenate(sb, axis=1)), stats, extra
+    cat = functools.partial(jnp.concatenate, axis=1)
+    return (ya + cat([sa0, sa1, sa2]), yb + cat(sb)), stats, extra
 
 
-def _combine_beside(st: _Stages, y_RD, d: Dispatched, fills, carry):
-    """One half's combine, one phase per hop (an all-to-all each), phase i also running
-    ``fills[i]`` (the last phase: all those left) on ``carry``: the inputs come out of the
-    previous phase's barrier, so XLA cannot move a fill into another collective's window and
-    leave this one with nothing beside it. Returns (y, the fills' results, carry)."""
-    hops, done = st.combine_hops(), []
+def _hops_beside(hops, y, fills, carry):
+    """Runs ``hops`` (stages with one all-to-all each) one phase each, phase i also running
+    ``fills[i]`` (the last phase: all those left) on ``carry``. An optimization_barrier ends
+    each phase, and the fills' inputs come out of the previous one, so XLA can neither move a
+    fill into another collective's window (XLA keeps one all-to-all in flight at a time) nor
+    start the next phase early. Returns (y, the fills' results, carry)."""
+    done = []
     for i, hop in enumerate(hops):
-        y_RD = hop(y_RD, d)
+        y = hop(y)
         todo = fills[i:] if i == len(hops) - 1 else fills[i : i + 1]
         done += [f(carry) for f in todo]
-        y_RD, done, carry = _barrier((y_RD, done, carry))
-    return y_RD, done, carry
+        y, done, carry = _barrier((y, done, carry))
+    return y, done, carry
 
 
 class _Stages:
@@ -170,7 +189,7 @@ class _Stages:
             check_vma=self.opts.kernel != "pallas",
         )
 
-    def dispatch(self, h_BTD) -> Dispatched:
+    def dispatch(self, h_BTD) -> Dispatched | Midway:
         moe, cfg, rep, dev = self.moe, self.cfg, P(), P(self.topo.axes)
         bias = moe.e_score_correction_bias
         has_bias = bias is not None
@@ -180,12 +199,36 @@ class _Stages:
             _laid_out(moe.gate[...], rep, self.mesh),
             _laid_out(bias, rep, self.mesh),
         )
-        flat = self.opts.path == "flat"
-        handle = dsp.FlatHandle(dev) if flat else dsp.TwoHopHandle(dev, dev)
         stats = MoEStats(rep, rep, rep, rep, rep)
-        out_specs = Dispatched(dsp.Received(dev, dev, dev), handle, dev, stats)
+        if self.opts.path == "flat":  # the whole dispatch; two-hop: the router and hop 1
+            out_specs = Dispatched(dsp.Received(dev, dev, dev), dsp.FlatHandle(dev), dev, stats)
+        else:
+            out_specs = Midway(dev, dev, dev, dev, dev, stats)
         local = functools.partial(self._dispatch_local, has_bias=has_bias)
         return self._smap(local, (self.data, rep, rep), out_specs)(*args)
+
+    def dispatch_hops(self) -> list:
+        """Dispatch as a list of stages with one all-to-all each: two-hop over node (with the
+        router) then gpu; flat in one."""
+        if self.opts.path == "flat":
+            return [self.dispatch]
+        return [self.dispatch, self._dispatch_hop2]
+
+    def _dispatch_hop2(self, mid: Midway) -> Dispatched:
+        rep, dev = P(), P(self.topo.axes)
+        ex = dsp.ExchangeStats(rep, rep, rep)
+        out_specs = (dsp.Received(dev, dev, dev), dev, ex)
+        fn = self._smap(self._hop2_dispatch_local, (dev, dev, dev), out_specs)
+        recv, row2_UG, st2 = fn(mid.x_UD, mid.e_UK, mid.w_UK)
+        s = mid.stats
+        stats = MoEStats(s.load_E, s.balance_loss, s.dropped + st2.dropped, s.internode, st2[2])
+        return Dispatched(recv, dsp.TwoHopHandle(mid.row1_TN, row2_UG), mid.weight_TK, stats)
+
+    def _hop2_dispatch_local(self, x_UD, e_UK, w_UK):
+        zero = jnp.zeros((), jnp.int32)
+        h1 = dsp.Hop1(x_UD, e_UK, w_UK, None, dsp.ExchangeStats(zero, zero, zero))
+        recv, row2_UG, st = dsp.dispatch_hop2(h1, self.topo, self.caps, self.opts)
+        return recv, row2_UG, dsp.ExchangeStats(*(jax.lax.psum(a, self.topo.axes) for a in st))
 
     def _dispatch_local(self, x_BTD, gate_DE, bias_E, *, has_bias: bool) -> Dispatched:
         B, T, D = x_BTD.shape
@@ -193,18 +236,14 @@ class _Stages:
         idx_TK, weight_TK, load_E, loss = _router(
             x_TD, gate_DE, bias_E if has_bias else None, self.cfg, B
         )
+        load_E, loss = jax.lax.psum(load_E, self.topo.axes), jax.lax.pmean(loss, self.topo.axes)
+        total = lambda st: (jax.lax.psum(a, self.topo.axes) for a in st)  # noqa: E731
         if self.opts.path == "flat":
             recv, handle, st = dsp.flat_dispatch(x_TD, idx_TK, self.topo, self.caps, self.opts)
-        else:
-            recv, handle, st = dsp.two_hop_dispatch(
-                x_TD, idx_TK, weight_TK, self.topo, self.caps, self.opts
-            )
-        stats = MoEStats(
-            jax.lax.psum(load_E, self.topo.axes),
-            jax.lax.pmean(loss, self.topo.axes),
-            *(jax.lax.psum(s, self.topo.axes) for s in st),
-        )
-        return Dispatched(recv, handle, weight_TK, stats)
+            return Dispatched(recv, handle, weight_TK, MoEStats(load_E, loss, *total(st)))
+        h1 = dsp.dispatch_hop1(x_TD, idx_TK, weight_TK, self.topo, self.caps, self.opts)
+        stats = MoEStats(load_E, loss, *total(h1.stats))
+        return Midway(h1.x_UD, h1.e_UK, h1.w_UK, h1.row1_TN, weight_TK, stats)
 
     def experts(self, recv: dsp.Received) -> Float[Array, "R D"]:
         moe, dev, ex = self.moe, P(self.topo.axes), self.experts_spec
@@ -222,15 +261,12 @@ class _Stages:
         ws = _expert_weights(cfg, recv.x_RD.dtype, *ws)
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
 
-    def combine_hops(self) -> list:
-        """Combine as a list of (y, Dispatched) -> y stages, one all-to-all each: two-hop
-        back over gpu then node (the last returns [B, T, D]); flat in one."""
-        if self.opts.path == "flat":
-            return [functools.partial(self._combine_stage, self._flat_local)]
-        return [
-            functools.partial(self._combine_stage, self._hop2_local),
-            functools.partial(self._combine_stage, self._hop1_local),
-        ]
+    def combine_hops(self, d: Dispatched) -> list:
+        """Combine of ``d`` as a list of stages y -> y with one all-to-all each: two-hop back
+        over gpu then node (the last returns [B, T, D]); flat in one."""
+        flat = self.opts.path == "flat"
+        hops = [self._flat_local] if flat else [self._hop2_local, self._hop1_local]
+        return [functools.partial(self._combine_stage, local, d=d) for local in hops]
 
     def _combine_stage(self, local, y, d: Dispatched):
         dev = P(self.topo.axes)
@@ -262,13 +298,15 @@ class _Stages:
         with jax.named_scope("shared_experts"):
             return self.moe.shared_experts(h_BTD)
 
-    def shared_parts(self) -> list:
-        """The shared expert on the first and last positions of a half (per token: exact),
-        to run beside combine's two hops; one part when T < 2."""
-        cut = self.seq // 2
-        if cut == 0:
-            return [self.shared]
-        return [lambda h: self.shared(h[:, :cut]), lambda h: self.shared(h[:, cut:])]
+    def shared_parts(self, n: int) -> list:
+        """The shared expert on n slices of a half's positions (per token: exact), to fill n
+        phases; a slice with no position passes through empty."""
+        cuts = [self.seq * i // n for i in range(n + 1)]
+
+        def part(a, b):
+            return lambda h: self.shared(h[:, a:b]) if b > a else h[:, a:b].astype(self.dtype)
+
+        return [part(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 # ------------------------------------------------------------------------ halves
