@@ -7,22 +7,24 @@ micro-batch's dispatch and combine all-to-alls travel while the other computes a
 experts; the shared expert fills the gaps; the backward pass interleaves the same way.
 
 *What we do.* ``dual_block`` splits the local batch into halves A and B (each device keeps
-its own rows: no communication) and issues, in program order,
-    attention(A) | dispatch(A) + attention(B) | experts(A) + dispatch(B)
-    | combine(A) hop 2 + experts(B) | combine(A) hop 1 + shared(A)
-    | combine(B) hop 2 + shared(B) first positions | combine(B) hop 1 + shared(B) the rest,
-where ``+`` means "in the same phase". An ``optimization_barrier`` joins each phase's
-results, so no op of a later phase can start before both are done and XLA cannot serialise
-the halves again; inside a phase the latency-hiding scheduler runs the collective of one
-half beside the compute of the other. XLA keeps one all-to-all in flight at a time, so each
-combine hop gets a phase and a fill of its own, whose inputs come out of the previous
-barrier (else XLA moves the fill into another window and leaves the hop sync); each
-dispatch hop is ONE all-to-all, the ids and gate weights packed beside the payload
-(``moe/payload.exchange``). The barrier's transpose is a barrier on the cotangents, so the
-backward pass keeps the same pairing in reverse. The MoE is the layer of ``moe/layer.py``
-cut at its collectives into ``shard_map`` stages (dispatch with the router, experts,
-combine hop by hop), each a call of the same ``moe/dispatch.py`` functions; prefill
-(``dual_moe``) runs the MoE phases the same way.
+its own rows: no communication) and issues attention(A), then eight phases, one per
+all-to-all (``+``: in the same phase; hop 1 over node, hop 2 over gpu):
+    dispatch(A) hop 1 + shared(A) 1/3 | hop 2 + attention(B)
+    | dispatch(B) hop 1 + shared(A) 2/3 | hop 2 + experts(A)
+    | combine(A) hop 2 + experts(B) | hop 1 + shared(A) 3/3
+    | combine(B) hop 2 + shared(B) 1/2 | hop 1 + shared(B) 2/2.
+An ``optimization_barrier`` ends each phase, and each fill's inputs come out of the
+previous one, so no op can leave its phase: XLA cannot serialise the halves again, nor move
+a fill into another collective's window and leave a collective with nothing beside it
+(XLA:GPU keeps one all-to-all in flight at a time, so two hops sharing one fill left one
+of them sync). The larger fills go beside the larger (gpu) hops; the shared expert runs on
+position slices (per token: exact). Each hop is ONE all-to-all: the ids and gate weights
+travel packed beside the payload (``moe/payload.exchange``). The barrier's transpose is a
+barrier on the cotangents, so the backward pass keeps the same pairing in reverse. The MoE
+is the layer of ``moe/layer.py`` cut at its collectives into ``shard_map`` stages (router
++ dispatch hop 1, hop 2, experts, combine hop by hop), each a call of the same
+``moe/dispatch.py`` functions; flat has one hop each way. Prefill (``dual_moe``) runs the
+MoE phases the same way.
 
 *Equality.* Routing is per token and the einsum experts are exact (slots plus spill), so the
 block equals the unsplit one when no expert-parallel buffer overflows (capacities are sized
@@ -32,8 +34,9 @@ sequences, as unsplit).
 
 *What we simplify.* No deferral of combine(B) into the next block (a scan over layers ends
 each block at the loop boundary; the fills above leave no all-to-all sync without it); no
-``_scheduling_group_id`` pinning: the barriers alone (checked on the compiled GPU schedule
-by ``experiments.gpu_compile``).
+``_scheduling_group_id`` and no custom VJP over the block (only the packed exchange has
+one): the barriers alone (checked on the compiled GPU schedule by
+``experiments.gpu_compile``).
 
 Shape letters: B batch (a half's), T positions, D hidden, E routed experts, K experts per
 token, R received rows.
@@ -162,7 +165,8 @@ def _hops_beside(hops, y, fills, carry):
 
 
 class _Stages:
-    """The MoE layer's three shard_map stages for halves of ``tokens`` global tokens."""
+    """The MoE layer's shard_map stages (one all-to-all each, and the experts) for halves of
+    ``shape_BTD``."""
 
     def __init__(self, moe: MoE, shape_BTD: tuple[int, ...]):
         cfg = moe.cfg
