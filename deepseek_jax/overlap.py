@@ -16,8 +16,8 @@ all-to-all (``+``: in the same phase; hop 1 over node, hop 2 over gpu):
 An ``optimization_barrier`` ends each phase, and each fill's inputs come out of the
 previous one, so no op can leave its phase: XLA cannot serialise the halves again, nor move
 a fill into another collective's window and leave a collective with nothing beside it
-(XLA:GPU keeps one all-to-all in flight at a time, so two hops sharing one fill left one
-of them sync). The larger fills go beside the larger (gpu) hops; the shared expert runs on
+(in our compiles XLA:GPU ran one all-to-all at a time, so two hops sharing one fill left
+one of them sync). The larger fills go beside the larger (gpu) hops; the shared expert runs on
 position slices (per token: exact). Each hop is ONE all-to-all: the ids and gate weights
 travel packed beside the payload (``moe/payload.exchange``). The barrier's transpose is a
 barrier on the cotangents, so the backward pass keeps the same pairing in reverse. The MoE
@@ -153,8 +153,8 @@ def _hops_beside(hops, y, fills, carry):
     """Runs ``hops`` (stages with one all-to-all each) one phase each, phase i also running
     ``fills[i]`` (the last phase: all those left) on ``carry``. An optimization_barrier ends
     each phase, and the fills' inputs come out of the previous one, so XLA can neither move a
-    fill into another collective's window (XLA keeps one all-to-all in flight at a time) nor
-    start the next phase early. Returns (y, the fills' results, carry)."""
+    fill into another collective's window (XLA ran one all-to-all at a time) nor start the
+    next phase early. Returns (y, the fills' results, carry)."""
     done = []
     for i, hop in enumerate(hops):
         y = hop(y)

@@ -4,7 +4,7 @@ and the weighted sum back to token order; each with our Pallas kernel or its jnp
 Everything a hop sends travels in ONE all_to_all (``exchange``): the payload rows and,
 beside them in the same row, the expert ids and gate weights (and the FP8 scales), their
 bits laid side by side in an unsigned carrier. A separate small transfer of ids would find
-no compute of its own to hide behind on a GPU (XLA keeps one all-to-all in flight at a
+no compute of its own to hide behind on a GPU (in our compiles XLA ran one all-to-all at a
 time), so it ran sync; the backward sends the gate weights' cotangents with the payload's.
 
 The kernels (``pallas_kernels/dispatch.py``) are not differentiable as Pallas calls, so
