@@ -115,3 +115,43 @@ def test_a_batch_that_cannot_be_halved_runs_unsplit_and_says_so(caplog, monkeypa
             assert not block._dual(8) and not block._dual(2)
     lines = [r.getMessage() for r in caplog.records if r.name == "deepseek_jax.block"]
     assert len(lines) == 1 and "overlap=dual" in lines[0] and "batch of 8 " in lines[0], lines
+
+
+def test_packed_exchange_is_separate_all_to_alls_bit_for_bit_and_in_the_vjp():
+    """bf16 payload, int32 ids and float32 weights in ONE all_to_all (a uint16 carrier): what
+    arrives, bit for bit, and the cotangents sent back equal three separate all_to_alls."""
+    from jax.sharding import PartitionSpec as P
+
+    from deepseek_jax.moe import payload
+
+    mesh = make_mesh(2, 4)
+    names, hop = mesh.axis_names, mesh.axis_names[-1]  # hop 2's axis, whatever its name
+    G, C = mesh.shape[hop], 3
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k1, (8 * G, C, 5), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(k2, (8 * G, C, 2), jnp.float32).at[0, 0].set(jnp.array([-0.0, jnp.inf]))
+    ids = jax.random.randint(k3, (8 * G, C, 2), -(2**31), 2**31 - 1, jnp.int32)
+    probe = jax.random.normal(k1, (G, C, 5), jnp.float32)  # one device's block
+
+    def loss(move, x, ids, w):
+        xo, io, wo = move((x, ids, w))
+        return jnp.sum(probe * xo) + jnp.sum(wo * jnp.arange(2.0)[None, None, :]), (xo, io, wo)
+
+    def run(move):
+        def local(x, ids, w):
+            (_, out), g = jax.value_and_grad(
+                lambda x, w: loss(move, x, ids, w), argnums=(0, 1), has_aux=True
+            )(x, w)
+            return out, g
+
+        s = P(names)
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(s, s, s), out_specs=((s, s, s), (s, s)))
+        args = [jax.device_put(a, jax.NamedSharding(mesh, s)) for a in (x, ids, w)]
+        return jax.device_get(jax.jit(fn)(*args))
+
+    packed = run(lambda parts: payload.exchange(parts, hop))
+    apart = run(lambda parts: tuple(payload.all_to_all(p, hop) for p in parts))
+    for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(apart), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert not np.array_equal(packed[0][0], x)  # rows moved

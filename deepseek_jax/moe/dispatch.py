@@ -26,10 +26,12 @@ with T local tokens:
 - ``flat_dispatch`` (the reference and the comparison, what MaxText and EasyDeL do): one
   ``all_to_all`` over (node, gpu) with a row per (token, expert); the gate weights are
   applied when the results come back (``flat_combine``).
-Each hop is a padded ``all_to_all`` of a [peers, capacity, D] buffer (``ragged_all_to_all``
-has no XLA:CPU lowering). Row r of peer p's block is the r-th copy, in token order, this
-device sends to p; copies beyond the capacity are dropped (they contribute nothing),
-counted exactly and reported (``ExchangeStats.dropped``, in (token, expert) assignments).
+Each hop is one padded ``all_to_all`` of a [peers, capacity, D] buffer (``ragged_all_to_all``
+has no XLA:CPU lowering), the ids and gate weights packed beside the payload in each row
+(``payload.exchange``: a lone small transfer of ids could not hide behind compute). Row r
+of peer p's block is the r-th copy, in token order, this device sends to p; copies beyond
+the capacity are dropped (they contribute nothing), counted exactly and reported
+(``ExchangeStats.dropped``, in (token, expert) assignments).
 The permute into the send buffer is ``permute_quantize`` (optionally E4M3 with 1x128
 scales: the FP8 dispatch) and the return to token order is ``combine``, our Pallas kernels
 (``pallas_kernels/dispatch.py``) or their jnp twins (``EPOptions.kernel``), made
@@ -43,8 +45,7 @@ T min(K, M G) / G. Worst cases: flat T min(K, E/R); hop 1 T (a token goes once t
 node); hop 2 N C1 (every received row to one GPU). The node limit is what keeps hop 1
 small: its worst case is T per peer, against T min(K, E/R) for a flat buffer that never
 drops. The default factor, 3, dropped nothing in our checks (tiny and small presets at
-initialisation; the tiny preset's first training steps on text, where factor 2 dropped
-0.4 % of the assignments: repeated tokens route alike; the 256-expert ``bench_ep``).
+init; tiny's first steps on text, where factor 2 dropped 0.4 %; ``bench_ep``).
 
 *What we simplify relative to DeepEP.* Dense padded buffers and XLA collectives instead
 of NVSHMEM kernels writing straight into the receivers' buffers, so the wire carries the
@@ -53,9 +54,7 @@ full capacity, not the used rows; no overlap of the hops with compute (that is
 requantised for hop 2 (lossless: the dequantised tile requantises to the same codes)
 instead of forwarded as raw bytes; the combine payload is the compute dtype (BF16 when
 training in BF16, as V3); a capacity overflow drops the copy (DeepEP is dropless with
-dynamic sizes); and the backward pass is autodiff of all this, so the gradients travel
-the reverse routes in the compute dtype (the FP8 send passes its cotangent straight
-through).
+dynamic sizes); the gradients travel the reverse routes in the compute dtype.
 
 Shape letters (one device's block inside shard_map): T tokens, K experts per token, D
 hidden, A = T K assignments, P peers of an all_to_all, C capacity per peer, R devices
@@ -87,6 +86,8 @@ from deepseek_jax.moe.permute import (  # noqa: F401 - the local permutation, re
     unpermute_sorted,
     weighted_rows,
 )
+from deepseek_jax.moe.permute import blank_others as _blank_others
+from deepseek_jax.moe.permute import send_slots as _slots
 from deepseek_jax.sharding import RULES, Rules, expert_links
 
 _DEFAULT_EP = EPOptions()
@@ -260,15 +261,16 @@ def flat_dispatch(
     dev_A = idx_A // El
     slot_AR, src_RC, ok_AR = _slots(dev_A[:, None] == jnp.arange(R)[None, :], C)
     expert_RC = jnp.take(idx_A % El, src_RC, mode="fill", fill_value=El)
-    x_RCD = send(
+    x_RCD, (expert_RC1,) = send(
         x_TD,
         src_RC // K,
         topo.axes,
         fp8=opts.fp8_dispatch,
         kernel=opts.kernel,
         logfmt_bits=opts.logfmt_bits,
+        extras=(expert_RC[..., None],),
     )
-    expert_RC = all_to_all(expert_RC, topo.axes)
+    expert_RC = expert_RC1[..., 0]
     me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
     sent_A = jnp.any(ok_AR, axis=1)
     node_A, gpu_A = dev_A // topo.gpus, dev_A % topo.gpus
@@ -300,93 +302,77 @@ def two_hop_dispatch(
     x_TD, idx_TK, weight_TK, topo: Topology, caps: Capacities, opts: EPOptions
 ) -> tuple[Received, TwoHopHandle, ExchangeStats]:
     """Hop 1 over ``node`` once per (token, node), hop 2 over ``gpu`` once per (row, GPU)."""
-    N, G, En, El = topo.nodes, topo.gpus, topo.experts_per_node, topo.experts_per_device
-    K = idx_TK.shape[1]
-    with jax.named_scope("ep_hop1_inter_node"):
-        # hop 1: rows to the same-gpu peer of each chosen node, with the ids as node-local
-        node_TK = idx_TK // En
-        to_TNK = node_TK[:, None, :] == jnp.arange(N)[None, :, None]
-        row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
-        e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
-        x1_NCD = send(
-            x_TD,
-            src1_NC,
-            topo.inter,
-            fp8=opts.fp8_dispatch,
-            kernel=opts.kernel,
-            logfmt_bits=opts.logfmt_bits,
-        )
-        e1_UK = all_to_all(e1_NCK, topo.inter).reshape(-1, K)  # U = N C1 received rows
-        w1_UK = all_to_all(w1_NCK, topo.inter).reshape(-1, K)
-    with jax.named_scope("ep_hop2_intra_node"):
-        # hop 2: each received row to the GPUs of its experts on this node
-        to_UGK = (e1_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
-        row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
-        e2_GCK, w2_GCK = _blank_others(e1_UK, w1_UK, src2_GC, El)
-        x2_GCD = send(
-            x1_NCD.reshape(-1, x_TD.shape[1]),
-            src2_GC,
-            topo.intra,
-            fp8=opts.fp8_dispatch,
-            kernel=opts.kernel,
-            logfmt_bits=opts.logfmt_bits,
-        )
-        e2_GCK = all_to_all(e2_GCK, topo.intra)
-        w2_GCK = all_to_all(w2_GCK, topo.intra)
-    me_node, me_gpu = jax.lax.axis_index(topo.inter), jax.lax.axis_index(topo.intra)
+    h1 = dispatch_hop1(x_TD, idx_TK, weight_TK, topo, caps, opts)
+    recv, row2_UG, st2 = dispatch_hop2(h1, topo, caps, opts)
+    stats = ExchangeStats(h1.stats.dropped + st2.dropped, h1.stats.internode, st2.intranode)
+    return recv, TwoHopHandle(h1.row1_TN, row2_UG), stats
+
+
+class Hop1(NamedTuple):
+    """What hop 1 hands hop 2 (``overlap.py`` runs the hops in separate phases)."""
+
+    x_UD: Float[Array, "U D"]  # U = N C1 received rows
+    e_UK: Int[Array, "U K"]  # their node-local expert ids (E/N: none)
+    w_UK: Float[Array, "U K"]
+    row1_TN: Int[Array, "T N"]
+    stats: ExchangeStats  # hop 1's drops and internode copies (intranode: 0)
+
+
+@jax.named_scope("ep_hop1_inter_node")
+def dispatch_hop1(x_TD, idx_TK, weight_TK, topo: Topology, caps: Capacities, opts) -> Hop1:
+    """Rows to the same-gpu peer of each chosen node, with the ids as node-local."""
+    N, En, K = topo.nodes, topo.experts_per_node, idx_TK.shape[1]
+    to_TNK = (idx_TK // En)[:, None, :] == jnp.arange(N)[None, :, None]
+    row1_TN, src1_NC, ok1_TN = _slots(jnp.any(to_TNK, axis=2), caps.node)
+    e1_NCK, w1_NCK = _blank_others(idx_TK, weight_TK, src1_NC, En)
+    kw = dict(fp8=opts.fp8_dispatch, kernel=opts.kernel, logfmt_bits=opts.logfmt_bits)
+    x1_NCD, (e1_NCK, w1_NCK) = send(x_TD, src1_NC, topo.inter, extras=(e1_NCK, w1_NCK), **kw)
+    me_node = jax.lax.axis_index(topo.inter)
     stats = ExchangeStats(
-        dropped=jnp.sum(jnp.where(ok1_TN, 0, jnp.sum(to_TNK, axis=2)))
-        + jnp.sum(jnp.where(ok2_UG, 0, jnp.sum(to_UGK, axis=2))),
+        dropped=jnp.sum(jnp.where(ok1_TN, 0, jnp.sum(to_TNK, axis=2))),
         internode=jnp.sum(ok1_TN & (jnp.arange(N) != me_node)[None, :]),
+        intranode=jnp.zeros((), jnp.int32),
+    )
+    D = x_TD.shape[1]
+    return Hop1(x1_NCD.reshape(-1, D), e1_NCK.reshape(-1, K), w1_NCK.reshape(-1, K), row1_TN, stats)
+
+
+@jax.named_scope("ep_hop2_intra_node")
+def dispatch_hop2(h1: Hop1, topo: Topology, caps: Capacities, opts: EPOptions):
+    """Each hop-1 row to the GPUs of its experts on this node: (Received, row2_UG, stats)."""
+    G, El, K = topo.gpus, topo.experts_per_device, h1.e_UK.shape[1]
+    to_UGK = (h1.e_UK // El)[:, None, :] == jnp.arange(G)[None, :, None]
+    row2_UG, src2_GC, ok2_UG = _slots(jnp.any(to_UGK, axis=2), caps.gpu)
+    e2_GCK, w2_GCK = _blank_others(h1.e_UK, h1.w_UK, src2_GC, El)
+    kw = dict(fp8=opts.fp8_dispatch, kernel=opts.kernel, logfmt_bits=opts.logfmt_bits)
+    x2_GCD, (e2_GCK, w2_GCK) = send(h1.x_UD, src2_GC, topo.intra, extras=(e2_GCK, w2_GCK), **kw)
+    me_gpu = jax.lax.axis_index(topo.intra)
+    stats = ExchangeStats(
+        dropped=jnp.sum(jnp.where(ok2_UG, 0, jnp.sum(to_UGK, axis=2))),
+        internode=jnp.zeros((), jnp.int32),
         intranode=jnp.sum(ok2_UG & (jnp.arange(G) != me_gpu)[None, :]),
     )
     R = G * caps.gpu
     recv = Received(x2_GCD.reshape(R, -1), e2_GCK.reshape(R, K), w2_GCK.reshape(R, K))
-    return recv, TwoHopHandle(row1_TN, row2_UG), stats
+    return recv, row2_UG, stats
 
 
 def two_hop_combine(
     y_RD, handle: TwoHopHandle, topo: Topology, caps: Capacities, opts: EPOptions, dtype
 ) -> Float[Array, "T D"]:
     """Back over ``gpu``, sum per hop-1 row; back over ``node``, sum per token (float32)."""
-    N, G, D = topo.nodes, topo.gpus, y_RD.shape[-1]
-    with jax.named_scope("ep_back_hop2_intra_node"):
-        back2_GCD = all_to_all(y_RD.astype(dtype).reshape(G, caps.gpu, D), topo.intra)
-        y1_UD = combine_rows(back2_GCD.reshape(-1, D), handle.row2_UG, None, opts.kernel)
-    with jax.named_scope("ep_back_hop1_inter_node"):
-        back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(N, caps.node, D), topo.inter)
-        return combine_rows(back1_NCD.reshape(-1, D), handle.row1_TN, None, opts.kernel)
+    y1_UD = back_hop2(y_RD, handle, topo, caps, opts, dtype)
+    return back_hop1(y1_UD, handle, topo, caps, opts, dtype)
 
 
-# ------------------------------------------------------------------------ pieces
+@jax.named_scope("ep_back_hop2_intra_node")
+def back_hop2(y_RD, handle: TwoHopHandle, topo, caps, opts, dtype) -> Float[Array, "U D"]:
+    """Combine's first hop (``overlap.py`` runs the hops in separate phases)."""
+    back2_GCD = all_to_all(y_RD.astype(dtype).reshape(topo.gpus, caps.gpu, -1), topo.intra)
+    return combine_rows(back2_GCD.reshape(-1, y_RD.shape[-1]), handle.row2_UG, None, opts.kernel)
 
 
-def _slots(to_XP: Array, C: int):
-    """Rows of the [P, C] send buffer: item x's copy for peer p is the r-th such copy in
-    item order, kept if r < C.
-
-    Returns: row_XP (p C + r, or P C when not sent), src_PC (the item in each row, X when
-    empty), ok_XP (sent).
-    """
-    X, P = to_XP.shape
-    rank_XP = jnp.cumsum(to_XP, axis=0, dtype=jnp.int32) - 1
-    ok_XP = to_XP & (rank_XP < C)
-    row_XP = jnp.where(ok_XP, jnp.arange(P, dtype=jnp.int32)[None, :] * C + rank_XP, P * C)
-    item_XP = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32)[:, None], (X, P))
-    src = (
-        jnp.full((P * C,), X, jnp.int32)
-        .at[row_XP.reshape(-1)]
-        .set(item_XP.reshape(-1), mode="drop")
-    )
-    return row_XP, src.reshape(P, C), ok_XP
-
-
-def _blank_others(idx_XK, weight_XK, src_PC, span: int):
-    """Ids and weights of each send row's item, kept (as ids mod ``span``) only for the
-    experts that live on the row's peer p (id // span == p); others get id ``span`` and
-    weight 0."""
-    P = src_PC.shape[0]
-    idx_PCK = jnp.take(idx_XK, src_PC, axis=0, mode="fill", fill_value=P * span)
-    w_PCK = jnp.take(weight_XK, src_PC, axis=0, mode="fill", fill_value=0)
-    here_PCK = idx_PCK // span == jnp.arange(P)[:, None, None]
-    return jnp.where(here_PCK, idx_PCK % span, span), jnp.where(here_PCK, w_PCK, 0)
+@jax.named_scope("ep_back_hop1_inter_node")
+def back_hop1(y1_UD, handle: TwoHopHandle, topo, caps, opts, dtype) -> Float[Array, "T D"]:
+    back1_NCD = all_to_all(y1_UD.astype(dtype).reshape(topo.nodes, caps.node, -1), topo.inter)
+    return combine_rows(back1_NCD.reshape(-1, y1_UD.shape[-1]), handle.row1_TN, None, opts.kernel)

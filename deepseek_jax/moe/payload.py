@@ -1,6 +1,12 @@
 """Moving payload rows across the mesh: gather into send buffers (optionally FP8), all-to-all,
 and the weighted sum back to token order; each with our Pallas kernel or its jnp twin.
 
+Everything a hop sends travels in ONE all_to_all (``exchange``): the payload rows and,
+beside them in the same row, the expert ids and gate weights (and the FP8 scales), their
+bits laid side by side in an unsigned carrier. A separate small transfer of ids would find
+no compute of its own to hide behind on a GPU (in our compiles XLA ran one all-to-all at a
+time), so it ran sync; the backward sends the gate weights' cotangents with the payload's.
+
 The kernels (``pallas_kernels/dispatch.py``) are not differentiable as Pallas calls, so
 each gets a custom VJP here: the transpose of a gather is a scatter-add, that of the
 weighted combine a scatter-add of the weighted cotangent (and a row gather for the
@@ -17,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 import deepseek_jax.logfmt as logfmt
@@ -30,17 +37,76 @@ def all_to_all(x_P, axis):
 
 
 def send(
-    x_SD, src_PC, axis, *, fp8: bool, kernel: KernelBackend, logfmt_bits: int = 0
-) -> Float[Array, "P C D"]:
+    x_SD,
+    src_PC,
+    axis,
+    *,
+    fp8: bool,
+    kernel: KernelBackend,
+    logfmt_bits: int = 0,
+    extras: tuple[Array, ...] = (),
+) -> tuple[Float[Array, "P C D"], tuple[Array, ...]]:
     """The rows ``x[src]`` (zero where ``src`` is out of range) sent to their peers: row block
-    p of the [P, C] buffer goes to peer p. Returns what arrives, in x's dtype."""
+    p of the [P, C] buffer goes to peer p. ``extras``: [P, C, k] buffers (ids, gate weights)
+    that travel in the payload's all_to_all. Returns (what arrives, in x's dtype; the
+    extras received)."""
     P, C = src_PC.shape
+    extras = tuple(extras)
     if logfmt_bits:
-        return _send_logfmt(x_SD, src_PC, axis, logfmt_bits)
+        x_PCD = _send_logfmt(x_SD, src_PC, axis, logfmt_bits)
+        return x_PCD, exchange(extras, axis) if extras else ()
     if fp8:
-        return _send_fp8(x_SD, src_PC, axis, kernel)
+        return _send_fp8(x_SD, src_PC, extras, axis, kernel)
     x_PCD = _gather(x_SD, src_PC.reshape(-1), kernel).reshape(P, C, -1)
-    return all_to_all(x_PCD, axis)
+    x_PCD, *rest = exchange((x_PCD, *extras), axis)
+    return x_PCD, tuple(rest)
+
+
+def packed_all_to_all(parts: tuple[Array, ...], axis) -> tuple[Array, ...]:
+    """One all_to_all for [P, C, ...] buffers of any dtypes: their bits side by side in each
+    row of an unsigned carrier as wide as the narrowest dtype (not differentiable)."""
+    if len(parts) <= 1:
+        return tuple(all_to_all(p, axis) for p in parts)
+    size = min(jnp.dtype(p.dtype).itemsize for p in parts)
+    carrier = jnp.dtype(f"uint{8 * size}")
+    P, C = parts[0].shape[:2]
+    bits = [jax.lax.bitcast_convert_type(p, carrier).reshape(P, C, -1) for p in parts]
+    moved = all_to_all(jnp.concatenate(bits, axis=-1), axis)
+    cuts = np.cumsum([b.shape[-1] for b in bits])[:-1]
+    out = []
+    for got, p in zip(jnp.split(moved, cuts, axis=-1), parts, strict=True):
+        ratio = jnp.dtype(p.dtype).itemsize // size
+        got = got.reshape(*p.shape, ratio) if ratio > 1 else got.reshape(p.shape)
+        out.append(jax.lax.bitcast_convert_type(got, p.dtype))
+    return tuple(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def exchange(parts: tuple[Array, ...], axis) -> tuple[Array, ...]:
+    """``packed_all_to_all``, differentiable: the float parts' cotangents go back together
+    in one all_to_all (the transpose of a tiled all_to_all over axis 0 is itself)."""
+    return packed_all_to_all(parts, axis)
+
+
+def _exchange_fwd(parts, axis):
+    return exchange(parts, axis), None
+
+
+def _exchange_bwd(axis, _, g_parts):
+    return (_send_back(g_parts, axis),)
+
+
+def _send_back(g_parts, axis) -> tuple[Array | None, ...]:
+    """The float cotangents back over ``axis`` in one all_to_all; None for integer parts."""
+    live = [i for i, g in enumerate(g_parts) if jnp.issubdtype(g.dtype, jnp.inexact)]
+    back = packed_all_to_all(tuple(g_parts[i] for i in live), axis)
+    out: list[Array | None] = [None] * len(g_parts)
+    for i, g in zip(live, back, strict=True):
+        out[i] = g
+    return tuple(out)
+
+
+exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
 def _gather(x_SD, src_R, kernel: KernelBackend):
@@ -72,10 +138,11 @@ def _gather_pallas_bwd(res, g_RD):
 _gather_pallas.defvjp(_gather_pallas_fwd, _gather_pallas_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _send_fp8(x_SD, src_PC, axis, kernel: KernelBackend):
-    """FP8 dispatch: gather + quantise (1x128 tiles), all_to_all of codes and scales,
-    dequantise. The backward sends the cotangent back in x's dtype (straight through)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _send_fp8(x_SD, src_PC, extras, axis, kernel: KernelBackend):
+    """FP8 dispatch: gather + quantise (1x128 tiles), one all_to_all of codes, scales and
+    extras, dequantise. The backward sends the cotangent back in x's dtype (straight
+    through), with the extras' float cotangents."""
     P, C = src_PC.shape
     src_R = src_PC.reshape(-1)
     if kernel == "pallas":
@@ -83,14 +150,25 @@ def _send_fp8(x_SD, src_PC, axis, kernel: KernelBackend):
     else:
         q_RD, s_RB = kernels.permute_quantize_reference(x_SD, src_R)
     # The codes travel as bytes: collectives need not know FP8 types.
-    bytes_PCD = all_to_all(jax.lax.bitcast_convert_type(q_RD, jnp.uint8).reshape(P, C, -1), axis)
+    codes = jax.lax.bitcast_convert_type(q_RD, jnp.uint8).reshape(P, C, -1)
+    bytes_PCD, s_PCB, *rest = packed_all_to_all((codes, s_RB.reshape(P, C, -1), *extras), axis)
     q_PCD = jax.lax.bitcast_convert_type(bytes_PCD, q_RD.dtype)
-    s_PCB = all_to_all(s_RB.reshape(P, C, -1), axis)
-    return kernels.dequantize_rows(q_PCD, s_PCB, x_SD.dtype)
+    return kernels.dequantize_rows(q_PCD, s_PCB, x_SD.dtype), tuple(rest)
 
 
-def _send_fp8_fwd(x_SD, src_PC, axis, kernel):
-    return _send_fp8(x_SD, src_PC, axis, kernel), (src_PC, x_SD.shape[0])
+def _send_fp8_fwd(x_SD, src_PC, extras, axis, kernel):
+    return _send_fp8(x_SD, src_PC, extras, axis, kernel), (src_PC, x_SD.shape[0])
+
+
+def _send_fp8_bwd(axis, _kernel, res, g):
+    src_PC, rows = res
+    g_PCD, g_extras = g
+    g_RD, *g_back = _send_back((g_PCD, *g_extras), axis)
+    g_RD = g_RD.reshape(-1, g_PCD.shape[-1])
+    return _scatter_add(g_RD, src_PC.reshape(-1), rows), None, tuple(g_back)
+
+
+_send_fp8.defvjp(_send_fp8_fwd, _send_fp8_bwd)
 
 
 def _send_bwd(axis, _codec, res, g_PCD):
@@ -98,9 +176,6 @@ def _send_bwd(axis, _codec, res, g_PCD):
     src_PC, rows = res
     g_RD = all_to_all(g_PCD, axis).reshape(-1, g_PCD.shape[-1])
     return _scatter_add(g_RD, src_PC.reshape(-1), rows), None
-
-
-_send_fp8.defvjp(_send_fp8_fwd, _send_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -222,3 +222,37 @@ def _unpermute_sorted_bwd(res, dy_TD):
 
 
 _unpermute_sorted.defvjp(_unpermute_sorted_fwd, _unpermute_sorted_bwd)
+
+
+# ------------------------------------------------------------------------ send buffers
+
+
+def send_slots(to_XP: Array, C: int):
+    """Rows of the [P, C] send buffer: item x's copy for peer p is the r-th such copy in
+    item order, kept if r < C.
+
+    Returns: row_XP (p C + r, or P C when not sent), src_PC (the item in each row, X when
+    empty), ok_XP (sent).
+    """
+    X, P = to_XP.shape
+    rank_XP = jnp.cumsum(to_XP, axis=0, dtype=jnp.int32) - 1
+    ok_XP = to_XP & (rank_XP < C)
+    row_XP = jnp.where(ok_XP, jnp.arange(P, dtype=jnp.int32)[None, :] * C + rank_XP, P * C)
+    item_XP = jnp.broadcast_to(jnp.arange(X, dtype=jnp.int32)[:, None], (X, P))
+    src = (
+        jnp.full((P * C,), X, jnp.int32)
+        .at[row_XP.reshape(-1)]
+        .set(item_XP.reshape(-1), mode="drop")
+    )
+    return row_XP, src.reshape(P, C), ok_XP
+
+
+def blank_others(idx_XK, weight_XK, src_PC, span: int):
+    """Ids and weights of each send row's item, kept (as ids mod ``span``) only for the
+    experts that live on the row's peer p (id // span == p); others get id ``span`` and
+    weight 0."""
+    P = src_PC.shape[0]
+    idx_PCK = jnp.take(idx_XK, src_PC, axis=0, mode="fill", fill_value=P * span)
+    w_PCK = jnp.take(weight_XK, src_PC, axis=0, mode="fill", fill_value=0)
+    here_PCK = idx_PCK // span == jnp.arange(P)[:, None, None]
+    return jnp.where(here_PCK, idx_PCK % span, span), jnp.where(here_PCK, w_PCK, 0)
