@@ -78,8 +78,8 @@ def test_dual_has_no_sync_all_to_all(dual):
 
 
 def test_control_fails_the_checks(control):
-    """Without the split and the scheduler the same checks fail (measured: see README,
-    "Deviceless GPU compile"; MTP off, half the compile)."""
+    """Without the split and the scheduler the same checks fail (measured, MTP off for half
+    the compile: 6 of 8 all-to-alls sync, hidden 0.02; compile 61 s)."""
     assert control["sync_all_to_all"] > 0, control
     assert control["all_to_all_hidden_fraction"] < 0.9, control
 
