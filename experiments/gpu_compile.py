@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat", default="none", help="none | full | dots (train)")
     p.add_argument("--pipeline", default="none", help="schedule over the stage axis (train)")
     p.add_argument("--microbatches", type=int, default=1, help="pipelined micro-batches per step")
+    p.add_argument(
+        "--no-pairing", action="store_true", help="pipeline F&B ticks through switches (control)"
+    )
     p.add_argument("--no-lhs", action="store_true", help="latency-hiding scheduler off (control)")
     p.add_argument(
         "--xla", action="append", default=[], help="extra XLA:GPU option key=value (repeatable)"
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         remat=args.remat,
         pipeline=args.pipeline,
         microbatches=args.microbatches,
+        pairing=not args.no_pairing,
     )
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:

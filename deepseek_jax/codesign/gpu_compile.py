@@ -93,9 +93,11 @@ def compile_program(
     remat: str = "none",
     pipeline: str = "none",
     microbatches: int = 1,
+    pairing: bool = True,
 ) -> Compiled:
     """Traces ``program`` on abstract state over ``mesh`` and compiles it for the GPU;
-    ``pipeline`` (train only) runs the step pipelined over the mesh's stages."""
+    ``pipeline`` (train only) runs the step pipelined over the mesh's stages (``pairing``
+    False: F&B ticks through the switches, the control of ``pipeline/pairing.py``)."""
     if program not in PROGRAMS:
         raise ValueError(f"--program {program!r}: choose one of {PROGRAMS}")
     dp = mesh.size
@@ -105,7 +107,9 @@ def compile_program(
     if pipeline != "none":
         if program != "train":
             raise ValueError(f"--pipeline {pipeline}: only --program train is pipelined")
-        build = functools.partial(_train, pipeline=pipeline, microbatches=microbatches)
+        build = functools.partial(
+            _train, pipeline=pipeline, microbatches=microbatches, pairing=pairing
+        )
     # Choices by platform (Pallas kernels compiled, not interpreted) are made for the GPU.
     with jax.set_mesh(mesh), backends.targeting("gpu"):
         traced = build(cfg, mesh, batch, seq_len, remat)
@@ -122,7 +126,7 @@ def _ids(mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=NamedSharding(mesh, spec))
 
 
-def _train(cfg, mesh, batch, seq_len, remat, pipeline="none", microbatches=1):
+def _train(cfg, mesh, batch, seq_len, remat, pipeline="none", microbatches=1, pairing=True):
     import deepseek_jax.train.state as st
     import deepseek_jax.train.step as sp
     from deepseek_jax.pipeline.placement import pipeline_for
@@ -137,6 +141,8 @@ def _train(cfg, mesh, batch, seq_len, remat, pipeline="none", microbatches=1):
     )
     graphdef, abs_state, layout, tx = st.plan(cfg, tcfg, mesh)
     pipe = pipeline_for(cfg, tcfg, mesh)
+    if pipe is not None and not pairing:
+        pipe = dataclasses.replace(pipe, paired=False)
     fn = lambda s, ids: sp.train_step(graphdef, tx, tcfg, layout, s, ids, pipe)  # noqa: E731
     jitted = jax.jit(
         fn,

@@ -18,17 +18,18 @@ backward half. Activations move one stage forward and gradients one stage back b
 ``ppermute`` (both ways for DualPipe; DualPipeV's turn at the last stage is a local copy),
 double-buffered so that XLA may overlap each transfer: this tick's activations travel
 during its backward half, and last tick's input gradients during this tick's forward half
-(``tick``). That is XLA's schedule; at run time a window holds the other half's switch,
-which is empty on a stage whose slot has no such half (every slot of 1F1B and ZB1P holds one
-phase), so the overlap is real where the table pairs F and B in one slot (DualPipe's F&B). A
+(``tick``). That is XLA's schedule; a switch is one op to XLA, so a window holds the other
+half's whole switch, which is empty on a stage whose slot has no such half (every slot of
+1F1B and ZB1P holds one phase). A tick with DualPipe's F&B pair on some stage runs without
+the switches (``pairing.py``): the pair's forward and backward, two micro-batches, are one
+computation, so each one's all-to-alls can sit beside the other's compute. A
 forward stores its input; B and W recompute the chunk under ``jax.vjp`` (B: input gradient
 only, W: weight gradient only, as the zero-bubble split needs), so nothing but the stored
 inputs and output gradients crosses ticks. Simplified: every micro-batch's input and output
 gradient are kept for the whole step (the table's activation count is what a freeing runtime
-would hold), an F&B pair runs its halves one after the other (the hook for the dual
-micro-batch overlap of ``overlap.py`` is ``f_half``/``b_half`` below, kinds FB and FBW), and
-the embedding is computed on every hop and kept only on the first. Placement of layers and
-micro-batches is in ``placement.py``.
+would hold), the F&B pair is not pinned layer by layer (XLA orders it), and the embedding
+is computed on every hop and kept only on the first. Placement of layers and micro-batches
+is in ``placement.py``.
 
 Shape letters: B batch, T positions (``ids_BT1``: T + 1), D hidden, L layers, E routed
 experts.
@@ -36,6 +37,7 @@ experts.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -45,6 +47,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import deepseek_jax.sharding as sharding
+from deepseek_jax.pipeline.pairing import KINDS, phase_masks, runs
 from deepseek_jax.pipeline.placement import (
     LayerPlan,
     Pipeline,
@@ -53,8 +56,6 @@ from deepseek_jax.pipeline.placement import (
     tick_tables,
     to_stages,
 )
-
-KINDS = ("idle", "F", "B", "W", "BW", "FB", "FBW")  # slot kinds, by the phases they hold
 
 
 def _take(tree, c):
@@ -120,7 +121,6 @@ def value_and_grad(
     tables = {k: jnp.asarray(v) for k, v in tables_np.items()}
     channels = ("act_down", "act_up", "act_self", "grad_down", "grad_up", "grad_self")
     used = [k for k in channels if tables_np[f"{k}_on"].any()]  # ppermute only these
-    kinds = sorted({int(k) for k in np.unique(tables_np["kind"])})
     T, D = ids.shape[-1] - 1, pipe.hidden
     buf_spec = sharding.spec((None, None, "batch", None, None))
     act_dtype = jnp.dtype(pipe.dtype)
@@ -211,9 +211,8 @@ def value_and_grad(
             return carry, dx
 
         # A slot runs as two halves, each a switch over the slot kinds present: its forward
-        # (kinds F, FB, FBW) and its backward (B, W, BW, FB, FBW). The FB / FBW pair's
-        # halves run in turn: overlap.py's dual micro-batch interleave (one half's
-        # all-to-alls beside the other's compute) would plug in here.
+        # (kinds F, FB, FBW) and its backward (B, W, BW, FB, FBW). A tick holding an F&B pair
+        # runs without the switch instead (``paired_tick``, see pairing.py).
         def f_half(kind):
             def run(acc, xin, row):
                 return run_f(acc, xin, row) if "F" in KINDS[kind] else (acc, blank)
@@ -230,16 +229,14 @@ def value_and_grad(
 
             return run
 
-        def halves(make, keep):
-            ks = sorted({k for k in kinds if keep(KINDS[k])} | {0})
+        def halves(make, keep, present):
+            ks = sorted({k for k in present if keep(KINDS[k])} | {0})
             index = jnp.asarray(
                 [ks.index(k) if k in ks and keep(KINDS[k]) else 0 for k in range(len(KINDS))],
                 jnp.int32,
             )
             return [make(k) for k in ks], index
 
-        f_branches, f_index = halves(f_half, lambda k: "F" in k)
-        b_branches, b_index = halves(b_half, lambda k: bool(k.replace("F", "").replace("idle", "")))
         acc_f = ("terms", "stats", "mtp")
         acc_b = ("g_p", "g_sh")
 
@@ -258,32 +255,54 @@ def value_and_grad(
             on, c, mb = (row[f"{prefix}{ch}_{k}"] for k in ("on", "c", "mb"))
             return _write(buf, on > 0, c, mb, val)
 
-        def tick(carry, tab):
+        def switched_tick(present):
+            f_branches, f_index = halves(f_half, lambda k: "F" in k, present)
+            b_branches, b_index = halves(
+                b_half, lambda k: bool(k.replace("F", "").replace("idle", "")), present
+            )
+            f_run = lambda acc, xin, row: jax.lax.switch(  # noqa: E731
+                f_index[row["kind"]], f_branches, acc, xin, row
+            )
+            b_run = lambda acc, xin, dys, row: jax.lax.switch(  # noqa: E731
+                b_index[row["kind"]], b_branches, acc, xin, dys, row
+            )
+            return functools.partial(tick, f_run, b_run, None)
+
+        def paired_tick(kind):
+            """One computation for every stage: the pair's phases, masked per slot."""
+            return functools.partial(tick, f_half(kind), b_half(kind), masks)
+
+        def tick(f_run, b_run, on, carry, tab):
             """Double-buffered transfers: the last tick's input gradients travel beside this
             tick's forward half (which reads only activations), this tick's activations
             beside its backward half (which reads only stored ones), so no stage-to-stage
             ppermute waits on the compute it could overlap, and every value still arrives
-            before the tick after the one that made it, as the table assumes."""
+            before the tick after the one that made it, as the table assumes. ``on``: the
+            per-kind phase masks of a paired tick (None: switched, nothing to mask)."""
             row = {k: v[stage] for k, v in tab.items()}
+            has = {ph: True if on is None else on[ph][row["kind"]] for ph in "FBW"}
             carry = dict(carry)
             got_dx = {ch: send(ch, carry["pend_dx"]) for ch in used if ch.startswith("grad")}
-            acc = {k: carry[k] for k in acc_f}
-            acc, y = jax.lax.switch(f_index[row["kind"]], f_branches, acc, carry["xin"], row)
-            carry |= acc
+            acc, y = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
+            carry |= _keep(has["F"], acc, carry)
             for ch, val in got_dx.items():
                 carry["dys"] = deliver(carry["dys"], row, ch, val, prefix="prev_")
             got_y = {ch: send(ch, y) for ch in used if ch.startswith("act")}
-            acc = {k: carry[k] for k in acc_b}
-            acc, dx = jax.lax.switch(
-                b_index[row["kind"]], b_branches, acc, carry["xin"], carry["dys"], row
-            )
-            carry |= acc
+            acc, dx = b_run({k: carry[k] for k in acc_b}, carry["xin"], carry["dys"], row)
+            carry |= _keep(has["W"], acc, carry)
             for ch, val in got_y.items():
                 carry["xin"] = deliver(carry["xin"], row, ch, val)
-            carry["pend_dx"] = dx
+            carry["pend_dx"] = jnp.where(has["B"], dx, blank)
             return carry, None
 
-        carry, _ = jax.lax.scan(tick, carry0, tables)
+        masks = {ph: jnp.asarray(v) for ph, v in phase_masks().items()}
+        spans = runs(tables_np["kind"]) if pipe.paired else [(0, len(tables_np["kind"]), 0)]
+        for start, stop, mode in spans:
+            seg = jax.tree.map(lambda a: a[start:stop], tables)  # noqa: B023
+            present = {int(k) for k in np.unique(tables_np["kind"][start:stop])}
+            body = paired_tick(mode) if mode else switched_tick(present)
+            carry0, _ = jax.lax.scan(body, carry0, seg)
+        carry = carry0
         total = lambda t: jax.lax.psum(t, stage_axes)  # noqa: E731
         out_terms = jax.tree.map(lambda a: total(a) / m, carry["terms"])
         expand = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
@@ -310,6 +329,13 @@ def value_and_grad(
     (g_layers,) = gather_vjp(g_stage)
     grads = _like(params, {**g_shared, **g_layers})
     return terms, grads, _per_layer(stats, plan, m), mtp
+
+
+def _keep(on, new: dict, old: dict) -> dict:
+    """``new`` where ``on`` (a traced bool or True), else ``old``'s entries of the same keys."""
+    if on is True:
+        return new
+    return {k: jax.tree.map(lambda a, b: jnp.where(on, a, b), v, old[k]) for k, v in new.items()}
 
 
 def _like(ref: nnx.State, tree) -> nnx.State:

@@ -104,6 +104,7 @@ class Pipeline:
     plan: LayerPlan
     hidden: int
     dtype: str  # the residual stream's
+    paired: bool = True  # F&B ticks as one computation (pairing.py); False: the control
 
     @classmethod
     def build(cls, cfg: ModelConfig, name: str, pp: int, microbatches: int) -> Pipeline:
