@@ -96,13 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{cls} default ran: {rs[-1]['kernel_tiles']} tiles; "
                 + "; ".join(f"{op} -> {why}" for op, why in rs[-1]["backends"].items())
             )
-    from deepseek_jax import backends
 
     every = {f"{c}/{p}": {k: [r[k] for r in rs] for k in keys} for (c, p), rs in runs.items()}
     if args.rounds > 1:
         for name, row in every.items():
             print(f"{name:<20} every round: " + "; ".join(f"{k} {v}" for k, v in row.items()))
-    out = {"machine": backends.machine(), "table": table, "runs": every}
+    from deepseek_jax import host
+
+    out = {"machine": host.machine(), "table": table, "runs": every}
     print(json.dumps(out))
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from deepseek_jax import backends
+from deepseek_jax import backends, host
 
 
 def log_backend_choices() -> None:
@@ -20,7 +20,7 @@ def log_backend_choices() -> None:
 
 def describe() -> dict:
     """Machine facts and this process's backend choices (call after the run)."""
-    return {**backends.machine(), "backends": backends.decisions()}
+    return {**host.machine(), "backends": backends.decisions()}
 
 
 def print_description(info: dict) -> None:

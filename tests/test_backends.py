@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 
 from cpu_kernels import attention as cpu_attention
 from cpu_kernels import grouped_gemm
-from deepseek_jax import backends, causal_attention
+from deepseek_jax import backends, causal_attention, host
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.model import Transformer
 from deepseek_jax.moe import experts
@@ -161,7 +161,7 @@ def test_local_shape_divides_by_the_sharded_axes():
 
 
 def test_machine_names_the_cpu_and_its_vector_isa():
-    info = backends.machine()
+    info = host.machine()
     assert info["vector_isa"] in ("AVX-512", "AVX2+FMA", "AVX", "NEON", "SSE2", "none")
     assert info["cpu"] and info["platform"] == jax.default_backend()
 
