@@ -50,6 +50,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 import deepseek_jax.sharding as sharding
+from deepseek_jax.attention_core import latent_attention
 from deepseek_jax.causal_attention import causal_attend
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.fp8 import fp8_linear, fp8_mode
@@ -150,12 +151,6 @@ def mla_latent_kv(
     return ckv_BTC, apply_rope(krope_BTR, cos_BTR, sin_BTR)
 
 
-def _softmax(scores_BTHS: Float[Array, "B T H S"], visible_TS: Array, dtype) -> Array:
-    """Masked softmax in float32; every row sees at least its own position."""
-    scores_BTHS = jnp.where(visible_TS[None, :, None, :], scores_BTHS, -jnp.inf)
-    return jax.nn.softmax(scores_BTHS, axis=-1).astype(dtype)
-
-
 def _out_proj(
     w: Weights, out_BTHO: Float[Array, "B T H O"], cfg: ModelConfig
 ) -> Float[Array, "B T D"]:
@@ -219,15 +214,12 @@ def mla_absorbed(
         cache = cache.write(*mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg), cache_index)
         ckv_BSC, krope_BSR = cache.ckv_BSC.astype(dt), cache.krope_BSR.astype(dt)
     with jax.named_scope("mla_attend_latent"):
-        f32 = jnp.float32
-        scores_BTHS = (
-            jnp.einsum("bthc,bsc->bths", qlat_BTHC, ckv_BSC, preferred_element_type=f32)
-            + jnp.einsum("bthr,bsr->bths", qrope_BTHR, krope_BSR, preferred_element_type=f32)
-        ) * softmax_scale(cfg)
         T, S = x_BTD.shape[1], cache.max_len
         visible_TS = jnp.arange(S)[None, :] <= (cache_index + jnp.arange(T))[:, None]
-        probs_BTHS = _softmax(scores_BTHS, visible_TS, dt)
-        olat_BTHC = jnp.einsum("bths,bsc->bthc", probs_BTHS, ckv_BSC)
+        visible_BTS = jnp.broadcast_to(visible_TS, (x_BTD.shape[0], T, S))
+        olat_BTHC = latent_attention(
+            qlat_BTHC, qrope_BTHR, ckv_BSC, krope_BSR, visible_BTS, softmax_scale(cfg)
+        )
     with jax.named_scope("mla_out"):
         out_BTHO = jnp.einsum("bthc,cho->btho", olat_BTHC, wuv_CHO)  # absorb W_uv
         return _out_proj(w, out_BTHO, cfg), cache
