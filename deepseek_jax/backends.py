@@ -20,6 +20,10 @@ program runs: forward and backward when training, the forward alone inside ``inf
 wins the race may lose it. The decision is cached as JSON beside the kernel cache, so later
 processes reuse it, and logged once per process on the ``deepseek_jax.backends`` logger. An
 explicit config value always wins; a kernel that does not build is logged once and loses.
+
+The operation race is a pre-filter for whole programs: a kernel that wins alone can lose
+inside the program (fusions broken, layouts pinned), so the train step's combination is
+then raced as a program (``program_race.py``, built with ``forcing``).
 """
 
 from __future__ import annotations
