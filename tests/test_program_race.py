@@ -188,3 +188,11 @@ def test_a_raced_train_step_leaves_the_state_alone_and_equals_the_unraced_step(
     ref, ref_m = jit_train_step(ref_graphdef, ref_tx, tcfg, ref_layout, mesh)(fresh, ids)
     assert float(m["loss"]) == float(ref_m["loss"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(raced), jax.device_get(ref))
+
+
+def test_forcing_an_unknown_choice_is_a_clear_error(timings):
+    with (
+        backends.forcing(moe_experts="fast"),
+        pytest.raises(ValueError, match="moe_experts='fast'"),
+    ):
+        experts.resolve_backend("auto", MOE_SHAPE)
