@@ -20,6 +20,10 @@ program runs: forward and backward when training, the forward alone inside ``inf
 wins the race may lose it. The decision is cached as JSON beside the kernel cache, so later
 processes reuse it, and logged once per process on the ``deepseek_jax.backends`` logger. An
 explicit config value always wins; a kernel that does not build is logged once and loses.
+
+The operation race is a pre-filter for whole programs: a kernel that wins alone can lose
+inside the program (fusions broken, layouts pinned), so the train step's combination is
+then raced as a program (``program_race.py``, built with ``forcing``).
 """
 
 from __future__ import annotations
@@ -27,22 +31,17 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import contextvars
-import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 
 import cpu_kernels.build as build
-import deepseek_jax.host as host
+import deepseek_jax.decision_store as store
+from deepseek_jax.decision_store import Decision
 
 _log = logging.getLogger(__name__)
 
@@ -52,20 +51,36 @@ _log = logging.getLogger(__name__)
 Candidate = Callable[[bool], Callable[[], object]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    """What ``auto`` chose for one operation and shape class, and why."""
-
-    op: str
-    shape: tuple[int, ...]
-    choice: str
-    reason: str
-    timings_ms: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
 _decisions: dict[str, Decision] = {}  # this process's decisions, by cache key
+_load, _store = store.load, store.store  # tests replace them
 _logged_failures: set[str] = set()
 _forward_only = contextvars.ContextVar("deepseek_jax_forward_only", default=False)
+_forced = contextvars.ContextVar("deepseek_jax_forced", default=None)  # family -> choice
+_seen = contextvars.ContextVar("deepseek_jax_seen", default=None)  # see ``recording``
+
+
+@contextlib.contextmanager
+def forcing(**choices: str):
+    """Within the block, a measured choice of family ``f`` (``attention``, ``moe_experts``)
+    is ``choices[f]``, unmeasured: how the program race (``program_race.py``) builds each
+    combination. Explicit config values never reach ``measured``, so they still win."""
+    token = _forced.set({**(_forced.get() or {}), **choices})
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+@contextlib.contextmanager
+def recording():
+    """Yields ``{family: (fallback, {choices}, build_id)}``, filled with the measured (or
+    forced) choices made within: which kernels a traced program runs."""
+    seen: dict[str, tuple[str, set[str], str]] = {}
+    token = _seen.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen.reset(token)
 
 
 @contextlib.contextmanager
@@ -271,18 +286,36 @@ def measured(
 
     Decided once per (machine, ``build_id``, op, shape class, ``phase()``) and cached on
     disk. ``build_id`` names the kernel build (variant and tiles), so a rebuilt kernel is
-    measured again.
+    measured again. Inside ``forcing`` the forced choice is returned unmeasured.
     """
     if fallback not in candidates:
         raise ValueError(f"fallback {fallback!r} is not a candidate of {op}: {list(candidates)}")
-    key = _cache_key(f"{op}|{phase()}", shape_class(shape), build_id)
+    family = op.split("[")[0]
+    choice = (_forced.get() or {}).get(family)
+    if choice is None:
+        backward = phase() == "fwd+bwd"
+        run = lambda: race(op, shape, candidates, fallback, backward=backward)  # noqa: E731
+        choice = decided(op, shape, f"{op}|{phase()}", build_id, run).choice
+    elif choice not in candidates:
+        raise ValueError(f"forced {family}={choice!r}: choose one of {list(candidates)}")
+    seen = _seen.get()
+    if seen is not None:
+        seen.setdefault(family, (fallback, set(), build_id))[1].add(choice)
+    return choice
+
+
+def decided(
+    op: str, shape: tuple[int, ...], what: str, build_id: str, race: Callable[[], Decision]
+) -> Decision:
+    """The decision for ``what`` (op, phase, ...) at ``shape``'s class: this process's,
+    else the disk cache's, else ``race()``'s (then stored); logged once per process."""
+    key = _cache_key(what, shape_class(shape), build_id)
     if key in _decisions:
-        return _decisions[key].choice
+        return _decisions[key]
     decision = _load(key)
     cached = decision is not None
     if decision is None:
-        race = _race(op, shape, candidates, fallback, backward=phase() == "fwd+bwd")
-        decision = _store(key, race)
+        decision = _store(key, race())
     _decisions[key] = decision
     _log.info(
         "backends: %s %s -> %s (%s%s)",
@@ -292,7 +325,7 @@ def measured(
         decision.reason,
         ", cached" if cached else "",
     )
-    return decision.choice
+    return decision
 
 
 def _lead(seconds: dict[str, float], fallback: str) -> tuple[str, float]:
@@ -301,7 +334,7 @@ def _lead(seconds: dict[str, float], fallback: str) -> tuple[str, float]:
     return best, 1.0 - seconds[best] / seconds[fallback]
 
 
-def _race(
+def race(
     op: str,
     shape: tuple[int, ...],
     candidates: dict[str, Candidate],
@@ -335,45 +368,5 @@ def _race(
     return Decision(op, tuple(shape), choice, reason, ms)
 
 
-def _cache_key(op: str, shape: tuple[int, ...], build_id: str) -> str:
-    rule = f"margin {MARGIN}, close {CLOSE} x{CLOSE_ROUNDS}"  # a new rule decides anew
-    parts = [host.cpu_model(), build.cpu_flags(), jax.__version__, build_id, op, repr(shape), rule]
-    text = "\n".join(parts)
-    return f"{op}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
-def _path(key: str) -> Path:
-    return build.cache_dir() / "decisions" / f"{key}.json"
-
-
-def _load(key: str) -> Decision | None:
-    try:
-        data = json.loads(_path(key).read_text())
-        return Decision(
-            data["op"], tuple(data["shape"]), data["choice"], data["reason"], data["timings_ms"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # not measured yet (or an unreadable file: measure again)
-
-
-def _store(key: str, decision: Decision) -> Decision:
-    """Stores ``decision`` unless another process stored one first, and returns the stored
-    one: processes that measure at once (a run and its resumed or concurrent twin) must
-    all run the same backends, or bit-identical results across processes are lost. The
-    file is written under a temporary name and linked into place (first link wins), so
-    nobody reads half a file. An unwritable cache only costs a measurement next time."""
-    path = _path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(dataclasses.asdict(decision), f)
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-    except FileExistsError:
-        return _load(key) or decision
-    except OSError as e:
-        _log.warning("backends: could not cache the decision in %s: %s", path, e)
-    return decision
+def _cache_key(what: str, shape: tuple[int, ...], build_id: str) -> str:
+    return store.key(what, shape, build_id, f"margin {MARGIN}, close {CLOSE} x{CLOSE_ROUNDS}")

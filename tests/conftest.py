@@ -18,6 +18,8 @@ import tempfile
 TEST_XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A program race compiles a program up to four times: only tests/test_program_race.py runs it.
+os.environ.setdefault("DEEPSEEK_JAX_PROGRAM_RACE", "off")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run makes it
     _cache = tempfile.mkdtemp(prefix="deepseek_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)

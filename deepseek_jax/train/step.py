@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Int
 
+from deepseek_jax import program_race
 from deepseek_jax.block import StackStats
 from deepseek_jax.model import ModelOutput
 from deepseek_jax.pipeline.executor import value_and_grad as pipeline_value_and_grad
@@ -126,20 +127,20 @@ def jit_train_step(
     pipe: Pipeline | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, Array]]]:
     """``train_step`` jitted once: explicit in/out shardings, the state donated; ``pipe``
-    runs it pipelined over the mesh's stages."""
-    fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids, pipe)  # noqa: E731
-    jitted = jax.jit(
-        fn,
-        in_shardings=(layout.state, batch_sharding(mesh)),
-        out_shardings=(layout.state, None),
-        donate_argnums=0,
-    )
+    runs it pipelined over the mesh's stages. On CPU its first call races the backend
+    combinations of the whole step on that state and batch (``program_race``)."""
 
-    def run(state, ids):
-        with jax.set_mesh(mesh):
-            return jitted(state, ids)
+    def build(donate: bool):
+        fn = lambda state, ids: train_step(graphdef, tx, cfg, layout, state, ids, pipe)  # noqa: E731
+        return jax.jit(
+            fn,
+            in_shardings=(layout.state, batch_sharding(mesh)),
+            out_shardings=(layout.state, None),
+            donate_argnums=0 if donate else (),
+        )
 
-    return run
+    enter = lambda: jax.set_mesh(mesh)  # noqa: E731
+    return program_race.raced("train_step", build, enter=enter, shape=lambda s, ids: ids.shape)
 
 
 def jit_eval_step(

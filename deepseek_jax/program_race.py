@@ -1,0 +1,159 @@
+"""The program race: which C++ kernels a whole jitted program runs, decided by timing it.
+
+Why: an operation raced alone does not predict its cost inside the program. A custom call
+ends XLA's fusions around it and pins its operands' layouts: on the AVX-512 machine our
+grouped GEMM won its operation race by 8 % and made the train step slower than XLA only
+(README, 'Per machine class'). So on CPU the operation race (``backends.measured``) is a
+cheap pre-filter; when the program it chose runs any C++ kernel, the program itself is
+compiled with each candidate combination and timed on its real arguments:
+
+- the pre-filter's combination;
+- XLA only (the fallback: it wins ties);
+- each kernel family alone, the others on their XLA twins.
+
+Timing runs do not donate and drop their outputs, so the arguments (a train state and a
+batch) are untouched and the real run starts from them: its results are those of the same
+program built without the race, bit for bit. The rule is the operation race's
+(``backends.race``: best of, interleaved rounds when close; a combination must beat XLA
+only by ``MARGIN``). The decision is cached beside the operation decisions, keyed by the
+machine, the kernel builds, the program's name, phase and shape class, the pre-filter's
+choice, ``XLA_FLAGS`` and a hash of the traced program (its config, shapes and mesh), and
+logged in one line. Explicit config values never reach the race (``forcing``).
+
+Not raced (the pre-filter's choice stands, noted in ``backends.decisions()``): with
+``DEEPSEEK_JAX_PROGRAM_RACE=off`` (the test suite: a race compiles a program up to four
+times), and in multi-process runs (the processes would have to time in lockstep to agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import jax
+
+import deepseek_jax.backends as backends
+
+ENV = "DEEPSEEK_JAX_PROGRAM_RACE"
+Forcing = dict[str, str]  # op family -> choice (``backends.forcing``)
+
+
+def _name(forced: Forcing) -> str:
+    return " ".join(f"{f}={c}" for f, c in sorted(forced.items()))
+
+
+def combinations(seen: dict[str, tuple[str, set[str], str]]) -> tuple[dict[str, Forcing], str]:
+    """The combinations to race, by name, and the fallback's (XLA only) name, given what a
+    trace chose (``backends.recording``); none when it chose no kernel. The pre-filter's
+    own comes first: all its families' choices where each family made one, else unforced
+    (``op race (...)``, its per-shape choices)."""
+    xla = {f: fallback for f, (fallback, _, _) in seen.items()}
+    if all(chosen <= {xla[f]} for f, (_, chosen, _) in seen.items()):
+        return {}, _name(xla)
+    if all(len(chosen) == 1 for _, chosen, _ in seen.values()):
+        pre = {f: next(iter(chosen)) for f, (_, chosen, _) in seen.items()}
+        combos = {_name(pre): pre}
+    else:
+        each = ", ".join(f"{f}={'/'.join(sorted(c))}" for f, (_, c, _) in sorted(seen.items()))
+        combos = {f"op race ({each})": {}}
+    combos.setdefault(_name(xla), xla)
+    for f, (fallback, chosen, _) in sorted(seen.items()):
+        for kernel in sorted(chosen - {fallback}):
+            mix = {**xla, f: kernel}
+            combos.setdefault(_name(mix), mix)
+    return combos, _name(xla)
+
+
+def raced(
+    name: str,
+    build: Callable[[bool], Callable],
+    *,
+    enter: Callable[[], AbstractContextManager],
+    shape: Callable[..., tuple[int, ...]],
+    phase: str = "fwd+bwd",
+) -> Callable:
+    """The program ``build(donate)`` (a fresh ``jax.jit`` each call) as a function of its
+    arguments which, on its first call, decides its backends on those arguments
+    (``decide``) and from then on runs the winner. ``enter()``: the context each call runs
+    in (the mesh); ``shape(*args)``: the shape whose class keys the decision."""
+    chosen: list[tuple[Forcing, Callable]] = []
+
+    def run(*args):
+        if not chosen:
+            chosen.append(decide(name, build, enter, shape(*args), args, phase))
+        forced, program = chosen[0]
+        with enter(), backends.forcing(**forced):
+            return program(*args)
+
+    return run
+
+
+def decide(
+    name: str,
+    build: Callable[[bool], Callable],
+    enter: Callable[[], AbstractContextManager],
+    shape: tuple[int, ...],
+    args: tuple,
+    phase: str,
+) -> tuple[Forcing, Callable]:
+    """(the forced choices, the donating program to run with them) for ``args``."""
+    program = build(True)
+    op = f"program {name}"
+    if backends.target_platform() != "cpu":
+        return {}, program  # no C++ kernels to race
+    if os.environ.get(ENV, "on") == "off" or jax.process_count() > 1:
+        why = f"{ENV}=off" if jax.process_count() == 1 else f"{jax.process_count()} processes"
+        backends.note(op, shape, "op race", f"program not raced: {why}")
+        return {}, program
+    with enter(), backends.recording() as seen:
+        traced = program.trace(*args)  # the call below reuses this trace
+    combos, xla = combinations(seen)
+    if not combos:
+        backends.note(op, shape, "op race", "program not raced: the op race chose no kernel")
+        return {}, program
+    pre = next(iter(combos))
+    text = re.sub(r"0x[0-9a-f]+", "", str(traced.jaxpr))  # no addresses: stable across runs
+    what = "|".join([op, phase, pre, os.environ.get("XLA_FLAGS", ""), _digest(text)])
+    build_id = " + ".join(sorted({b for _, _, b in seen.values()}))
+
+    def race() -> backends.Decision:
+        candidates = {n: _timed(build, enter, f, args) for n, f in combos.items()}
+        d = backends.race(op, shape, candidates, xla, backward=phase == "fwd+bwd")
+        return dataclasses.replace(d, reason=f"program {d.reason}; the op race chose {pre}")
+
+    choice = backends.decided(op, shape, what, build_id, race).choice
+    if choice not in combos:  # a cache file from elsewhere: keep the pre-filter's choice
+        backends.note(op, shape, "op race", f"cached program choice {choice!r} unknown here")
+        return {}, program
+    if choice == pre:
+        return combos[pre], program  # the traced program already runs these choices
+    return combos[choice], build(True)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _timed(
+    build: Callable[[bool], Callable],
+    enter: Callable[[], AbstractContextManager],
+    forced: Forcing,
+    args: tuple,
+) -> backends.Candidate:
+    """One combination as a race candidate: compiled without donation (the arguments stay
+    the caller's), outputs dropped."""
+
+    def make(backward: bool):
+        program = build(False)
+
+        def run():
+            with enter(), backends.forcing(**forced):
+                jax.block_until_ready(program(*args))
+
+        return run
+
+    return make
