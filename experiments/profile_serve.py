@@ -3,10 +3,13 @@
 In one process, on a request (or ``--batch`` requests) prefilled with a held-out prompt,
 it times the engine's compiled programs with ``block_until_ready``: the plain decode step
 at batch 1 and ``--batch``, the speculative step at batch 1, and their parts (the main
-model over 1 and 2 positions, the MTP module and the vocab head), interleaved over
-``--repeats`` rounds, medians. It also times whole ``Engine.step`` calls (the compiled
-call plus the host work around it) and counts compilations. Figures under load on a
-shared machine: read the ratios.
+model over 1 and 2 positions, the MTP module, the vocab head, one MoE layer and one
+attention layer), interleaved over ``--repeats`` rounds, medians. A part that writes the
+cache donates its own copy of the pool, as the programs do (else each call copies the
+pool). Each part is its own small program with its own dispatch cost, so parts need not
+add up to a step: for where a step's time goes, trace it (``jax.profiler``). It also
+times whole ``Engine.step`` calls (the compiled call plus the host work around it) and
+counts compilations. Figures under load on a shared machine: read the ratios.
 """
 
 from __future__ import annotations
