@@ -8,7 +8,8 @@ corpus's cache, when it is on this machine), else random token ids.
 
 1. Continuous batching: at each concurrency (default 1, 4, 16) that many requests (a
    ``--prompt-len`` prompt, ``--new-tokens`` greedy tokens, no stop token) are submitted
-   together to the engine and run to the end, after one identical warm-up round (so
+   together to the engine (one prefill program carries up to ``--prefill-rows`` of their
+   prompt chunks) and run to the end, after one identical warm-up round (so
    compilation is excluded); ``--repeats`` rounds per level, the levels alternated (the
    machine's load drifts), the median run reported and every run listed. Reported:
    aggregate decode tokens/s (tokens after each request's first, over the span from the
@@ -64,6 +65,13 @@ def parse_args(argv):
     ap.add_argument("--load-s", type=float, default=0.0, help="HTTP load test seconds")
     ap.add_argument("--load-clients", type=int, default=16)
     ap.add_argument("--no-mtp", action="store_true", help="skip speculative decoding")
+    ap.add_argument(
+        "--prefill-rows",
+        type=int,
+        default=None,
+        help="requests' prompt chunks per prefill program (default: the largest concurrency;"
+        " 1: one request per program)",
+    )
     return ap.parse_args(argv)
 
 
@@ -178,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     total = args.prompt_len + args.new_tokens + 1
     pages = (-(-total // args.page_size)) * max(levels) + 1  # + the trash page
     shapes = dict(page_size=args.page_size, num_pages=pages, max_batch=max(levels),
-                  prefill_chunk=args.prompt_len)  # fmt: skip
+                  prefill_chunk=args.prompt_len,
+                  prefill_rows=args.prefill_rows or max(levels))  # fmt: skip
     engine = Engine(model, **shapes)
     name = args.checkpoint or args.preset
     print(f"{name}: prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"{jax.devices()[0].platform}, float32; figures under load (shared machine)")  # fmt: skip
+          f"{jax.devices()[0].platform}, float32, prefill rows {shapes['prefill_rows']}; "
+          "figures under load (shared machine)")  # fmt: skip
     tokens = held_out_tokens(args.checkpoint) if args.checkpoint else None
     print(f"prompts: {'held-out text of the run' if tokens is not None else 'random ids'}")
     prompts = {c: make_prompts(tokens, cfg.vocab_size, c, args.prompt_len, rng) for c in levels}

@@ -3,10 +3,13 @@
 In one process, on a request (or ``--batch`` requests) prefilled with a held-out prompt,
 it times the engine's compiled programs with ``block_until_ready``: the plain decode step
 at batch 1 and ``--batch``, the speculative step at batch 1, and their parts (the main
-model over 1 and 2 positions, the MTP module and the vocab head), interleaved over
-``--repeats`` rounds, medians. It also times whole ``Engine.step`` calls (the compiled
-call plus the host work around it) and counts compilations. Figures under load on a
-shared machine: read the ratios.
+model over 1 and 2 positions, the MTP module, the vocab head, one MoE layer and one
+attention layer), interleaved over ``--repeats`` rounds, medians. A part that writes the
+cache donates its own copy of the pool, as the programs do (else each call copies the
+pool). Each part is its own small program with its own dispatch cost, so parts need not
+add up to a step: for where a step's time goes, trace it (``jax.profiler``). It also
+times whole ``Engine.step`` calls (the compiled call plus the host work around it) and
+counts compilations. Figures under load on a shared machine: read the ratios.
 """
 
 from __future__ import annotations
@@ -88,40 +91,63 @@ def main(argv: list[str] | None = None) -> int:
         return tok, lens, table, eng._sampling(reqs, B)
 
     g, st = e1.decode.graphdef, e1.decode.state
-    caches1 = jax.tree.map(jnp.copy, e1.decode.caches)  # the parts' own (not donated)
-    cachesB = jax.tree.map(jnp.copy, eB.decode.caches)
     t1, l1, tb1, s1 = arrays(e1, 2)
     tB, lB, tbB, sB = arrays(eB, 1)
     dec = nnx.merge(g, st)
     D = cfg.hidden_size
+    from deepseek_jax.infer.paged import _block, mla_paged
 
-    @jax.jit
+    def donating(pool):
+        """A part ``fn(state, caches, *a) -> (out, caches)`` on its own copy of ``pool``,
+        donated as the engine's programs donate theirs (else each cache write copies the
+        whole pool)."""
+
+        def wrap(fn):
+            jf, box = jax.jit(fn, donate_argnums=(1,)), [jax.tree.map(jnp.copy, pool)]
+
+            def run(state, *a):
+                out, box[0] = jf(state, box[0], *a)
+                return out
+
+            return run
+
+        return wrap
+
     def fwd(state, caches, ids, lens, table):
-        d = nnx.merge(g, state)
-        return d.forward(ids, caches, table, lens)[:2]
+        logits, h, caches = nnx.merge(g, state).forward(ids, caches, table, lens)
+        return (logits, h), caches
 
-    @jax.jit
     def body(state, caches, ids, lens, table):  # the main model without the head
         d = nnx.merge(g, state)
-        x = d.embed_tokens(ids)
-        from deepseek_jax.infer.paged import _block
-
+        x, new = d.embed_tokens(ids), []
         for layer, c in zip(d.layers, caches, strict=False):
-            x, _ = _block(layer, x, c, table, lens, cfg, d.attention)
-        return d.norm(x)
+            x, c = _block(layer, x, c, table, lens, cfg, d.attention)
+            new.append(c)
+        return d.norm(x), new + list(caches[len(new) :])
 
     @jax.jit
     def head(state, h):
         return nnx.merge(g, state).head(h)
 
-    @jax.jit
     def draft(state, caches, h, nxt, lens, table):
-        return nnx.merge(g, state).draft(h, nxt, caches, table, lens)[0]
+        return nnx.merge(g, state).draft(h, nxt, caches, table, lens)
 
-    @jax.jit
     def draft_kept(state, caches, h, nxt, lens, table):
         keep = jnp.ones(lens.shape, jnp.int32)
-        return nnx.merge(g, state).draft(h, nxt, caches, table, lens, keep)[0]
+        return nnx.merge(g, state).draft(h, nxt, caches, table, lens, keep)
+
+    @jax.jit
+    def moe(state, x):  # one MoE layer's FFN (router, routed and shared experts)
+        layer = next(m for m in nnx.merge(g, state).layers if m.is_moe)
+        return layer.mlp(x)[0]
+
+    def attn(state, caches, x, lens, table):  # one layer's paged attention, cache write
+        d = nnx.merge(g, state)
+        w, i = d.layers[-1].self_attn.weights(), len(d.layers) - 1
+        y, c = mla_paged(w, x, caches[i], table, lens, cfg, d.attention)
+        return y, [*caches[:i], c, *caches[i + 1 :]]
+
+    on1, onB = donating(e1.decode.caches), donating(eB.decode.caches)
 
     @jax.jit
     def samp(logits, s, lens):
@@ -134,18 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     q = np.zeros((1, cfg.vocab_size), np.float32)
     q[0, 0] = 1.0
 
+    rnd = lambda *shape: jax.random.normal(jax.random.key(0), shape)  # noqa: E731
+    Bn = len(tB)
     parts = {
-        "main body T=1": (body, (st, caches1, ids1, l1, tb1)),
-        "main body T=2": (body, (st, caches1, ids2, l1, tb1)),
-        "main fwd T=1 (body+head)": (fwd, (st, caches1, ids1, l1, tb1)),
-        "main fwd T=2 (body+head)": (fwd, (st, caches1, ids2, l1, tb1)),
+        "main body T=1": (on1(body), (st, ids1, l1, tb1)),
+        "main body T=2": (on1(body), (st, ids2, l1, tb1)),
+        "main fwd T=1 (body+head)": (on1(fwd), (st, ids1, l1, tb1)),
+        "main fwd T=2 (body+head)": (on1(fwd), (st, ids2, l1, tb1)),
         "head T=1": (head, (st, h1)),
         "head T=2": (head, (st, h2)),
-        "MTP draft T=1 (block+head)": (draft, (st, caches1, h1, ids1, l1, tb1)),
-        "MTP draft T=2 (block+head)": (draft, (st, caches1, h2, ids2, l1, tb1)),
-        "MTP draft T=2, kept position": (draft_kept, (st, caches1, h2, ids2, l1, tb1)),
+        "MTP draft T=1 (block+head)": (on1(draft), (st, h1, ids1, l1, tb1)),
+        "MTP draft T=2 (block+head)": (on1(draft), (st, h2, ids2, l1, tb1)),
+        "MTP draft T=2, kept position": (on1(draft_kept), (st, h2, ids2, l1, tb1)),
         "sample B=1": (samp, (logitsV, s1, l1)),
-        f"main body B={args.batch}": (body, (st, cachesB, tB[:, None], lB, tbB)),
+        "MoE layer T=1": (moe, (st, rnd(1, 1, D))),
+        "MoE layer T=2": (moe, (st, rnd(1, 2, D))),
+        f"MoE layer B={args.batch}": (moe, (st, rnd(Bn, 1, D))),
+        "attention layer T=1": (on1(attn), (st, rnd(1, 1, D), l1, tb1)),
+        "attention layer T=2": (on1(attn), (st, rnd(1, 2, D), l1, tb1)),
+        f"attention layer B={args.batch}": (onB(attn), (st, rnd(Bn, 1, D), lB, tbB)),
+        f"main body B={args.batch}": (onB(body), (st, tB[:, None], lB, tbB)),
         f"head B={args.batch}": (head, (st, jnp.zeros((len(tB), 1, D), jnp.float32))),
         f"sample B={args.batch}": (samp, (jnp.zeros((len(tB), cfg.vocab_size)), sB, lB)),
     }

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-pages", type=int, default=1024, help="cache pool, pages")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=128)
+    ap.add_argument(
+        "--prefill-rows", type=int, default=1, help="requests' prompt chunks per prefill program"
+    )
     ap.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     ap.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -68,6 +71,7 @@ def load_served(args: argparse.Namespace):
         num_pages=args.num_pages,
         max_batch=args.max_batch,
         prefill_chunk=args.prefill_chunk,
+        prefill_rows=args.prefill_rows,
         speculative=args.speculative,
     )
     name = args.name or (os.path.basename(os.path.normpath(root)) if root else args.preset)

@@ -9,7 +9,14 @@ from flax import nnx
 
 from deepseek_jax.infer.engine import Engine
 from deepseek_jax.infer.generate import Generator
-from deepseek_jax.infer.sampling import RowSampling, SamplingParams, distribution, sample, verify
+from deepseek_jax.infer.sampling import (
+    RowSampling,
+    SamplingParams,
+    argmax,
+    distribution,
+    sample,
+    verify,
+)
 from deepseek_jax.model import Transformer
 from deepseek_jax.presets import get_preset
 
@@ -84,6 +91,25 @@ def test_speculative_greedy_identical_to_plain(spec, prompts, reference):
     assert spec.stats["decode_tokens"] == sum(len(r.output) for r in reqs) - len(reqs)
     assert spec.stats["decode_seconds"] > 0
     assert spec.alloc.in_use == 0
+
+
+def test_prefill_rows_carry_several_requests_chunks(spec, prompts, reference):
+    """One prefill program carries request 0's final chunk beside 1 and 2's first ones
+    (different lengths and offsets), with MTP drafts: the same greedy tokens. (The spec
+    engine of the test above, its prefill widened to one bucket of 4 rows: only that
+    program compiles.)"""
+    eng = spec
+    eng.prefill_rows, eng.prefill_row_buckets = 4, (4,)
+    compiled = eng.compilations["prefill"]
+    reqs = [eng.submit(prompts[0].tolist(), SamplingParams(max_tokens=14))]
+    eng.step()
+    reqs += [eng.submit(p.tolist(), SamplingParams(max_tokens=14)) for p in prompts[1:]]
+    eng.step()
+    assert eng.running == reqs[:1] and [r.prefilled for r in reqs] == [11, 8, 8]
+    eng.run_until_done()
+    for r, ref in zip(reqs, reference, strict=True):
+        assert r.output == ref.tolist()
+    assert eng.alloc.in_use == 0 and eng.compilations["prefill"] == compiled + 1
 
 
 def test_per_request_sampling_independent_of_batch(plain, prompts):
@@ -200,3 +226,12 @@ def test_sampling_fast_paths_equal_the_full_path():
     p2 = jnp.stack([probs[0], probs[0]])
     accepted, y = jax.jit(verify)(draft, jax.nn.one_hot(draft, 64), p2, greedy, pos[:2])
     assert accepted.tolist() == [True, False] and y.tolist() == [int(draft[0])] * 2
+
+
+def test_vectorised_argmax_equals_jnp_argmax():
+    """The first maximum, ties and NaN included (a NaN row: its first NaN, as jnp's)."""
+    x = jnp.round(jax.random.normal(jax.random.key(2), (6, 4096)) * 2)  # many ties
+    x = x.at[1].set(-jnp.inf).at[2, 7].set(jnp.nan).at[2, 9].set(jnp.nan)
+    x = x.at[3].set(0.0).at[3, :5].set(-0.0).at[4, 4095].set(99.0)
+    assert (jax.jit(argmax)(x) == jnp.argmax(x, axis=-1)).all()
+    assert jax.jit(argmax)(x).tolist()[1:5] == [0, 7, 0, 4095]

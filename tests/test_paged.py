@@ -114,3 +114,23 @@ def test_draft_and_head_at_the_kept_position_equal_all_positions(model, attentio
     np.testing.assert_allclose(kept[:, 0], full[rows, keep], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(c_kept.ckv_NPC, c_full.ckv_NPC)
     np.testing.assert_array_equal(c_kept.krope_NPR, c_full.krope_NPR)
+
+
+def test_one_token_decode_writes_the_pool_in_place(model):
+    """A batch-1, one-token step (the pool donated) copies no page pool: its cost must not
+    grow with the pool (XLA:CPU fused the one-row write into the gather and copied the
+    pool per layer before ``mla_paged``'s barrier)."""
+    dec = PagedDecoder(model, attention="xla")
+    g, state = nnx.split(dec)
+    caches = dec.init_cache(64, P)
+
+    def step(state, caches, tok_B1, table_BM, lens_B):
+        logits, _, caches = nnx.merge(g, state).forward(tok_B1, caches, table_BM, lens_B)
+        return logits, caches
+
+    args = (state, caches, jnp.ones((1, 1), jnp.int32), jnp.asarray([[3, 1, 7, 2]]),
+            jnp.asarray([5], jnp.int32))  # fmt: skip
+    hlo = jax.jit(step, donate_argnums=1).lower(*args).compile().as_text()
+    pool = f"f32[64,{P},{CFG.kv_lora_rank}]"
+    copies = [ln for ln in hlo.splitlines() if f"= {pool}" in ln and " copy(" in ln]
+    assert "dynamic-update-slice" in hlo and not copies, copies[:2]

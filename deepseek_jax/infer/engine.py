@@ -4,15 +4,17 @@ The engine is a host-side scheduler around three compiled programs (``programs.p
 Each ``step()``:
 1. admits waiting requests while the batch has room and the page pool can book their
    worst case (prompt + max_tokens); the rest wait in FIFO order;
-2. runs one prefill chunk of the oldest admitted request (at most ``prefill_chunk``
-   tokens, so a long prompt delays the running batch by one chunk per step), which on
-   its last chunk samples the first token and joins the running batch;
+2. runs one prefill program over the next chunk (at most ``prefill_chunk`` tokens, so a
+   long prompt delays the running batch by one chunk per step) of each of the oldest
+   ``prefill_rows`` admitted requests; a request's last chunk samples its first token
+   and it joins the running batch;
 3. runs one decode step for every running request (plain: one token; speculative: the
    MTP draft is verified, one or two tokens);
 4. retires requests that hit a stop token, ``max_tokens`` or a cancel, freeing pages.
 
 Shapes come from buckets (powers of two): batch rows up to ``max_batch``, page-table
-slots up to the context's pages, prefill chunk lengths up to ``prefill_chunk``; padding
+slots up to the context's pages, prefill rows up to ``prefill_rows`` and chunk lengths up
+to ``prefill_chunk``; padding
 rows point at the trash page. ``compilations`` counts traces per program, so a test can
 check that steady state compiles nothing. Thread safety: ``submit``/``cancel`` may be
 called from other threads; ``step`` runs in one thread.
@@ -101,6 +103,7 @@ class Engine:
         prefill_mesh: jax.sharding.Mesh | None = None,
         decode_mesh: jax.sharding.Mesh | None = None,
         attention: str = "auto",
+        prefill_rows: int = 1,
     ):
         """page_size, num_pages: the pool (page 0 is the trash page). max_batch: running +
         prefilling requests. prefill_chunk: prompt tokens per prefill call.
@@ -109,7 +112,12 @@ class Engine:
         prefill_mesh / decode_mesh: run prefill and decode on these meshes (``stage.py``),
         e.g. prefill expert-parallel over all devices and decode over a smaller group;
         a finished prefill's pages are handed from one pool to the other.
-        attention: ``PagedDecoder``'s (auto: the Pallas decode kernel on GPU)."""
+        attention: ``PagedDecoder``'s (auto: the Pallas decode kernel on GPU).
+        prefill_rows: requests whose chunks one prefill program carries (row buckets:
+        powers of two). Many requests arriving together then join the decode batch
+        together, after one wide program instead of one program each."""
+        if prefill_rows < 1:
+            raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
         cfg = model.cfg
         if speculative and not cfg.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers)")
@@ -131,6 +139,9 @@ class Engine:
                 f"batch_buckets {batch_buckets}: the decode mesh needs multiples of {shards}"
             )
         self.chunk_buckets = buckets(prefill_chunk, start=min(8, prefill_chunk))
+        self.prefill_rows = prefill_rows
+        ps = self.prefill.batch_shards
+        self.prefill_row_buckets = buckets(max(prefill_rows, ps), start=ps)
         self.compilations: collections.Counter[str] = collections.Counter()
         donate = dict(donate_argnums=(1,))
         g, pg = self.decode.graphdef, self.prefill.graphdef
@@ -225,7 +236,7 @@ class Engine:
         if not (self.prefilling or self.running):
             return False
         if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+            self._prefill_chunks(self.prefilling[: self.prefill_rows])
         if self.running:
             t0, n0 = time.perf_counter(), self.stats["generated_tokens"]
             self._decode_step()
@@ -272,36 +283,40 @@ class Engine:
         )
         return self._samp
 
-    def _prefill_chunk(self, req: Request) -> None:
-        start, n_prompt = req.prefilled, len(req.prompt)
-        n = min(self.prefill_chunk, n_prompt - start)
-        T = _fit(self.chunk_buckets, n)
-        R = self.prefill.batch_shards  # row 0 is the request; padding fills the mesh's rows
+    def _prefill_chunks(self, reqs: list[Request]) -> None:
+        starts = [r.prefilled for r in reqs]
+        ns = [min(self.prefill_chunk, len(r.prompt) - s) for r, s in zip(reqs, starts, strict=True)]
+        T = _fit(self.chunk_buckets, max(ns))
+        R = _fit(self.prefill_row_buckets, len(reqs))  # padding rows: the trash page
         ids, nxt = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
-        ids[0, :n] = req.prompt[start : start + n]
-        after = req.prompt[start + 1 : start + n + 1]
-        nxt[0, : len(after)] = after
-        req.lens_needed = start + n
-        table = self._table([req], R)
-        final = start + n == n_prompt
+        last, lens = np.zeros(R, np.int32), np.zeros(R, np.int32)
+        final = np.zeros(R, np.bool_)
+        for i, (req, start, n) in enumerate(zip(reqs, starts, ns, strict=True)):
+            ids[i, :n] = req.prompt[start : start + n]
+            after = req.prompt[start + 1 : start + n + 1]
+            nxt[i, : len(after)] = after
+            last[i], lens[i], final[i] = n - 1, start, start + n == len(req.prompt)
+            req.lens_needed = start + n
+        table = self._table(reqs, R)
         stage = self.prefill
         with stage.on():
             tok, draft, q, stage.caches = self._prefill(
-                stage.state, stage.caches, ids, nxt, np.int32(n - 1),
-                np.asarray([start] + [0] * (R - 1), np.int32), table, self._sampling([req], R),
-                np.bool_(final),
+                stage.state, stage.caches, ids, nxt, last, lens, table,
+                self._sampling(reqs, R), final,
             )  # fmt: skip
-        req.prefilled = req.lens = start + n
-        self.stats["prefill_tokens"] += n
-        if not final:
-            return
-        self.prefilling.remove(req)
-        if self.prefill is not self.decode:
-            hand_off(self.prefill, self.decode, table[0])
-        req.pending, req.draft = int(tok[0]), int(draft[0])
-        req.q = np.asarray(q[0]) if self.speculative else None
-        self.running.append(req)
-        self._emit(req, [req.pending])
+        tok, draft, q = np.asarray(tok), np.asarray(draft), np.asarray(q)
+        for i, (req, start, n) in enumerate(zip(reqs, starts, ns, strict=True)):
+            req.prefilled = req.lens = start + n
+            self.stats["prefill_tokens"] += n
+            if not final[i]:
+                continue
+            self.prefilling.remove(req)
+            if self.prefill is not self.decode:
+                hand_off(self.prefill, self.decode, table[i])
+            req.pending, req.draft = int(tok[i]), int(draft[i])
+            req.q = q[i] if self.speculative else None
+            self.running.append(req)
+            self._emit(req, [req.pending])
 
     def _decode_step(self) -> None:
         reqs = list(self.running)

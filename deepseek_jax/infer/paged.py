@@ -190,6 +190,10 @@ def mla_paged(
     wuk_CHN, wuv_CHO = jnp.split(_cast(w, "kv_b_proj", dt), [cfg.qk_nope_head_dim], axis=-1)
     with jax.named_scope("mla_cache_write"):
         cache = cache.write(*mla_latent_kv(w, x_BTD, cos_BTR, sin_BTR, cfg), table_BM, lens_B)
+        # The pool is written in place; without the barrier XLA:CPU fuses a one-row write
+        # (a dynamic-update-slice) into the gather below, which then reads the old pool,
+        # so it copies the whole pool first: per layer and step, O(pool), not O(tokens).
+        cache = jax.lax.optimization_barrier(cache)
     if keep_B is not None:
         x_BTD, positions_BT, cos_BTR, sin_BTR = (
             take_at(a, keep_B) for a in (x_BTD, positions_BT, cos_BTR, sin_BTR)

@@ -19,28 +19,27 @@ DRAFT_STREAM = 3  # the random stream of MTP drafts (0: tokens; 1, 2: verificati
 
 @backends.forward_only
 def prefill_chunk(
-    graphdef, state, caches, ids_RT, next_ids_RT, last, lens_R, table_RM, samp, final, *, mtp: bool
+    graphdef, state, caches, ids_RT, next_ids_RT, last_R, lens_R, table_RM, samp, final_R, *, mtp
 ):
-    """T prompt tokens of one request at positions ``lens_R ..`` (the first ``last + 1``
-    real), in row 0 of R rows (the others: padding through the trash page, so that the
-    rows split over a mesh's batch axis). Samples the token after position ``last`` (used
-    on the final chunk). With
-    ``mtp``, also runs the MTP layer over the chunk (its inputs: each position's hidden
-    state and the token after it, ``next_ids_RT``, the sampled token after the prompt's
-    last) and drafts the token after the sampled one.
+    """One prompt chunk of each of R requests: row r's tokens at positions ``lens_R[r] ..``
+    (the first ``last_R[r] + 1`` real; padding rows point at the trash page, and also
+    fill a mesh's batch axis). Samples each row's token after position ``last_R`` (used on
+    a request's final chunk, ``final_R``). With ``mtp``, also runs the MTP layer over the
+    chunk (its inputs: each position's hidden state and the token after it,
+    ``next_ids_RT``, on a final chunk the sampled token after the prompt's last) and
+    drafts the token after the sampled one.
 
     Returns (token [R], draft [R], draft distribution [R, V], caches); without ``mtp`` the
     draft is the token and the distribution is empty [R, 0].
     """
     dec = nnx.merge(graphdef, state)
-    last_R = jnp.full(ids_RT.shape[:1], last, jnp.int32)
     logits_R1V, h_RTD, caches = dec.forward(ids_RT, caches, table_RM, lens_R, head_at_B=last_R)
-    pos_R = lens_R + last + 1  # position of the sampled token
+    pos_R = lens_R + last_R + 1  # position of the sampled token
     tok_R, _ = sample(logits_R1V[:, 0], samp, pos_R)
     if not mtp:
         return tok_R, tok_R, jnp.zeros((tok_R.shape[0], 0), jnp.float32), caches
-    nxt_R = jnp.where(final, tok_R, next_ids_RT[:, last])
-    next_ids_RT = next_ids_RT.at[:, last].set(nxt_R)
+    at_last_RT = jnp.arange(ids_RT.shape[1])[None, :] == last_R[:, None]
+    next_ids_RT = jnp.where(at_last_RT & final_R[:, None], tok_R[:, None], next_ids_RT)
     dlogits_R1V, caches = dec.draft(h_RTD, next_ids_RT, caches, table_RM, lens_R, last_R)
     draft_R, q_RV = sample(dlogits_R1V[:, 0], samp, pos_R + 1, DRAFT_STREAM)
     return tok_R, draft_R, q_RV, caches
