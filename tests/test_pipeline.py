@@ -3,7 +3,6 @@ stage meshes, stage meshes run the unpipelined model too, training and its error
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -13,16 +12,14 @@ from flax import nnx
 
 from deepseek_jax.build import init_model
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.pipeline.executor import value_and_grad
-from deepseek_jax.pipeline.placement import Pipeline, layer_plan, pipeline_for
+from deepseek_jax.pipeline.placement import layer_plan, pipeline_for
 from deepseek_jax.pipeline.schedule import make_schedule
 from deepseek_jax.presets import get_preset
-from deepseek_jax.sharding import data_parallel_size, state_shardings
+from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.loss import total_loss
-from deepseek_jax.train.step import head_loss
 from experiments.train import main, parse_args
 from tests.layouts import spec
+from tests.pipeline_equal import SCHEDULES, check_equal, fewest_microbatches, layers_for
 
 TCFG = TrainConfig()
 
@@ -76,114 +73,17 @@ def test_odd_stage_count_refused_for_dualpipe():
         pipeline_for(get_preset("tiny", ["num_hidden_layers=6"]), tcfg, mesh)
 
 
-ROWS, T = 16, 8  # one global batch for every mesh: 16 sequences of 8 positions (+1 target)
-
-
-@functools.cache
-def _reference(layers: int):
-    """The unpipelined loss terms and gradient on one device, shared by every schedule and
-    mesh of this layer count; the parameters (on the host) and tokens they used."""
-    cfg = get_preset("tiny", [f"num_hidden_layers={layers}"])
-    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-    graphdef, params, rest = nnx.split(init_model(cfg, mesh, seed=1), nnx.Param, ...)
-    ids = jax.random.randint(jax.random.key(0), (ROWS, T + 1), 0, cfg.vocab_size)
-    with jax.set_mesh(mesh):
-        terms, grads = jax.jit(_unpipelined(graphdef))(params, rest, ids)
-    return cfg, graphdef, *jax.device_get((params, rest, ids, terms, grads))
-
-
-def _unpipelined(graphdef):
-    def ref(params, rest, ids):
-        def loss_fn(p):
-            out = nnx.merge(graphdef, p, rest, copy=True)(ids[:, :-1])
-            return total_loss(out, ids, TCFG)
-
-        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return terms, grads
-
-    return ref
-
-
-@functools.cache
-def _reference_on(mesh_shape: tuple[int, int, int], layers: int, rows: int):
-    """The same on a stage mesh (which exercises the gathered layer stacks), for the wider
-    slow cases."""
-    stage, node, gpu = mesh_shape
-    cfg, graphdef, params, rest, _, _, _ = _reference(layers)
-    mesh = make_mesh(node, gpu, stage=stage)
-    params, rest = _placed(mesh, params, rest)
-    ids = jax.random.randint(jax.random.key(0), (rows, T + 1), 0, cfg.vocab_size)
-    with jax.set_mesh(mesh):
-        ids = jax.device_put(ids, spec("batch", None))
-        terms, grads = jax.jit(_unpipelined(graphdef))(params, rest, ids)
-    return ids, terms, grads
-
-
-def _placed(mesh, *states):
-    return tuple(jax.device_put(s, state_shardings(s, mesh)) for s in states)
-
-
-def _check_equal(name, mesh_shape, layers, m, *, same_mesh: bool = False):
-    """Pipelined loss terms, gradients and MoE loads against the unpipelined model's."""
-    stage, node, gpu = mesh_shape
-    cfg, graphdef, params, rest, ids, want_terms, want = _reference(layers)
-    mesh = make_mesh(node, gpu, stage=stage)
-    params, rest = _placed(mesh, params, rest)
-    if same_mesh:
-        ids, want_terms, want = _reference_on(mesh_shape, layers, m * node * gpu)
-    pipe = Pipeline.build(cfg, name, stage, m)
-    step = functools.partial(head_loss, TCFG)
-    with jax.set_mesh(mesh):
-        ids = jax.device_put(ids, spec("batch", None))
-        fn = jax.jit(
-            lambda p, r, i: value_and_grad(pipe, graphdef, p, r, i, step, TCFG.balance_alpha)
-        )
-        terms, grads, moe, mtp = fn(params, rest, ids)
-    for k, v in want_terms.items():
-        np.testing.assert_allclose(terms[k], v, rtol=2e-6, err_msg=k)
-    rel = jax.tree.map(
-        lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), grads, want
-    )
-    worst = max(jax.tree_util.tree_leaves_with_path(rel), key=lambda kv: kv[1])
-    assert worst[1] < 1e-5, worst
-    assert moe[0].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
-    tokens = ids.shape[0] * (ids.shape[1] - 1) * cfg.num_experts_per_tok
-    np.testing.assert_allclose(moe[0].sum(-1), tokens)  # every micro-batch's load, once
-    np.testing.assert_allclose(mtp.load_LE.sum(-1), tokens)
-
-
-def _layers(name: str, stage: int) -> int:
-    """An uneven split everywhere, the dense first layer on stage 0: tiny's 3 layers over 2
-    stages (2 + 1), 5 over 4 stages or DualPipeV's 4 chunks, 9 over DualPipeV's 8 chunks."""
-    chunks = stage * (2 if name == "dualpipev" else 1)
-    return {2: 3, 4: 5, 8: 9}[chunks]
-
-
-MESHES = [(2, 2, 2), (4, 1, 2), (2, 1, 4)]
-SCHEDULES = ["1f1b", "zb1p", "dualpipe", "dualpipev"]
-
-
-@pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("mesh_shape", MESHES)
-def test_every_schedule_equals_unpipelined(name, mesh_shape):
-    """Every schedule on every mesh at the fewest micro-batches it takes (the warm-up and
-    cool-down phases are the whole table then), each with an uneven layer split."""
-    stage = mesh_shape[0]
-    m = 2 * stage if name.startswith("dualpipe") else stage
-    _check_equal(name, mesh_shape, _layers(name, stage), m)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("mesh_shape", MESHES)
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)])
 def test_every_schedule_equals_unpipelined_wide(name, mesh_shape):
-    """The same with a steady phase (twice the fewest micro-batches for 1F1B and ZB1P, 4 PP
-    for DualPipe), two MoE layers per chunk on 4 stages, against the unpipelined model on
-    the same stage mesh."""
+    """Beyond the fast cases (tests/test_pipeline_equal*.py): a steady phase (twice the
+    fewest micro-batches), two MoE layers per chunk on 4 stages, against the unpipelined
+    model on the same stage mesh."""
     stage = mesh_shape[0]
-    m = 4 * stage if name.startswith("dualpipe") else 2 * stage
-    layers = 9 if stage == 4 else _layers(name, stage)
-    _check_equal(name, mesh_shape, layers, m, same_mesh=True)
+    m = 2 * fewest_microbatches(name, stage)
+    layers = 9 if stage == 4 else layers_for(name, stage)
+    check_equal(name, mesh_shape, layers, m, same_mesh=True)
 
 
 def _train_losses(out) -> list[float]:

@@ -172,9 +172,11 @@ def value_and_grad(
             last = last_c[stage, c]
             if masked:
                 return jax.tree.map(lambda a: jnp.where(last, a, 0), seeded(h))
+
             def none(h):  # gradients typed (sharded) like what they differentiate
                 terms, mtp, _, _ = jax.eval_shape(seeded, h)
-                return zeros(terms), zeros(mtp), jax.tree.map(jnp.zeros_like, shp), jnp.zeros_like(h)
+                gsh = jax.tree.map(jnp.zeros_like, shp)
+                return zeros(terms), zeros(mtp), gsh, jnp.zeros_like(h)
 
             return jax.lax.cond(last, seeded, none, h)
 
@@ -315,6 +317,10 @@ def value_and_grad(
             got_dx = send("grad", carry["pend_dx"])
             acc, y = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
             carry |= keep_where(has["F"], acc, carry)
+            # The gradients' transfer completes before the activations' starts: else XLA
+            # combines two permutes of the same pairs into one, which waits for y, and the
+            # forward half leaves the gradients' window (seen in the GPU compile).
+            y, got_dx = jax.lax.optimization_barrier((y, got_dx))
             for ch, val in got_dx.items():
                 carry["dys"] = deliver(carry["dys"], row, ch, val, prefix="prev_")
             got_y = send("act", y)
