@@ -185,6 +185,7 @@ def value_and_grad(
             "dys": dys,
             "g_p": jax.tree.map(jnp.zeros_like, sp),
             "g_sh": jax.tree.map(jnp.zeros_like, shp),
+            "g_head": jax.tree.map(jnp.zeros_like, shp),  # the head's share, made in F
         }
         inv_m = jnp.asarray(1.0 / m, jnp.float32)
         (_, _), (_, stats0) = jax.eval_shape(lambda: chunk(take(sp, 0), shp, xin[0, 0], ids[0], 0))
@@ -209,9 +210,8 @@ def value_and_grad(
             carry["terms"] = jax.tree.map(add, carry["terms"], terms)
             carry["stats"] = add_at(carry["stats"], c, stats)
             carry["mtp"] = jax.tree.map(add, carry["mtp"], mtp)
-            carry["g_sh"] = jax.tree.map(add, carry["g_sh"], gsh)
-            carry["dys"] = write(carry["dys"], last_c[stage, c], c, mb, dy)  # B's seed
-            return carry, y
+            carry["g_head"] = jax.tree.map(add, carry["g_head"], gsh)
+            return carry, y, dy  # dy: the seed of this chunk's B, stored after the tick's B
 
         def run_b(carry, xin, dys, row, *, grad_x: bool, grad_w: bool):
             c, mb = row["b_c"], row["b_mb"]
@@ -236,7 +236,7 @@ def value_and_grad(
         # runs without the switch instead (``paired_tick``, see pairing.py).
         def f_half(kind, masked=False):
             def run(acc, xin, row):
-                return run_f(acc, xin, row, masked) if "F" in KINDS[kind] else (acc, blank)
+                return run_f(acc, xin, row, masked) if "F" in KINDS[kind] else (acc, blank, blank)
 
             return run
 
@@ -259,7 +259,7 @@ def value_and_grad(
             )
             return [make(k) for k in ks], index
 
-        acc_f = ("terms", "stats", "mtp", "g_sh", "dys")
+        acc_f = ("terms", "stats", "mtp", "g_head")  # apart from B's inputs and outputs
         acc_b = ("g_p", "g_sh")
 
         perms = {
@@ -315,17 +315,21 @@ def value_and_grad(
             has = {ph: True if on is None else on[ph][row["kind"]] for ph in "FBW"}
             carry = dict(carry)
             got_dx = send("grad", carry["pend_dx"])
-            acc, y = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
+            acc, y, seed = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
             carry |= keep_where(has["F"], acc, carry)
-            # The gradients' transfer completes before the activations' starts: else XLA
-            # combines two permutes of the same pairs into one, which waits for y, and the
-            # forward half leaves the gradients' window (seen in the GPU compile).
-            y, got_dx = jax.lax.optimization_barrier((y, got_dx))
             for ch, val in got_dx.items():
                 carry["dys"] = deliver(carry["dys"], row, ch, val, prefix="prev_")
+            # The activations' transfer starts after the gradients' completes: else XLA
+            # combines two permutes of the same pairs into one, which waits for y, and the
+            # forward half leaves the gradients' window (seen in the GPU compile). Nothing
+            # the backward half reads depends on the forward half.
+            y, _ = jax.lax.optimization_barrier((y, got_dx))
             got_y = send("act", y)
             acc, dx = b_run({k: carry[k] for k in acc_b}, carry["xin"], carry["dys"], row)
             carry |= keep_where(has["W"], acc, carry)
+            f_c, f_mb = row["f_c"], row["f_mb"]
+            seeded = masks["F"][row["kind"]] & last_c[stage, f_c]
+            carry["dys"] = write(carry["dys"], seeded, f_c, f_mb, seed)
             for ch, val in got_y.items():
                 carry["xin"] = deliver(carry["xin"], row, ch, val)
             carry["pend_dx"] = jnp.where(has["B"], dx, blank)
@@ -360,7 +364,7 @@ def value_and_grad(
         return (
             out_terms,
             expand(carry["g_p"]),
-            total(carry["g_sh"]),
+            total(jax.tree.map(lambda a, b: a + b, carry["g_sh"], carry["g_head"])),
             expand(carry["stats"]),
             total(carry["mtp"]),
         )
