@@ -75,7 +75,9 @@ def test_odd_stage_count_refused_for_dualpipe():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)])
+@pytest.mark.parametrize(
+    "mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)], ids=["2x2x2", "4x1x2", "2x1x4"]
+)
 def test_every_schedule_equals_unpipelined_wide(name, mesh_shape):
     """Beyond the fast cases (tests/test_pipeline_equal*.py): a steady phase (twice the
     fewest micro-batches), two MoE layers per chunk on 4 stages, against the unpipelined
