@@ -3,7 +3,6 @@ stage meshes, stage meshes run the unpipelined model too, training and its error
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -13,16 +12,14 @@ from flax import nnx
 
 from deepseek_jax.build import init_model
 from deepseek_jax.mesh import make_mesh
-from deepseek_jax.pipeline.executor import value_and_grad
-from deepseek_jax.pipeline.placement import Pipeline, layer_plan, pipeline_for
+from deepseek_jax.pipeline.placement import layer_plan, pipeline_for
 from deepseek_jax.pipeline.schedule import make_schedule
 from deepseek_jax.presets import get_preset
 from deepseek_jax.sharding import data_parallel_size
 from deepseek_jax.train.config import TrainConfig
-from deepseek_jax.train.loss import total_loss
-from deepseek_jax.train.step import head_loss
 from experiments.train import main, parse_args
 from tests.layouts import spec
+from tests.pipeline_equal import SCHEDULES, check_equal, fewest_microbatches, layers_for
 
 TCFG = TrainConfig()
 
@@ -76,66 +73,19 @@ def test_odd_stage_count_refused_for_dualpipe():
         pipeline_for(get_preset("tiny", ["num_hidden_layers=6"]), tcfg, mesh)
 
 
-@functools.cache
-def _reference(mesh_shape: tuple[int, int, int], overrides: tuple[str, ...], m: int):
-    """The unpipelined loss terms and gradient on the same stage mesh (which exercises the
-    gathered layer stacks), shared by every schedule on that mesh."""
-    stage, node, gpu = mesh_shape
-    cfg = get_preset("tiny", list(overrides))
-    mesh = make_mesh(node, gpu, stage=stage)
-    graphdef, params, rest = nnx.split(init_model(cfg, mesh, seed=1), nnx.Param, ...)
-    ids = jax.random.randint(jax.random.key(0), (m * node * gpu, 9), 0, cfg.vocab_size)
-    with jax.set_mesh(mesh):
-        ids = jax.device_put(ids, spec("batch", None))
-
-        def ref(params, ids):
-            def loss_fn(p):
-                out = nnx.merge(graphdef, p, rest, copy=True)(ids[:, :-1])
-                return total_loss(out, ids, TCFG)
-
-            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            return terms, grads
-
-        terms, grads = jax.jit(ref)(params, ids)
-    return cfg, mesh, graphdef, params, rest, ids, terms, grads
-
-
-def _check_equal(name, mesh_shape, overrides, m):
-    cfg, mesh, graphdef, params, rest, ids, want_terms, want = _reference(mesh_shape, overrides, m)
-    pipe = Pipeline.build(cfg, name, mesh_shape[0], m)
-    step = functools.partial(head_loss, TCFG)
-    with jax.set_mesh(mesh):
-        fn = jax.jit(
-            lambda p, i: value_and_grad(pipe, graphdef, p, rest, i, step, TCFG.balance_alpha)
-        )
-        terms, grads, moe, mtp = fn(params, ids)
-    for k, v in want_terms.items():
-        np.testing.assert_allclose(terms[k], v, rtol=2e-6, err_msg=k)
-    rel = jax.tree.map(
-        lambda a, b: float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), grads, want
-    )
-    worst = max(jax.tree_util.tree_leaves_with_path(rel), key=lambda kv: kv[1])
-    assert worst[1] < 1e-5, worst
-    assert moe[0].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
-    tokens = ids.shape[0] * (ids.shape[1] - 1) * cfg.num_experts_per_tok
-    np.testing.assert_allclose(moe[0].sum(-1), tokens)  # every micro-batch's load, once
-    np.testing.assert_allclose(mtp.load_LE.sum(-1), tokens)
-
-
-def test_1f1b_equals_unpipelined():
-    """tiny's 3 layers over 2 stages: 2 + 1, the dense layer on stage 0."""
-    _check_equal("1f1b", (2, 2, 2), (), 2)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)])
-def test_every_schedule_equals_unpipelined(name, mesh_shape):
-    """Every schedule on every mesh, each with an uneven split: tiny's 3 layers over 2
-    stages, 5 over DualPipeV's 4 chunks, 9 over 4 stages (or 8 chunks)."""
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize(
+    "mesh_shape", [(2, 2, 2), (4, 1, 2), (2, 1, 4)], ids=["2x2x2", "4x1x2", "2x1x4"]
+)
+def test_every_schedule_equals_unpipelined_wide(name, mesh_shape):
+    """Beyond the fast cases (tests/test_pipeline_equal*.py): a steady phase (twice the
+    fewest micro-batches), two MoE layers per chunk on 4 stages, against the unpipelined
+    model on the same stage mesh."""
     stage = mesh_shape[0]
-    layers = 9 if stage == 4 else 5 if name == "dualpipev" else 3
-    _check_equal(name, mesh_shape, (f"num_hidden_layers={layers}",), 2 * stage)
+    m = 2 * fewest_microbatches(name, stage)
+    layers = 9 if stage == 4 else layers_for(name, stage)
+    check_equal(name, mesh_shape, layers, m, same_mesh=True)
 
 
 def _train_losses(out) -> list[float]:
@@ -149,6 +99,19 @@ def _train_losses(out) -> list[float]:
 QUICK = ["--preset", "tiny", "--batch-size", "8", "--seq-len", "16", "--no-progress"]
 QUICK += ["--sample-tokens", "0", "--eval-every", "1000", "--ckpt-every", "1000"]
 PIPELINED = ["--mesh", "stage=2,node=2,gpu=2", "--pipeline", "1f1b", "--microbatches", "2"]
+
+
+def test_pipelined_training_logs_the_same_losses(tmp_path):
+    """5 steps of 1F1B over 2 stages (tiny at 2 layers, one per stage) log the unpipelined
+    run's losses to 1e-5 relative."""
+    runs = {}
+    for name, mesh in (("plain", ["--mesh", "node=2,gpu=4"]), ("piped", PIPELINED)):
+        runs[name] = tmp_path / name
+        argv = [*QUICK, "--steps", "5", *mesh, "--out", str(runs[name]), "num_hidden_layers=2"]
+        assert main(argv) == 0
+    want, got = _train_losses(runs["plain"]), _train_losses(runs["piped"])
+    assert len(want) == len(got) == 5
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.slow

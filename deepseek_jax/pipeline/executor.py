@@ -10,7 +10,10 @@ parameters is the same gather taking each layer twice; the gather's transpose su
 copies' gradients, and drops the padding's. Embedding, final norm, head and MTP modules
 are passed to every stage whole; the first hop embeds, the last hop runs the head and MTP
 (which reuse the embedding and head): each stage's share of those shared gradients is
-summed over stages explicitly (``psum``), which is the tied-weights all-reduce.
+summed over stages explicitly (``psum``), which is the tied-weights all-reduce. The head
+runs forward and backward right after the last hop's F (its weight gradient then, its
+output gradient stored as the seed of that chunk's B), so no B or W recomputes it and the
+head is compiled once per tick body, not once per slot kind.
 
 Each tick every stage runs its slot of the table in two halves (each a ``lax.switch`` on the
 slot's kind: F, B, W, full backward, or DualPipe's F&B pair): the forward half, then the
@@ -22,7 +25,9 @@ during its backward half, and last tick's input gradients during this tick's for
 half's whole switch, which is empty on a stage whose slot has no such half (every slot of
 1F1B and ZB1P holds one phase). A tick with DualPipe's F&B pair on some stage runs without
 the switches (``pairing.py``): the pair's forward and backward, two micro-batches, are one
-computation, so each one's all-to-alls can sit beside the other's compute. A
+computation (the head and MTP masked, not a ``cond``), so each one's all-to-alls can sit
+beside the other's compute. One scan runs every tick, switching on the tick's mode, so
+each tick body is compiled once. With 2 stages, down and up go as one swap permute. A
 forward stores its input; B and W recompute the chunk under ``jax.vjp`` (B: input gradient
 only, W: weight gradient only, as the zero-bubble split needs), so nothing but the stored
 inputs and output gradients crosses ticks. Simplified: every micro-batch's input and output
@@ -47,32 +52,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import deepseek_jax.sharding as sharding
-from deepseek_jax.pipeline.pairing import KINDS, phase_masks, runs
+from deepseek_jax.pipeline.buffers import add_at, keep_where, like, per_layer, take, write
+from deepseek_jax.pipeline.pairing import KINDS, paired_kind, phase_masks
 from deepseek_jax.pipeline.placement import (
-    LayerPlan,
     Pipeline,
     microbatches,
     split_layers,
     tick_tables,
     to_stages,
 )
-
-
-def _take(tree, c):
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False), tree)
-
-
-def _add_at(tree, c, delta):
-    def one(acc, d):
-        cur = jax.lax.dynamic_index_in_dim(acc, c, 0, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(acc, cur + d.astype(acc.dtype), c, 0)
-
-    return jax.tree.map(one, tree, delta)
-
-
-def _write(buf, on, c, mb, val):
-    """buf[c, mb] = val where ``on``; a received transfer lands in its (chunk, micro-batch)."""
-    return buf.at[c, mb].set(jnp.where(on, val.astype(buf.dtype), buf[c, mb]))
 
 
 def _layer(stack: nnx.Module, k: int) -> nnx.Module:
@@ -135,9 +123,15 @@ def value_and_grad(
         sp, sr = jax.tree.map(lambda a: a[0], (sp, sr))
         dvalid, mvalid = dense_valid[stage], moe_valid[stage]
 
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+
+        def merged(p_c, sh_p, c):
+            r_c = take(sr, c)
+            return nnx.merge(graphdef, nnx.State({**sh_p, **p_c}), nnx.State({**shr, **r_c}))
+
         def chunk(p_c, sh_p, x_in, ids_BT1, c):
-            r_c = _take(sr, c)
-            model = nnx.merge(graphdef, nnx.State({**sh_p, **p_c}), nnx.State({**shr, **r_c}))
+            """The chunk's layers: (output, weighted balance loss), (balance, MoE stats)."""
+            model = merged(p_c, sh_p, c)
             ids_BT = ids_BT1[:, :-1]
             pos_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
             emb = model.embed_tokens(ids_BT).astype(x_in.dtype)
@@ -155,25 +149,48 @@ def value_and_grad(
                     loads.append(jnp.where(v, st.load_E, 0.0))
                     bals.append(jnp.where(v, st.balance_loss, 0.0))
                     drops.append(jnp.where(v, st.dropped, 0))
-            head = lambda h: head_loss(model, h, ids_BT1)  # noqa: E731
-            shapes = jax.eval_shape(head, x)
-            none = lambda h: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
-            h_loss, h_terms, mtp = jax.lax.cond(last_c[stage, c], head, none, x)
             moe_bal = sum(bals, jnp.zeros((), jnp.float32))
-            loss = balance_alpha * moe_bal + h_loss
-            terms = {**h_terms, "balance": h_terms["balance"] + moe_bal, "loss": loss}
             stats = tuple(jnp.stack(a) for a in (loads, bals, drops)) if loads else ()
-            return (x, loss), (terms, stats, mtp)
+            return (x, balance_alpha * moe_bal), (moe_bal, stats)
+
+        def head(h, ids_BT1, c, masked):
+            """The last hop's head and MTP, forward and backward at once: (loss terms, MTP
+            stats, shared-weight gradient, the output gradient that seeds the chunk's B),
+            zeros where chunk ``c`` is not the last hop (masked in a paired tick, beside the
+            other micro-batch's work; else a cond)."""
+            p_c = take(sp, c)
+
+            def seeded(h):
+                def f(sh, h):
+                    loss, terms, mtp = head_loss(merged(p_c, sh, c), h, ids_BT1)
+                    return loss, ({**terms, "loss": loss}, mtp)
+
+                _, vjp, (terms, mtp) = jax.vjp(f, shp, h, has_aux=True)
+                gsh, dh = vjp(inv_m)
+                return terms, mtp, gsh, dh.astype(h.dtype)
+
+            last = last_c[stage, c]
+            if masked:
+                return jax.tree.map(lambda a: jnp.where(last, a, 0), seeded(h))
+
+            def none(h):  # gradients typed (sharded) like what they differentiate
+                terms, mtp, _, _ = jax.eval_shape(seeded, h)
+                gsh = jax.tree.map(jnp.zeros_like, shp)
+                return zeros(terms), zeros(mtp), gsh, jnp.zeros_like(h)
+
+            return jax.lax.cond(last, seeded, none, h)
 
         carry0 = {
             "xin": xin,
             "dys": dys,
             "g_p": jax.tree.map(jnp.zeros_like, sp),
             "g_sh": jax.tree.map(jnp.zeros_like, shp),
+            "g_head": jax.tree.map(jnp.zeros_like, shp),  # the head's share, made in F
         }
-        (_, _), aux0 = jax.eval_shape(lambda: chunk(_take(sp, 0), shp, xin[0, 0], ids[0], 0))
+        inv_m = jnp.asarray(1.0 / m, jnp.float32)
+        (_, _), (_, stats0) = jax.eval_shape(lambda: chunk(take(sp, 0), shp, xin[0, 0], ids[0], 0))
+        terms0, mtp0, _, _ = jax.eval_shape(lambda: head(xin[0, 0], ids[0], 0, True))
         zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
-        terms0, stats0, mtp0 = aux0
         carry0["terms"] = zeros(terms0)
         carry0["stats"] = zeros(
             jax.tree.map(lambda s: jax.ShapeDtypeStruct((sched.chunks, *s.shape), s.dtype), stats0)
@@ -181,20 +198,24 @@ def value_and_grad(
         carry0["mtp"] = zeros(mtp0)
         blank = jnp.zeros_like(xin[0, 0])
         carry0["pend_dx"] = blank  # the input gradient made last tick, delivered this tick
-        inv_m = jnp.asarray(1.0 / m, jnp.float32)
 
-        def run_f(carry, xin, row):
+        def run_f(carry, xin, row, masked=False):
             c, mb = row["f_c"], row["f_mb"]
-            (y, _), (terms, stats, mtp) = chunk(_take(sp, c), shp, xin[c, mb], ids[mb], c)
+            (y, _), (moe_bal, stats) = chunk(take(sp, c), shp, xin[c, mb], ids[mb], c)
+            terms, mtp, gsh, dy = head(y, ids[mb], c, masked)
+            terms = {**terms, "balance": terms["balance"] + moe_bal}
+            terms["loss"] = terms["loss"] + balance_alpha * moe_bal
             carry = dict(carry)
-            carry["terms"] = jax.tree.map(lambda a, b: a + b, carry["terms"], terms)
-            carry["stats"] = _add_at(carry["stats"], c, stats)
-            carry["mtp"] = jax.tree.map(lambda a, b: a + b, carry["mtp"], mtp)
-            return carry, y
+            add = lambda a, b: a + b  # noqa: E731
+            carry["terms"] = jax.tree.map(add, carry["terms"], terms)
+            carry["stats"] = add_at(carry["stats"], c, stats)
+            carry["mtp"] = jax.tree.map(add, carry["mtp"], mtp)
+            carry["g_head"] = jax.tree.map(add, carry["g_head"], gsh)
+            return carry, y, dy  # dy: the seed of this chunk's B, stored after the tick's B
 
         def run_b(carry, xin, dys, row, *, grad_x: bool, grad_w: bool):
             c, mb = row["b_c"], row["b_mb"]
-            x_in, dy, p_c = xin[c, mb], dys[c, mb], _take(sp, c)
+            x_in, dy, p_c = xin[c, mb], dys[c, mb], take(sp, c)
             f = lambda p, sh, x: chunk(p, sh, x, ids[mb], c)[0]  # noqa: E731
             cot = (dy, inv_m)
             carry = dict(carry)
@@ -202,7 +223,7 @@ def value_and_grad(
             if grad_w:
                 _, vjp = jax.vjp(f, p_c, shp, x_in)
                 gp, gsh, dx_ = vjp(cot)
-                carry["g_p"] = _add_at(carry["g_p"], c, gp)
+                carry["g_p"] = add_at(carry["g_p"], c, gp)
                 carry["g_sh"] = jax.tree.map(lambda a, b: a + b, carry["g_sh"], gsh)
                 dx = dx_ if grad_x else blank
             elif grad_x:
@@ -213,9 +234,9 @@ def value_and_grad(
         # A slot runs as two halves, each a switch over the slot kinds present: its forward
         # (kinds F, FB, FBW) and its backward (B, W, BW, FB, FBW). A tick holding an F&B pair
         # runs without the switch instead (``paired_tick``, see pairing.py).
-        def f_half(kind):
+        def f_half(kind, masked=False):
             def run(acc, xin, row):
-                return run_f(acc, xin, row) if "F" in KINDS[kind] else (acc, blank)
+                return run_f(acc, xin, row, masked) if "F" in KINDS[kind] else (acc, blank, blank)
 
             return run
 
@@ -225,7 +246,8 @@ def value_and_grad(
             def run(acc, xin, dys, row):
                 if not phases or not kind:
                     return acc, blank
-                return run_b(acc, xin, dys, row, grad_x="B" in phases, grad_w="W" in phases)
+                grads = {"grad_x": "B" in phases, "grad_w": "W" in phases}
+                return run_b(acc, xin, dys, row, **grads)
 
             return run
 
@@ -237,23 +259,33 @@ def value_and_grad(
             )
             return [make(k) for k in ks], index
 
-        acc_f = ("terms", "stats", "mtp")
+        acc_f = ("terms", "stats", "mtp", "g_head")  # apart from B's inputs and outputs
         acc_b = ("g_p", "g_sh")
 
-        def send(ch, val):
-            way = ch.split("_")[1]
-            if way == "self":
-                return val
-            perm = (
-                [(s, s + 1) for s in range(sched.pp - 1)]
-                if way == "down"
-                else [(s, s - 1) for s in range(1, sched.pp)]
-            )
-            return jax.lax.ppermute(val, stage_axes, perm)
+        perms = {
+            "down": [(s, s + 1) for s in range(sched.pp - 1)],
+            "up": [(s, s - 1) for s in range(1, sched.pp)],
+        }
+
+        def send(prefix, val):
+            """``val`` over every used channel of ``prefix`` (act, grad): received values by
+            channel. Down and up go as one permute where together they are a permutation
+            (2 stages: a swap), so that a switched tick's window holds one transfer."""
+            chans = [ch for ch in used if ch.startswith(prefix)]
+            out = {ch: val for ch in chans if ch.endswith("self")}
+            ways = [ch for ch in chans if not ch.endswith("self")]
+            pairs = [pr for ch in ways for pr in perms[ch.split("_")[1]]]
+            if len(ways) > 1 and len(set(pairs)) == len({a for a, _ in pairs}) == len(
+                {b for _, b in pairs}
+            ):
+                got = jax.lax.ppermute(val, stage_axes, pairs)  # each receiver has one source
+                return out | dict.fromkeys(ways, got)
+            ppermute = lambda ch: jax.lax.ppermute(val, stage_axes, perms[ch.split("_")[1]])  # noqa: E731
+            return out | {ch: ppermute(ch) for ch in ways}
 
         def deliver(buf, row, ch, val, prefix=""):
             on, c, mb = (row[f"{prefix}{ch}_{k}"] for k in ("on", "c", "mb"))
-            return _write(buf, on > 0, c, mb, val)
+            return write(buf, on > 0, c, mb, val)
 
         def switched_tick(present):
             f_branches, f_index = halves(f_half, lambda k: "F" in k, present)
@@ -270,7 +302,7 @@ def value_and_grad(
 
         def paired_tick(kind):
             """One computation for every stage: the pair's phases, masked per slot."""
-            return functools.partial(tick, f_half(kind), b_half(kind), masks)
+            return functools.partial(tick, f_half(kind, True), b_half(kind), masks)
 
         def tick(f_run, b_run, on, carry, tab):
             """Double-buffered transfers: the last tick's input gradients travel beside this
@@ -282,34 +314,57 @@ def value_and_grad(
             row = {k: v[stage] for k, v in tab.items()}
             has = {ph: True if on is None else on[ph][row["kind"]] for ph in "FBW"}
             carry = dict(carry)
-            got_dx = {ch: send(ch, carry["pend_dx"]) for ch in used if ch.startswith("grad")}
-            acc, y = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
-            carry |= _keep(has["F"], acc, carry)
+            got_dx = send("grad", carry["pend_dx"])
+            acc, y, seed = f_run({k: carry[k] for k in acc_f}, carry["xin"], row)
+            carry |= keep_where(has["F"], acc, carry)
             for ch, val in got_dx.items():
                 carry["dys"] = deliver(carry["dys"], row, ch, val, prefix="prev_")
-            got_y = {ch: send(ch, y) for ch in used if ch.startswith("act")}
+            # The activations' transfer starts after the gradients' completes: else XLA
+            # combines two permutes of the same pairs into one, which waits for y, and the
+            # forward half leaves the gradients' window (seen in the GPU compile). Nothing
+            # the backward half reads depends on the forward half.
+            y, _ = jax.lax.optimization_barrier((y, got_dx))
+            got_y = send("act", y)
             acc, dx = b_run({k: carry[k] for k in acc_b}, carry["xin"], carry["dys"], row)
-            carry |= _keep(has["W"], acc, carry)
+            carry |= keep_where(has["W"], acc, carry)
+            f_c, f_mb = row["f_c"], row["f_mb"]
+            seeded = masks["F"][row["kind"]] & last_c[stage, f_c]
+            carry["dys"] = write(carry["dys"], seeded, f_c, f_mb, seed)
             for ch, val in got_y.items():
                 carry["xin"] = deliver(carry["xin"], row, ch, val)
             carry["pend_dx"] = jnp.where(has["B"], dx, blank)
             return carry, None
 
+        # One scan over every tick; a tick's mode (switched, or the paired kind) picks its
+        # body, so each body is compiled once however often the modes alternate.
         masks = {ph: jnp.asarray(v) for ph, v in phase_masks().items()}
-        spans = runs(tables_np["kind"]) if pipe.paired else [(0, len(tables_np["kind"]), 0)]
-        for start, stop, mode in spans:
-            seg = jax.tree.map(lambda a: a[start:stop], tables)  # noqa: B023
-            present = {int(k) for k in np.unique(tables_np["kind"][start:stop])}
-            body = paired_tick(mode) if mode else switched_tick(present)
-            carry0, _ = jax.lax.scan(body, carry0, seg)
-        carry = carry0
+        kind_TS = tables_np["kind"]
+        modes = [paired_kind(row) if pipe.paired else 0 for row in kind_TS]
+        distinct = sorted(set(modes))
+        bodies = []
+        for mode in distinct:
+            present = {int(k) for t, row in enumerate(kind_TS) if modes[t] == mode for k in row}
+            bodies.append(paired_tick(mode) if mode else switched_tick(present))
+        xs = tables
+        if len(bodies) == 1:
+            loop_body = bodies[0]
+        else:
+            mode_T = jnp.asarray([distinct.index(mode) for mode in modes], jnp.int32)
+            xs = {**tables, "mode": mode_T}
+
+            def loop_body(carry, tab):
+                tab = dict(tab)
+                mode = tab.pop("mode")  # the same on every stage: all take one branch
+                return jax.lax.switch(mode, bodies, carry, tab)
+
+        carry, _ = jax.lax.scan(loop_body, carry0, xs)
         total = lambda t: jax.lax.psum(t, stage_axes)  # noqa: E731
         out_terms = jax.tree.map(lambda a: total(a) / m, carry["terms"])
         expand = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
         return (
             out_terms,
             expand(carry["g_p"]),
-            total(carry["g_sh"]),
+            total(jax.tree.map(lambda a, b: a + b, carry["g_sh"], carry["g_head"])),
             expand(carry["stats"]),
             total(carry["mtp"]),
         )
@@ -327,36 +382,5 @@ def value_and_grad(
         stage_p, stage_r, shared_p, shared_r, ids, zeros_buf, zeros_buf
     )
     (g_layers,) = gather_vjp(g_stage)
-    grads = _like(params, {**g_shared, **g_layers})
-    return terms, grads, _per_layer(stats, plan, m), mtp
-
-
-def _keep(on, new: dict, old: dict) -> dict:
-    """``new`` where ``on`` (a traced bool or True), else ``old``'s entries of the same keys."""
-    if on is True:
-        return new
-    return {k: jax.tree.map(lambda a, b: jnp.where(on, a, b), v, old[k]) for k, v in new.items()}
-
-
-def _like(ref: nnx.State, tree) -> nnx.State:
-    """``tree``'s leaves in ``ref``'s structure, matched by key path (the vjp of the gather
-    returns plain dicts where ``ref`` has States)."""
-    key = lambda path: jax.tree_util.keystr(path).replace(".value", "")  # noqa: E731
-    by_path = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(ref)
-    return jax.tree.unflatten(treedef, [by_path[key(p)] for p, _ in paths])
-
-
-def _per_layer(stats, plan: LayerPlan, m: int):
-    """[PP, C, Km, ...] per-chunk MoE statistics -> [Lm, ...] per layer of the main stack."""
-    if not stats:
-        return None
-    n_layers = int(plan.moe_idx[plan.moe_valid].max()) + 1
-    idx, valid = plan.moe_idx[plan.moe_valid], plan.moe_valid
-
-    def one(a):
-        picked = sharding.relayout_dim(a, 0, None)[valid]
-        return jnp.zeros((n_layers, *a.shape[3:]), a.dtype).at[idx].add(picked)
-
-    load, bal, drop = (one(s) for s in stats)
-    return load, bal / m, drop
+    grads = like(params, {**g_shared, **g_layers})
+    return terms, grads, per_layer(stats, plan, m), mtp
