@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
@@ -100,20 +101,20 @@ def can_split(moe: MoE, batch: int) -> bool:
 
 def dual_block(block, x_BTD: Float[Array, "B T D"], positions_BT: Int[Array, "B T"]):
     """``block`` (a MoE ``Block``) in the dual micro-batch schedule: (x_BTD, MoEStats)."""
-
-    def attention(x, p):
-        return x + block.self_attn(block.input_layernorm(x), p)
-
+    norm1, attn, norm2 = block.input_layernorm, block.self_attn, block.post_attention_layernorm
     xa, xb = split_halves(x_BTD)
     pa, pb = split_halves(positions_BT)
-    xa = attention(xa, pa)
-    ha = block.post_attention_layernorm(xa)
+    xa = xa + attn(norm1(xa), pa)
+    ha = norm2(xa)
 
     def make_b(b):
-        xb = attention(*b)
-        return block.post_attention_layernorm(xb), (xb,)
+        (xb, pb), mods = b
+        norm1, attn, norm2 = _merged(mods)
+        xb = xb + attn(norm1(xb), pb)
+        return norm2(xb), (xb,)
 
-    (ya, yb), stats, (xb,) = _pipeline(block.mlp, ha, (xb, pb), make_b)
+    b_in = ((xb, pb), _pinned(norm1, attn, norm2))
+    (ya, yb), stats, (xb,) = _pipeline(block.mlp, ha, b_in, make_b)
     out = merge_halves(xa + ya.astype(xa.dtype), xb + yb.astype(xb.dtype))
     return out, stats
 
@@ -125,6 +126,18 @@ def dual_moe(moe: MoE, h_BTD: Float[Array, "B T D"]):
     return merge_halves(ya, yb), stats
 
 
+def _pinned(*modules) -> tuple:
+    """Modules as (graphdef, state) pairs for a fill's carry: a fill that rebuilds its modules
+    from weights that came out of the previous barrier has, in the backward pass, its weight
+    gradients pinned to its phase too (the barrier's transpose holds them), not only its
+    activations' (XLA otherwise moved attention(B)'s weight GEMMs out of the window)."""
+    return tuple(nnx.split(m) for m in modules)
+
+
+def _merged(pinned: tuple) -> list:
+    return [nnx.merge(graphdef, state) for graphdef, state in pinned]
+
+
 def _pipeline(moe: MoE, ha, b_in, make_b):
     """Each collective in a phase of its own, beside the other half's work (a fill), the
     larger fills beside the larger (gpu) hops: dispatch(A) beside shared(A) then
@@ -134,14 +147,21 @@ def _pipeline(moe: MoE, ha, b_in, make_b):
     one per phase it fills."""
     st = _Stages(moe, ha.shape)
     sh_a, sh_b = st.shared_parts(3), st.shared_parts(2)
-    fills = [lambda c: sh_a[0](c[0]), lambda c: make_b(c[1])]
-    da, (sa0, (hb, extra)), (ha, _) = _hops_beside(st.dispatch_hops(), ha, fills, (ha, b_in))
-    fills = [lambda c: sh_a[1](c[0]), lambda c: st.experts(c[1].recv)]
-    db, (sa1, ea), (ha, da, hb) = _hops_beside(st.dispatch_hops(), hb, fills, (ha, da, hb))
-    fills = [lambda c: st.experts(c[1].recv), lambda c: sh_a[2](c[0])]
-    ya, (eb, sa2), (_, db, hb) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
-    fills = [lambda c: sh_b[0](c), lambda c: sh_b[1](c)]
-    yb, sb, _ = _hops_beside(st.combine_hops(db), eb, fills, hb)
+    sw, ew = st.shared_weights(), st.expert_weights()  # out of the barriers with the carry
+    fills = [lambda c: sh_a[0](c[0], c[2]), lambda c: make_b(c[1])]
+    da, (sa0, (hb, extra)), (ha, _, sw) = _hops_beside(
+        st.dispatch_hops(), ha, fills, (ha, b_in, sw)
+    )
+    fills = [lambda c: sh_a[1](c[0], c[3]), lambda c: st.experts(c[1].recv, c[4])]
+    db, (sa1, ea), (ha, da, hb, sw, ew) = _hops_beside(
+        st.dispatch_hops(), hb, fills, (ha, da, hb, sw, ew)
+    )
+    fills = [lambda c: st.experts(c[1].recv, c[4]), lambda c: sh_a[2](c[0], c[3])]
+    ya, (eb, sa2), (_, db, hb, sw, _) = _hops_beside(
+        st.combine_hops(da), ea, fills, (ha, db, hb, sw, ew)
+    )
+    fills = [lambda c: sh_b[0](*c), lambda c: sh_b[1](*c)]
+    yb, sb, _ = _hops_beside(st.combine_hops(db), eb, fills, (hb, sw))
     stats = MoEStats(
         da.stats.load_E + db.stats.load_E,
         (da.stats.balance_loss + db.stats.balance_loss) / 2,
@@ -241,9 +261,13 @@ class _Stages:
         stats = MoEStats(load_E, loss, *total(h1.stats))
         return Midway(h1.x_UD, h1.e_UK, h1.w_UK, h1.row1_TN, weight_TK, stats)
 
-    def experts(self, recv: dsp.Received) -> Float[Array, "R D"]:
-        moe, dev, ex = self.moe, P(self.topo.axes), self.experts_spec
-        ws = [_laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
+    def expert_weights(self) -> list:
+        """The routed experts' weights laid out for ``experts`` (a fill's pinned weights)."""
+        moe, ex = self.moe, self.experts_spec
+        return [_laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
+
+    def experts(self, recv: dsp.Received, ws: list) -> Float[Array, "R D"]:
+        dev, ex = P(self.topo.axes), self.experts_spec
         return self._smap(self._experts_local, (dsp.Received(dev, dev, dev), ex, ex, ex), dev)(
             recv, *ws
         )
@@ -288,19 +312,26 @@ class _Stages:
     def _to_batch(self, y_TD):
         return y_TD.astype(self.dtype).reshape(self.T // self.seq, self.seq, -1)
 
-    def shared(self, h_BTD):
-        if self.moe.shared_experts is None:
+    def shared_weights(self) -> tuple:
+        """The shared expert as ``_pinned`` (empty without one)."""
+        mlp = self.moe.shared_experts
+        return () if mlp is None else _pinned(mlp)
+
+    def shared(self, h_BTD, weights: tuple):
+        if not weights:
             return jnp.zeros(h_BTD.shape, self.dtype)
         with jax.named_scope("shared_experts"):
-            return self.moe.shared_experts(h_BTD)
+            return _merged(weights)[0](h_BTD)
 
     def shared_parts(self, n: int) -> list:
         """The shared expert on n slices of a half's positions (per token: exact), to fill n
-        phases; a slice with no position passes through empty."""
+        phases; a slice with no position passes through empty. Each takes (h, weights)."""
         cuts = [self.seq * i // n for i in range(n + 1)]
 
         def part(a, b):
-            return lambda h: self.shared(h[:, a:b]) if b > a else h[:, a:b].astype(self.dtype)
+            if b == a:
+                return lambda h, _w: h[:, a:b].astype(self.dtype)
+            return lambda h, w: self.shared(h[:, a:b], w)
 
         return [part(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
