@@ -20,7 +20,7 @@ from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
 from deepseek_jax.mla import MLA, LatentCache
-from deepseek_jax.moe.layer import MoE, MoEStats, _expert_parallel_fits, _mesh_of
+from deepseek_jax.moe.layer import MoE, MoEStats, expert_parallel_fits, mesh_of
 
 _log = logging.getLogger(__name__)
 _unsplit_logged: set[int] = set()  # batch sizes that ``overlap=dual`` ran unsplit
@@ -92,7 +92,7 @@ class Block(nnx.Module):
             return False
         if overlap.can_split(self.mlp, batch):
             return True
-        if batch not in _unsplit_logged and _expert_parallel_fits(_mesh_of(()), batch):
+        if batch not in _unsplit_logged and expert_parallel_fits(mesh_of(()), batch):
             _unsplit_logged.add(batch)
             _log.warning(
                 "overlap=dual: a batch of %d sequences cannot be halved on each expert-parallel"

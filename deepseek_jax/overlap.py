@@ -21,10 +21,20 @@ one of them sync). The larger fills go beside the larger (gpu) hops; the shared 
 position slices (per token: exact). Each hop is ONE all-to-all: the ids and gate weights
 travel packed beside the payload (``moe/payload.exchange``). The barrier's transpose is a
 barrier on the cotangents, so the backward pass keeps the same pairing in reverse. The MoE
-is the layer of ``moe/layer.py`` cut at its collectives into ``shard_map`` stages (router
-+ dispatch hop 1, hop 2, experts, combine hop by hop), each a call of the same
-``moe/dispatch.py`` functions; flat has one hop each way. Prefill (``dual_moe``) runs the
-MoE phases the same way.
+is the layer of ``moe/layer.py`` cut at its collectives into ``shard_map`` stages
+(``moe/stages.py``); flat has one hop each way. Prefill (``dual_moe``) runs the MoE phases
+the same way.
+
+*Deferred combine(B)* (``defer=True``; ``block.run_blocks`` under ``overlap=dual``): inside
+one block combine(B) has only shared(B) beside it, and attention(A) nothing. So each block
+of a stack leaves combine(B) undone (a ``Pending`` in the layer loop's carry) and the next
+block runs it first, beside its attention(A):
+    [combine(B) of the previous block, hop 2 + attention(A) | hop 1 + shared(A) 1/2]
+    | dispatch(A) hop 1 + shared(A) (the rest) | hop 2 + attention(B)
+    | dispatch(B) hop 1 + shared(B) 1/2 | hop 2 + experts(A)
+    | combine(A) hop 2 + experts(B) | hop 1 + shared(B) 2/2.
+The first block (which has none to take) runs before the loop; the last one's is finished
+beside half A's final norm and head (``finish``, from ``Transformer.__call__``).
 
 *Equality.* Routing is per token and the einsum experts are exact (slots plus spill), so the
 block equals the unsplit one when no expert-parallel buffer overflows (capacities are sized
@@ -32,8 +42,7 @@ per half): forward values and gradients to float32 rounding. Statistics: loads, 
 sent counts are the sums over the halves; the balance loss is their mean (a mean over
 sequences, as unsplit).
 
-*What we simplify.* No deferral of combine(B) into the next block (a scan over layers ends
-each block at the loop boundary; the fills above leave no all-to-all sync without it); no
+*What we simplify.* The MTP block does not defer (nothing follows it but its head); no
 ``_scheduling_group_id`` and no custom VJP over the block (only the packed exchange has
 one): the barriers alone (checked on the compiled GPU schedule by
 ``experiments.gpu_compile``).
@@ -52,7 +61,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from deepseek_jax.moe.layer import MoE, MoEStats, _expert_parallel_fits, _mesh_of
+from deepseek_jax.moe.layer import MoE, MoEStats, expert_parallel_fits, mesh_of
 from deepseek_jax.moe.stages import Stages
 from deepseek_jax.sharding import logical_to_spec, mesh_axes_of
 
@@ -71,7 +80,7 @@ class Pending(NamedTuple):
 
 def can_split(moe: MoE, batch: int) -> bool:
     """Dual overlap applies under expert parallelism with halves that split over devices."""
-    return batch % 2 == 0 and _expert_parallel_fits(_mesh_of(()), batch // 2)
+    return batch % 2 == 0 and expert_parallel_fits(mesh_of(()), batch // 2)
 
 
 def dual_block(
@@ -210,7 +219,7 @@ def _hops_beside(hops, y, fills, carry):
 
 
 def _batch_spec():
-    mesh = _mesh_of(())
+    mesh = mesh_of(())
     return mesh, logical_to_spec(("batch",), mesh_axes=mesh.axis_names)[0], mesh_axes_of("batch")
 
 

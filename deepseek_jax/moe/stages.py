@@ -23,12 +23,12 @@ from deepseek_jax.moe.experts import routed_ffn
 from deepseek_jax.moe.layer import (
     MoE,
     MoEStats,
-    _expert_shard_map,
-    _expert_weights,
-    _laid_out,
-    _mesh_of,
-    _router,
-    _router_inputs,
+    expert_shard_map,
+    expert_weights,
+    laid_out,
+    mesh_of,
+    router,
+    router_inputs,
 )
 from deepseek_jax.sharding import logical_to_spec
 
@@ -60,7 +60,7 @@ class Stages:
     def __init__(self, moe: MoE, shape_BTD: tuple[int, ...]):
         cfg = moe.cfg
         self.moe, self.cfg, self.opts = moe, cfg, moe.ep
-        self.mesh = _mesh_of(())
+        self.mesh = mesh_of(())
         self.topo = dsp.Topology.for_mesh(cfg, self.mesh, self.opts.path, moe.rules)
         self.T = math.prod(shape_BTD[:2]) // self.topo.devices  # local tokens of a half
         self.seq = shape_BTD[1]
@@ -73,7 +73,7 @@ class Stages:
         self.dtype = jnp.dtype(cfg.run.dtype)
 
     def _smap(self, fn, in_specs, out_specs):
-        return _expert_shard_map(fn, self.mesh, self.topo, self.opts, in_specs, out_specs)
+        return expert_shard_map(fn, self.mesh, self.topo, self.opts, in_specs, out_specs)
 
     def dispatch(self, h_BTD) -> Dispatched | Midway:
         moe, rep, dev = self.moe, P(), P(self.topo.axes)
@@ -81,7 +81,7 @@ class Stages:
         has_bias = bias is not None
         x_BTD = h_BTD.astype(self.dtype)
         bias = bias[...] if has_bias else None
-        args = _router_inputs(x_BTD, moe.gate[...], bias, self.cfg, self.mesh, self.data)
+        args = router_inputs(x_BTD, moe.gate[...], bias, self.cfg, self.mesh, self.data)
         stats = MoEStats(rep, rep, rep, rep, rep)
         if self.opts.path == "flat":  # the whole dispatch; two-hop: the router and hop 1
             out_specs = Dispatched(dsp.Received(dev, dev, dev), dsp.FlatHandle(dev), dev, stats)
@@ -116,7 +116,7 @@ class Stages:
     def _dispatch_local(self, x_BTD, gate_DE, bias_E, *, has_bias: bool) -> Dispatched:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        idx_TK, weight_TK, load_E, loss = _router(
+        idx_TK, weight_TK, load_E, loss = router(
             x_TD, gate_DE, bias_E if has_bias else None, self.cfg, B
         )
         load_E, loss = jax.lax.psum(load_E, self.topo.axes), jax.lax.pmean(loss, self.topo.axes)
@@ -131,7 +131,7 @@ class Stages:
     def expert_weights(self) -> list:
         """The routed experts' weights laid out for ``experts``."""
         moe, ex = self.moe, self.experts_spec
-        return [_laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
+        return [laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
 
     def experts(self, recv: dsp.Received, ws: list) -> Float[Array, "R D"]:
         dev, ex = P(self.topo.axes), self.experts_spec
@@ -145,7 +145,7 @@ class Stages:
         sizes = dsp.SlotSizes.for_shapes(
             self.T, cfg.num_experts_per_tok, El, max_capacity=recv.x_RD.shape[0]
         )
-        ws = _expert_weights(cfg, recv.x_RD.dtype, *ws)
+        ws = expert_weights(cfg, recv.x_RD.dtype, *ws)
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
 
     def combine_hops(self, d: Dispatched) -> list:
