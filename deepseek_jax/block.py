@@ -88,7 +88,7 @@ class Block(nnx.Module):
     def _dual(self, batch: int) -> bool:
         """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs;
         a batch that runs expert-parallel but cannot be halved per device is said once."""
-        if not (self.is_moe and self.mlp.cfg.run.overlap == "dual"):
+        if not (self.is_moe and self.mlp.cfg.run.overlap in ("dual", "dual_deferred")):
             return False
         if overlap.can_split(self.mlp, batch):
             return True
@@ -136,12 +136,12 @@ def run_blocks(
     open_end: bool = False,
 ) -> tuple[Float[Array, "B T D"], StackStats | None]:
     """Runs stacked blocks in a scan or unrolled; optional rematerialisation of each block.
-    Under ``overlap=dual`` each MoE block leaves half B's combine to the next one
+    Under ``overlap=dual_deferred`` each MoE block leaves half B's combine to the next one
     (``overlap.dual_block``); ``open_end``: the last one's is returned too, as a third
     value (``overlap.Pending``, for ``overlap.finish`` beside the head), else done here."""
     # A stage-sharded layer axis is gathered first: neither a scan nor unstack slices it.
     blocks = _gather_layers(blocks)
-    if blocks._dual(x_BTD.shape[0]):
+    if blocks._dual(x_BTD.shape[0]) and blocks.mlp.cfg.run.overlap == "dual_deferred":
         x_BTD, stats, pending = _run_deferred(
             blocks, x_BTD, positions_BT, remat_policy if remat else False, loop
         )

@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
         self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], open_end: bool = False
     ) -> tuple[Float[Array, "B T D"], StackStats | None]:
         """Last hidden state before the final norm, and the MoE layers' statistics.
-        ``open_end`` (overlap=dual): a third value, the last block's deferred combine(B)
+        ``open_end`` (overlap=dual_deferred): a third value, the last block's deferred combine(B)
         (``overlap.Pending``; None where there is none), left for ``overlap.finish``."""
         x_BTD = self.embed_tokens(ids_BT)
         run = functools.partial(

@@ -25,7 +25,7 @@ is the layer of ``moe/layer.py`` cut at its collectives into ``shard_map`` stage
 (``moe/stages.py``); flat has one hop each way. Prefill (``dual_moe``) runs the MoE phases
 the same way.
 
-*Deferred combine(B)* (``defer=True``; ``block.run_blocks`` under ``overlap=dual``): inside
+*Deferred combine(B)* (``defer=True``; ``block.run_blocks`` under ``overlap=dual_deferred``): inside
 one block combine(B) has only shared(B) beside it, and attention(A) nothing. So each block
 of a stack leaves combine(B) undone (a ``Pending`` in the layer loop's carry) and the next
 block runs it first, beside its attention(A):
@@ -65,7 +65,7 @@ from deepseek_jax.moe.layer import MoE, MoEStats, expert_parallel_fits, mesh_of
 from deepseek_jax.moe.stages import Stages
 from deepseek_jax.sharding import logical_to_spec, mesh_axes_of
 
-OVERLAPS = ("none", "dual")
+OVERLAPS = ("none", "dual", "dual_deferred")
 _barrier = jax.lax.optimization_barrier
 
 
@@ -148,12 +148,12 @@ def _pipeline(moe: MoE, ha, b_in, make_b):
     one per phase it fills."""
     st = Stages(moe, ha.shape)
     sh_a, sh_b = st.shared_parts(3), st.shared_parts(2)
-    ew = st.expert_weights()
+    ew = st.expert_weights  # laid out per call, as before the deferred variant
     fills = [lambda c, _d: sh_a[0](c[0]), lambda c, _d: make_b(c[1])]
     da, (sa0, (hb, extra)), (ha, _) = _hops_beside(st.dispatch_hops(), ha, fills, (ha, b_in))
-    fills = [lambda c, _d: sh_a[1](c[0]), lambda c, _d: st.experts(c[1].recv, ew)]
+    fills = [lambda c, _d: sh_a[1](c[0]), lambda c, _d: st.experts(c[1].recv, ew())]
     db, (sa1, ea), (ha, da, hb) = _hops_beside(st.dispatch_hops(), hb, fills, (ha, da, hb))
-    fills = [lambda c, _d: st.experts(c[1].recv, ew), lambda c, _d: sh_a[2](c[0])]
+    fills = [lambda c, _d: st.experts(c[1].recv, ew()), lambda c, _d: sh_a[2](c[0])]
     ya, (eb, sa2), (_, db, hb) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
     fills = [lambda c, _d: sh_b[0](c), lambda c, _d: sh_b[1](c)]
     yb, sb, _ = _hops_beside(st.combine_hops(db), eb, fills, hb)
