@@ -20,7 +20,7 @@ from deepseek_jax.config import LAYER_LOOPS, ModelConfig
 from deepseek_jax.fp8 import fp8_mode
 from deepseek_jax.layers import MLP, RMSNorm
 from deepseek_jax.mla import MLA, LatentCache
-from deepseek_jax.moe.layer import MoE, MoEStats, _expert_parallel_fits, _mesh_of
+from deepseek_jax.moe.layer import MoE, MoEStats, expert_parallel_fits, mesh_of
 
 _log = logging.getLogger(__name__)
 _unsplit_logged: set[int] = set()  # batch sizes that ``overlap=dual`` ran unsplit
@@ -88,11 +88,11 @@ class Block(nnx.Module):
     def _dual(self, batch: int) -> bool:
         """The dual micro-batch schedule (``cfg.run.overlap``) where expert parallelism runs;
         a batch that runs expert-parallel but cannot be halved per device is said once."""
-        if not (self.is_moe and self.mlp.cfg.run.overlap == "dual"):
+        if not (self.is_moe and self.mlp.cfg.run.overlap in ("dual", "dual_deferred")):
             return False
         if overlap.can_split(self.mlp, batch):
             return True
-        if batch not in _unsplit_logged and _expert_parallel_fits(_mesh_of(()), batch):
+        if batch not in _unsplit_logged and expert_parallel_fits(mesh_of(()), batch):
             _unsplit_logged.add(batch)
             _log.warning(
                 "overlap=dual: a batch of %d sequences cannot be halved on each expert-parallel"
@@ -133,17 +133,27 @@ def run_blocks(
     remat_policy=None,
     remat: bool = False,
     loop: str = "scan",
+    open_end: bool = False,
 ) -> tuple[Float[Array, "B T D"], StackStats | None]:
-    """Runs stacked blocks in a scan or unrolled; optional rematerialisation of each block."""
+    """Runs stacked blocks in a scan or unrolled; optional rematerialisation of each block.
+    Under ``overlap=dual_deferred`` each MoE block leaves half B's combine to the next one
+    (``overlap.dual_block``); ``open_end``: the last one's is returned too, as a third
+    value (``overlap.Pending``, for ``overlap.finish`` beside the head), else done here."""
+    # A stage-sharded layer axis is gathered first: neither a scan nor unstack slices it.
+    blocks = _gather_layers(blocks)
+    if blocks._dual(x_BTD.shape[0]) and blocks.mlp.cfg.run.overlap == "dual_deferred":
+        x_BTD, stats, pending = _run_deferred(
+            blocks, x_BTD, positions_BT, remat_policy if remat else False, loop
+        )
+        if open_end:
+            return x_BTD, stats, pending
+        return overlap.finish(blocks.mlp, x_BTD, pending), stats
 
     def body(x, block):
         return block(x, positions_BT)
 
     if remat:
         body = nnx.remat(body, policy=remat_policy, prevent_cse=False)
-
-    # A stage-sharded layer axis is gathered first: neither a scan nor unstack slices it.
-    blocks = _gather_layers(blocks)
     if resolve_layer_loop(loop) == "unroll":
         x_BTD, stats = _unrolled(body, x_BTD, blocks)
     else:
@@ -160,6 +170,45 @@ def run_blocks(
     if stats is None:
         return x_BTD, None
     return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped)
+
+
+def _run_deferred(blocks: Block, x_BTD, positions_BT, remat_policy, loop: str):
+    """The dual stack with combine(B) deferred block to block (``run_blocks``): the first
+    block, which has none to take, runs before the loop over the others. remat_policy:
+    False for no rematerialisation. Returns (x_BTD, StackStats, the last Pending)."""
+
+    def body(carry, block):
+        x, prev = carry
+        x, stats, pending = overlap.dual_block(block, x, positions_BT, prev, defer=True)
+        return (x, pending), stats
+
+    if remat_policy is not False:
+        body = nnx.remat(body, policy=remat_policy, prevent_cse=False)
+    if resolve_layer_loop(loop) == "unroll":
+        (x_BTD, pending), stats = _unrolled(body, (x_BTD, None), blocks)
+    else:
+        # split, not indexing: the backward concatenates the gradients, it pads none
+        graphdef, state = nnx.split(blocks)
+        leaves, treedef = jax.tree.flatten(state)
+        cut = [jnp.split(leaf, [1]) for leaf in leaves]
+        first = nnx.merge(graphdef, jax.tree.unflatten(treedef, [c[0][0] for c in cut]))
+        carry, stats = body((x_BTD, None), first)
+        stats = jax.tree.map(lambda a: a[None], stats)
+        if leaves[0].shape[0] > 1:
+
+            @nnx.scan(
+                in_axes=(nnx.Carry, 0),
+                out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            def run(carry, block):
+                return body(carry, block)
+
+            rest = nnx.merge(graphdef, jax.tree.unflatten(treedef, [c[1] for c in cut]))
+            carry, more = run(carry, rest)
+            stats = jax.tree.map(lambda *a: jnp.concatenate(a), stats, more)
+        x_BTD, pending = carry
+    return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped), pending
 
 
 def _gather_layers(blocks: Block) -> Block:

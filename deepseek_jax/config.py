@@ -25,7 +25,7 @@ EPPath = Literal["two_hop", "flat"]
 KernelBackend = Literal["auto", "xla", "pallas"]
 MoEBackend = Literal["auto", "einsum", "grouped", "ragged_dot"]
 AttentionBackend = Literal["auto", "xla", "cpu_kernel"]
-Overlap = Literal["none", "dual"]
+Overlap = Literal["none", "dual", "dual_deferred"]
 # How the layer stacks run (block.run_blocks): a scan, unrolled, or "auto" (unrolled on CPU).
 LAYER_LOOPS = ("auto", "scan", "unroll")
 
@@ -135,7 +135,8 @@ class RunOptions:
     attention_backend: training/prefill attention core (``mla.py``): "xla", "cpu_kernel"
       (our fused C++ kernel, float32 on CPU); "auto": cpu_kernel where it applies, else xla.
     overlap: "dual" splits each device's batch in two halves whose all-to-alls overlap the
-      other half's compute (``overlap.py``); "none": one batch.
+      other half's compute (``overlap.py``); "dual_deferred": the same, each block's
+      combine(B) run beside the next block's attention(A); "none": one batch.
     ep: the expert-parallel exchange on a multi-device mesh.
     """
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.overlap as overlap
 import deepseek_jax.sharding as sharding
 from deepseek_jax.block import StackStats, run_blocks, scan_blocks_decode, stacked_blocks
 from deepseek_jax.config import LAYER_LOOPS, ModelConfig
@@ -74,9 +75,11 @@ class Transformer(nnx.Module):
         return matmul(x_BTD.astype(self.dtype), w, out_dtype=jnp.float32)
 
     def hidden(
-        self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"]
+        self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"], open_end: bool = False
     ) -> tuple[Float[Array, "B T D"], StackStats | None]:
-        """Last hidden state before the final norm, and the MoE layers' statistics."""
+        """Last hidden state before the final norm, and the MoE layers' statistics.
+        ``open_end`` (overlap=dual_deferred): a third value, the last block's deferred combine(B)
+        (``overlap.Pending``; None where there is none), left for ``overlap.finish``."""
         x_BTD = self.embed_tokens(ids_BT)
         run = functools.partial(
             run_blocks,
@@ -88,11 +91,12 @@ class Transformer(nnx.Module):
         if self.dense_layers is not None:
             with jax.named_scope("dense_layers"):
                 x_BTD, _ = run(self.dense_layers, x_BTD)
-        stats = None
+        stats, pending = None, None
         if self.moe_layers is not None:
             with jax.named_scope("moe_layers"):
-                x_BTD, stats = run(self.moe_layers, x_BTD)
-        return x_BTD, stats
+                x_BTD, stats, *pending = run(self.moe_layers, x_BTD, open_end=open_end)
+            pending = pending[0] if pending else None
+        return (x_BTD, stats, pending) if open_end else (x_BTD, stats)
 
     def __call__(
         self, ids_BT: Int[Array, "B T"], positions_BT: Int[Array, "B T"] | None = None
@@ -101,9 +105,13 @@ class Transformer(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
             positions_BT = sharding.constrain(positions_BT, ("batch", None))
-        h_BTD, stats = self.hidden(ids_BT, positions_BT)
-        hn_BTD = self.norm(h_BTD)
-        logits_BTV = self.head(hn_BTD)
+        h_BTD, stats, pending = self.hidden(ids_BT, positions_BT, open_end=True)
+        if pending is None:
+            hn_BTD = self.norm(h_BTD)
+            logits_BTV = self.head(hn_BTD)
+        else:  # the last block's combine(B) beside half A's norm and head
+            normed = lambda x: (hn := self.norm(x), self.head(hn))  # noqa: E731
+            hn_BTD, logits_BTV = overlap.finish(self.moe_layers.mlp, h_BTD, pending, normed)
         mtp_logits, mtp_stats = self._mtp(ids_BT, positions_BT, hn_BTD)
         return ModelOutput(logits_BTV, mtp_logits, stats, mtp_stats)
 

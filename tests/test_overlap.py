@@ -155,3 +155,46 @@ def test_packed_exchange_is_separate_all_to_alls_bit_for_bit_and_in_the_vjp():
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
     assert not np.array_equal(packed[0][0], x)  # rows moved
+
+
+def _model_grads(overrides, mesh, loop):
+    """Transformer forward (logits, MTP logits, stats) + parameter gradients on ``mesh``."""
+    from deepseek_jax.build import init_model
+
+    cfg = get_preset("tiny", [*BASE, "num_hidden_layers=3", "first_k_dense_replace=1", *overrides])
+    model = init_model(cfg, mesh, seed=3, layer_loop=loop)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jax.random.randint(jax.random.key(5), (B, T), 0, cfg.vocab_size)
+    probe = jax.random.normal(jax.random.key(6), (B, T, cfg.vocab_size), jnp.float32)
+
+    @jax.jit
+    def run(params, rest, ids):
+        def f(params):
+            out = nnx.merge(graphdef, params, rest, copy=True)(ids)
+            loss = jnp.sum(probe * out.logits_BTV) + jnp.sum(probe * out.mtp_logits_KBTV[0])
+            return loss + 0.1 * jnp.sum(out.moe_stats.balance_loss_L), out
+
+        return jax.grad(f, has_aux=True)(params)
+
+    with jax.set_mesh(mesh):
+        assert model.moe_layers._dual(B) == ("overlap=dual_deferred" in overrides)
+        return jax.device_get(run(params, rest, jax.device_put(ids, DATA)))
+
+
+@pytest.mark.slow  # two 3-layer models with MTP: over the fast tests' time budget
+@pytest.mark.parametrize("loop, path", [("scan", "two_hop"), ("unroll", "flat")])
+def test_dual_stack_with_combine_b_deferred_equals_unsplit(loop, path):
+    """Two MoE blocks in a loop, each leaving half B's combine to the next, the last one's
+    finished beside the head: logits, MTP logits, statistics and gradients equal the
+    unsplit model's."""
+    mesh = make_mesh(2, 4)
+    opts = [f"ep_dispatch={path}"]
+    g0, out0 = _model_grads(opts, mesh, loop)
+    g1, out1 = _model_grads([*opts, "overlap=dual_deferred"], mesh, loop)
+    assert rel_err(out1.logits_BTV, out0.logits_BTV) < 1e-6
+    assert rel_err(out1.mtp_logits_KBTV, out0.mtp_logits_KBTV) < 1e-6
+    for name in ("load_LE", "dropped_L"):
+        np.testing.assert_array_equal(getattr(out1.moe_stats, name), getattr(out0.moe_stats, name))
+    np.testing.assert_allclose(out1.moe_stats.balance_loss_L, out0.moe_stats.balance_loss_L, 1e-6)
+    for (p, g), h in zip(jax.tree.leaves_with_path(g1), jax.tree.leaves(g0), strict=True):
+        assert rel_err(g, h) < 1e-5, jax.tree_util.keystr(p)

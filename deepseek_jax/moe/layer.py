@@ -293,3 +293,13 @@ def _router(x_TD, gate_DE, bias_E, cfg: ModelConfig, batch: int):
             scores_TE.reshape(batch, -1, E), idx_TK.reshape(batch, -1, K), cfg
         )
     return idx_TK, weight_TK, load_E, loss
+
+
+# The layer's pieces that the dual overlap's stages call (moe/stages.py, overlap.py, block.py).
+mesh_of = _mesh_of
+expert_parallel_fits = _expert_parallel_fits
+expert_shard_map = _expert_shard_map
+expert_weights = _expert_weights
+laid_out = _laid_out
+router = _router
+router_inputs = _router_inputs
