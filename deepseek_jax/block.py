@@ -157,19 +157,24 @@ def run_blocks(
     if resolve_layer_loop(loop) == "unroll":
         x_BTD, stats = _unrolled(body, x_BTD, blocks)
     else:
-
-        @nnx.scan(
-            in_axes=(nnx.Carry, 0),
-            out_axes=(nnx.Carry, 0),
-            transform_metadata={nnx.PARTITION_NAME: "layers"},
-        )
-        def run(x, block):
-            return body(x, block)
-
-        x_BTD, stats = run(x_BTD, blocks)
+        x_BTD, stats = _layer_scan(body)(x_BTD, blocks)
     if stats is None:
         return x_BTD, None
     return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped)
+
+
+def _layer_scan(body):
+    """``body(carry, block)`` scanned over the stacked blocks' leading (``layers``) axis."""
+
+    @nnx.scan(
+        in_axes=(nnx.Carry, 0),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    def run(carry, block):
+        return body(carry, block)
+
+    return run
 
 
 def _run_deferred(blocks: Block, x_BTD, positions_BT, remat_policy, loop: str):
@@ -195,17 +200,8 @@ def _run_deferred(blocks: Block, x_BTD, positions_BT, remat_policy, loop: str):
         carry, stats = body((x_BTD, None), first)
         stats = jax.tree.map(lambda a: a[None], stats)
         if leaves[0].shape[0] > 1:
-
-            @nnx.scan(
-                in_axes=(nnx.Carry, 0),
-                out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            def run(carry, block):
-                return body(carry, block)
-
             rest = nnx.merge(graphdef, jax.tree.unflatten(treedef, [c[1] for c in cut]))
-            carry, more = run(carry, rest)
+            carry, more = _layer_scan(body)(carry, rest)
             stats = jax.tree.map(lambda *a: jnp.concatenate(a), stats, more)
         x_BTD, pending = carry
     return x_BTD, StackStats(stats.load_E, stats.balance_loss, stats.dropped), pending

@@ -41,3 +41,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_timings(tmp_path, monkeypatch):
+    """Fresh decision cache; ``set(ms)`` makes each backend candidate take ms[name]
+    milliseconds. Returns (set, calls): calls lists every candidate actually measured."""
+    from deepseek_jax import backends
+
+    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(backends, "_decisions", {})
+    calls, table = [], {}
+
+    def measure(name, run):
+        calls.append(name)
+        return table[name] / 1e3
+
+    monkeypatch.setattr(backends, "measure", measure)
+    return table.update, calls

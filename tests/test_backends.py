@@ -27,22 +27,6 @@ ATTN_SHAPE = (2, 64, 4, 16, 8, 16)  # B, T, H, N, R, O
 MOE_SHAPE = (64, 2, 8, 32, 16)  # T, K, E, D, F
 
 
-@pytest.fixture
-def fake_timings(tmp_path, monkeypatch):
-    """Fresh decision cache; ``set(ms)`` makes each candidate take ms[name] milliseconds.
-    Returns (set, calls): calls lists every candidate actually measured."""
-    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(backends, "_decisions", {})
-    calls, table = [], {}
-
-    def measure(name, run):
-        calls.append(name)
-        return table[name] / 1e3
-
-    monkeypatch.setattr(backends, "measure", measure)
-    return table.update, calls
-
-
 def needs(kernel_available):
     return pytest.mark.skipif(not kernel_available(), reason="the C++ kernel does not build here")
 

@@ -35,20 +35,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def timings(tmp_path, monkeypatch):
-    """Fresh decision cache, the race on; ``set(ms)`` makes each candidate (operation or
-    program combination) take ms[name] milliseconds. Returns (set, calls)."""
-    monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
+def timings(fake_timings, monkeypatch):
+    """``fake_timings`` (conftest) with the program race on: each candidate, operation or
+    program combination, takes the milliseconds set for its name."""
     monkeypatch.setenv(program_race.ENV, "on")
-    monkeypatch.setattr(backends, "_decisions", {})
-    calls, table = [], {}
-
-    def measure(name, run):
-        calls.append(name)
-        return table[name] / 1e3
-
-    monkeypatch.setattr(backends, "measure", measure)
-    return table.update, calls
+    return fake_timings
 
 
 def _program(attention="auto", moe="auto"):
