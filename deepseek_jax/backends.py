@@ -248,19 +248,18 @@ def shape_class(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 << max(0, math.ceil(math.log2(max(n, 1)))) for n in shape)
 
 
-def measure(name: str, run: Callable[[], object], budget_s: float = 0.5) -> float:
-    """Seconds of the best of up to 5 runs of ``run`` (after one warm-up run), fewer when
-    they exceed ``budget_s``. Tests replace this function to inject timings."""
+def measure(
+    name: str, run: Callable[[], object], runs: int = 5, budget_s: float = 0.5
+) -> list[float]:
+    """Seconds of each of up to ``runs`` consecutive runs of ``run`` after one warm-up run,
+    fewer once they exceed ``budget_s``. Tests replace this function to inject timings."""
     run()
-    best, spent = math.inf, 0.0
-    for _ in range(5):
+    samples: list[float] = []
+    while len(samples) < runs and sum(samples) <= budget_s:
         t = time.perf_counter()
         run()
-        dt = time.perf_counter() - t
-        best, spent = min(best, dt), spent + dt
-        if spent > budget_s:
-            break
-    return best
+        samples.append(time.perf_counter() - t)
+    return samples
 
 
 # A kernel must beat the XLA path by this fraction to replace it: on a noisy machine a
@@ -341,19 +340,27 @@ def race(
     fallback: str,
     *,
     backward: bool,
+    runs: int = 5,
+    budget_s: float = 0.5,
+    reduce: Callable[[list[float]], float] = min,
+    how: str = "",
 ) -> Decision:
     """Times each candidate in a worker thread (a fresh trace and mesh context, so the
-    caller may be in the middle of tracing a sharded program); a kernel's win is rerun."""
+    caller may be in the middle of tracing a sharded program); a kernel's win is rerun.
+    Each candidate's samples, over all rounds, are reduced by ``reduce`` (``how`` names
+    another than the best in the reason): the best for an operation, the median for a
+    whole program."""
 
     def time_all() -> dict[str, float]:
-        runs = {name: make(backward) for name, make in candidates.items()}
-        seconds = {name: measure(name, run) for name, run in runs.items()}
+        made = {name: make(backward) for name, make in candidates.items()}
+        samples = {name: list(measure(name, run, runs, budget_s)) for name, run in made.items()}
+        seconds = {n: reduce(s) for n, s in samples.items()}
         rivals = [n for n in seconds if n != fallback]
         if any(seconds[n] < (1 + CLOSE) * seconds[fallback] for n in rivals):
             for r in range(1, CLOSE_ROUNDS):  # reversed order every other round
-                for name in list(runs)[:: -1 if r % 2 else 1]:
-                    seconds[name] = min(seconds[name], measure(name, runs[name]))
-        return seconds
+                for name in list(made)[:: -1 if r % 2 else 1]:
+                    samples[name] += measure(name, made[name], runs, budget_s)
+        return {n: reduce(s) for n, s in samples.items()}
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         seconds = pool.submit(time_all).result()
@@ -362,7 +369,7 @@ def race(
     ms = {n: round(s * 1e3, 3) for n, s in seconds.items()}
     timings = ", ".join(f"{n} {ms[n]:.2f} ms" for n in sorted(ms, key=ms.get))
     what = "fwd+bwd" if backward else "fwd"
-    reason = f"measured {what}: {timings}"
+    reason = f"measured {what}{', ' + how if how else ''}: {timings}"
     if best != choice:
         reason += f"; {best} leads by {lead:.0%} < {MARGIN:.0%}: {fallback} kept"
     return Decision(op, tuple(shape), choice, reason, ms)

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from experiments.runtime import reexec_with_hugepage_malloc
+    from experiments.runtime import start
 
-    reexec_with_hugepage_malloc()
+    start(trains=False)
     sys.exit(main())

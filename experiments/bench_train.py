@@ -57,6 +57,10 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _spread(seconds) -> tuple[float, float, float]:
+    return float(np.min(seconds)), float(np.median(seconds)), float(np.max(seconds))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,7 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = make_mesh()
     graphdef, state, layout, tx = init_state(cfg, tcfg, mesh)
     step = jit_train_step(graphdef, tx, tcfg, layout, mesh)
-    peak_before = matmul_peak_flops()
     rng = np.random.default_rng(0)
     batches = [
         rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
@@ -91,11 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
     for ids in batches[:2]:
         state, m = step(state, ids)
     jax.block_until_ready(m)
+    peak_before = matmul_peak_flops()  # after the first step: it may restart the process
     t0 = time.perf_counter()
+    ends = []  # each step's end: a bimodal step (fast, slow, fast, ...) shows in the spread
     for ids in batches[2:]:
         state, m = step(state, ids)
+        jax.block_until_ready(m)
+        ends.append(time.perf_counter())
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / args.steps
+    step_s = np.diff([t0, *ends])
     tokens_per_s = args.batch_size * args.seq_len / dt
     flops_per_token = training_flops_per_token(cfg, seq_len=args.seq_len, causal=True)
     peak = max(peak_before, matmul_peak_flops())  # the machine's best, before and after
@@ -107,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = flops_per_token / (flops_per_token + mtp_flops)  # every FLOP at peak
     rows = [
         ("step time", f"{dt * 1e3:.0f} ms"),
+        ("step time min / median / max", " / ".join(f"{t * 1e3:.0f}" for t in _spread(step_s))),
         ("tokens/s", f"{tokens_per_s:,.0f}"),
         ("model GFLOPs/token", f"{flops_per_token / 1e9:.3f}"),
         ("achieved GFLOP/s", f"{flops_per_token * tokens_per_s / 1e9:.1f}"),
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "preset": args.preset,
         "tokens_per_s": tokens_per_s,
+        "step_s": [round(float(t), 4) for t in step_s],
         "model_flops_per_token": flops_per_token,
         "peak_flops": peak,
         "mfu": mfu,
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments.runtime import reexec_with_hugepage_malloc
+    from experiments.runtime import start
 
-    reexec_with_hugepage_malloc()
+    start(trains=True)
     main()

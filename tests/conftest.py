@@ -46,16 +46,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def fake_timings(tmp_path, monkeypatch):
     """Fresh decision cache; ``set(ms)`` makes each backend candidate take ms[name]
-    milliseconds. Returns (set, calls): calls lists every candidate actually measured."""
+    milliseconds per run, or, for a list, those samples each time it is measured.
+    Returns (set, calls): calls lists every candidate actually measured."""
     from deepseek_jax import backends
 
     monkeypatch.setenv("DEEPSEEK_JAX_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(backends, "_decisions", {})
     calls, table = [], {}
 
-    def measure(name, run):
+    def measure(name, run, runs=5, budget_s=0.5):
         calls.append(name)
-        return table[name] / 1e3
+        ms = table[name]
+        return [t / 1e3 for t in (ms if isinstance(ms, list) else [ms])]
 
     monkeypatch.setattr(backends, "measure", measure)
     return table.update, calls

@@ -169,7 +169,7 @@ def test_processes_measuring_at_once_adopt_the_first_stored_decision(fake_timing
 def test_inference_races_forward_passes_and_training_races_both(fake_timings, monkeypatch):
     """A kernel whose backward wins the race but whose forward loses it is chosen for
     training and not for prefill/decode (forward-only programs), each decided apart."""
-    monkeypatch.setattr(backends, "measure", lambda name, run: run())
+    monkeypatch.setattr(backends, "measure", lambda name, run, *limits: [run()])
     seconds = {"kernel": {True: 1.0, False: 3.0}, "xla": {True: 2.0, False: 2.0}}
     candidates = {n: (lambda backward, n=n: lambda: seconds[n][backward]) for n in seconds}
     assert backends.measured("op", (8,), candidates, build_id="x", fallback="xla") == "kernel"
@@ -322,7 +322,7 @@ def test_a_spike_in_the_xla_paths_turn_does_not_hand_a_kernel_the_race(monkeypat
     monkeypatch.setattr(backends, "_store", lambda key, decision: decision)
     # Rounds in turn: (kernel, xla), then reversed (xla, kernel), then (kernel, xla).
     turns = iter([1.0, 3.0, 0.9, 1.0, 1.0, 0.95])  # xla's first turn hit a load spike
-    monkeypatch.setattr(backends, "measure", lambda name, run: next(turns) / 1e3)
+    monkeypatch.setattr(backends, "measure", lambda name, run, *limits: [next(turns) / 1e3])
     cands = {"kernel": lambda backward: None, "xla": lambda backward: None}
     assert backends.measured("op", (4,), cands, build_id="b", fallback="xla") == "xla"
     with pytest.raises(ValueError, match="fallback 'slots' is not a candidate"):

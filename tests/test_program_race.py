@@ -60,7 +60,9 @@ def _program(attention="auto", moe="auto"):
 
 def _run(attention="auto", moe="auto") -> float:
     build = _program(attention, moe)
-    run = program_race.raced("test", build, enter=contextlib.nullcontext, shape=jnp.shape)
+    run = program_race.raced(
+        "test", build, enter=contextlib.nullcontext, shape=jnp.shape, carry=lambda a, out: (out,)
+    )
     return float(run(jnp.ones(())))
 
 
@@ -88,6 +90,50 @@ def test_the_program_runs_the_fastest_combination_never_one_slower_than_xla(
     [decision] = [d for d in backends._decisions.values() if d.op == "program test"]
     assert decision.choice == want and f"the op race chose {BOTH}" in decision.reason
     assert any(k.startswith("program test") and want in v for k, v in backends.decisions().items())
+
+
+@pytest.mark.parametrize(
+    "program_ms, want, value",
+    [  # best-of would pick BOTH (1 ms); its median step is 12 ms against XLA's 10
+        ({BOTH: [12.0, 12.0, 1.0, 12.0], XLA: [10.0] * 4, ATTN_ONLY: [11.0] * 4}, XLA, 23.0),
+        # one slow XLA step (40 ms) must not hand the race to a kernel 2 % faster
+        ({BOTH: [9.8] * 4, XLA: [10.0, 40.0, 10.0, 10.0], ATTN_ONLY: [11.0] * 4}, XLA, 23.0),
+        ({BOTH: [8.0, 30.0, 8.0, 8.0], XLA: [10.0] * 4, ATTN_ONLY: [11.0] * 4}, BOTH, 12.0),
+    ],
+)
+def test_the_median_step_decides_and_one_outlier_does_not_flip_it(timings, program_ms, want, value):
+    set_ms, _ = timings
+    set_ms({**KERNELS_WIN_OPS, MOE_ONLY: [13.0] * 4, **program_ms})
+    assert _run() == value
+    [decision] = [d for d in backends._decisions.values() if d.op == "program test"]
+    assert decision.choice == want and program_race.RULE in decision.reason
+
+
+def test_timing_runs_donate_a_copy_and_chain_their_steps(timings, monkeypatch):
+    """Each timing run is a donating step on a private copy, fed the previous step's output
+    (x -> 2x + 10 with both kernels); the real argument survives the race untouched."""
+    set_ms, calls = timings
+    set_ms(KERNELS_WIN_OPS)
+    outputs = []
+
+    def measure(name, run, runs=5, budget_s=0.5):
+        calls.append(name)
+        if "=" in name:  # a program: warm-up and timed steps really run
+            for _ in range(1 + runs):
+                run()
+        return [{**KERNELS_WIN_OPS, BOTH: 1.0, XLA: 2.0}.get(name, 3.0)] * runs
+
+    def carry(args, out):
+        outputs.append(float(out))
+        return (out,)
+
+    monkeypatch.setattr(backends, "measure", measure)
+    run = program_race.raced(
+        "test", _program(), enter=contextlib.nullcontext, shape=jnp.shape, carry=carry
+    )
+    # from the real x = 1, which a timing run that donated it would have deleted
+    assert float(run(jnp.ones(()))) == 12.0
+    assert outputs[:3] == [12.0, 34.0, 78.0]  # BOTH, raced first: 1 -> 12 -> 34 -> 78
 
 
 def test_a_cached_program_decision_is_reused_without_timing(timings, monkeypatch):
@@ -143,9 +189,10 @@ def test_combinations_of_a_mixed_pre_filter():
 def test_a_raced_train_step_leaves_the_state_alone_and_equals_the_unraced_step(
     timings, monkeypatch
 ):
-    """A timing run really runs on the real state and batch; the real step then gives, bit
-    for bit, the loss and state of the same step built without the race. (One dense layer:
-    the attention kernel is the family raced, and the step compiles fast.)"""
+    """Timing runs really run, donating steps on a copy of the real state; the real step
+    then gives, bit for bit, the loss and state of the same step built without the race,
+    and the listeners hear that it calls no C++ kernel. (One dense layer: the attention
+    kernel is the family raced, and the step compiles fast.)"""
     from deepseek_jax.mesh import make_mesh
     from deepseek_jax.train.config import TrainConfig
     from deepseek_jax.train.state import init_state, plan
@@ -154,13 +201,16 @@ def test_a_raced_train_step_leaves_the_state_alone_and_equals_the_unraced_step(
     _, calls = timings
     ms = {"cpu_kernel": 1.0, "xla": 2.0, "attention=cpu_kernel": 12.0, "attention=xla": 9.0}
 
-    def measure(name, run):
+    def measure(name, run, runs=5, budget_s=0.5):
         calls.append(name)
         if name == "attention=xla":
-            run()  # a timing run, on the caller's state
-        return ms[name] / 1e3
+            run()  # timing runs: two chained donating steps on a copy of the state
+            run()
+        return [ms[name] / 1e3]
 
+    told = []
     monkeypatch.setattr(backends, "measure", measure)
+    monkeypatch.setattr(program_race, "listeners", [lambda *a: told.append(a)])
     small = ["dtype=float32", "num_hidden_layers=1", "first_k_dense_replace=1"]
     cfg = get_preset("tiny", [*small, "num_nextn_predict_layers=0"])
     tcfg = TrainConfig(steps=2, batch_size=2, seq_len=16)
@@ -172,6 +222,7 @@ def test_a_raced_train_step_leaves_the_state_alone_and_equals_the_unraced_step(
     assert "attention=xla" in calls
     [decision] = [d for d in backends._decisions.values() if d.op == "program train_step"]
     assert decision.choice == "attention=xla"  # overturns the op race's kernel
+    assert told == [("train_step", ())]  # the step that runs calls no C++ kernel
     # unraced: the same choice given explicitly, from a host copy of the same state
     ref_cfg = cfg.with_overrides(["attention_backend=xla"])
     ref_graphdef, _, ref_layout, ref_tx = plan(ref_cfg, tcfg, mesh)
@@ -179,6 +230,15 @@ def test_a_raced_train_step_leaves_the_state_alone_and_equals_the_unraced_step(
     ref, ref_m = jit_train_step(ref_graphdef, ref_tx, tcfg, ref_layout, mesh)(fresh, ids)
     assert float(m["loss"]) == float(ref_m["loss"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(raced), jax.device_get(ref))
+
+
+def test_kernels_called_names_the_ffi_targets_of_a_traced_program():
+    x, w, sizes = jnp.ones((8, 4)), jnp.ones((2, 4, 3)), jnp.array([3, 5], jnp.int32)
+    loss = lambda x, w: grouped_gemm.grouped_matmul(x, w, sizes).sum()  # noqa: E731
+    text = str(jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, w).jaxpr)
+    called = program_race.kernels_called(text)
+    assert {k.split("_")[-1] for k in called} == {"DsjGmm", "DsjTgmm"}  # forward, backward
+    assert program_race.kernels_called(str(jax.make_jaxpr(jnp.sin)(x))) == ()
 
 
 def test_forcing_an_unknown_choice_is_a_clear_error(timings):

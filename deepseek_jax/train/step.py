@@ -140,7 +140,13 @@ def jit_train_step(
         )
 
     enter = lambda: jax.set_mesh(mesh)  # noqa: E731
-    return program_race.raced("train_step", build, enter=enter, shape=lambda s, ids: ids.shape)
+    return program_race.raced(
+        "train_step",
+        build,
+        enter=enter,
+        shape=lambda state, ids: ids.shape,
+        carry=lambda args, out: (out[0], args[1]),  # the new state, the same batch
+    )
 
 
 def jit_eval_step(
