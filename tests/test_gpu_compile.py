@@ -35,8 +35,11 @@ def harness(*args: str, timeout: int = 3600) -> dict:
     # The conftest's CPU flags (8 host devices, LLVM -O0) do not change XLA:GPU's schedule;
     # -O0 only shortens the LLVM part of the compile.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    # ptxas at -O0: the checks read the scheduled HLO and the buffer sizes, both fixed before
+    # PTX is assembled (the same JSON either way, measured; 5-15 % less CPU time).
+    fast = ["--xla", "xla_gpu_disable_gpuasm_optimizations=true"]
     out = subprocess.run(
-        [str(GPU_PY), "-m", "experiments.gpu_compile", "--json", *args],
+        [str(GPU_PY), "-m", "experiments.gpu_compile", "--json", *fast, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

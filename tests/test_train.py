@@ -85,29 +85,46 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
-    steps = ["--steps", "12", "--ckpt-every", "4"]
-    # One after another: the later runs load the first one's programs from the test run's
-    # compilation cache (conftest) instead of compiling them again.
-    ref = _spawn(TINY + steps + ["--out", str(tmp_path / "ref")])
-    assert ref.wait() == 0, ref.stdout.read()
-    run = _spawn(TINY + steps + ["--out", str(tmp_path / "run")])
+# The killed-and-resumed run and the two-process run are both checked against one
+# uninterrupted single-process run of the same schedule (the reference fixture).
+MESH = ["--mesh", "node=2,gpu=4"]
+SCHEDULE = TINY + MESH + ["--steps", "12"]
+RESUME = SCHEDULE + ["--ckpt-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, list[float]]:
+    """The per-step losses of an uninterrupted one-process run of ``RESUME``. Later runs of
+    the same program load its compiled programs from the test run's compilation cache
+    (conftest) instead of compiling them again."""
+    out = tmp_path_factory.mktemp("reference")
+    ref = _spawn(RESUME + ["--out", str(out)])
+    log = ref.communicate()[0]
+    assert ref.returncode == 0, log
+    losses = _losses(out)
+    assert sorted(losses) == list(range(12)), losses
+    return losses
+
+
+def test_killed_run_resumes_bit_identical(tmp_path, reference):
+    run = _spawn(RESUME + ["--out", str(tmp_path / "run")])
     _wait_for(tmp_path / "run" / "checkpoints" / "4", run)
     run.send_signal(signal.SIGKILL)  # no chance to save: resume from the last committed step
     run.wait()
-    resumed = _spawn(TINY + steps + ["--out", str(tmp_path / "run")])
+    resumed = _spawn(RESUME + ["--out", str(tmp_path / "run")])
     log = resumed.communicate()[0]
     assert resumed.returncode == 0, log
     assert "resumed from" in log
-    want, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
-    assert sorted(want) == list(range(12)) and sorted(got) == list(range(12))
+    got = _losses(tmp_path / "run")
+    assert sorted(got) == list(range(12))
     for step, losses in got.items():
-        assert all(x == want[step][0] for x in losses), (step, losses, want[step])  # bitwise
+        assert all(x == reference[step][0] for x in losses), (step, losses, reference[step])
 
 
 def test_sigterm_finishes_step_saves_and_exits(tmp_path):
     out = tmp_path / "run"
-    run = _spawn(TINY + ["--steps", "500", "--ckpt-every", "2", "--out", str(out)])
+    # the reference's mesh: its initialisation and evaluation programs come from the cache
+    run = _spawn(TINY + MESH + ["--steps", "500", "--ckpt-every", "2", "--out", str(out)])
     _wait_for(out / "checkpoints" / "2", run)
     run.send_signal(signal.SIGTERM)
     log = run.communicate(timeout=120)[0]
@@ -197,14 +214,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    common = TINY + ["--steps", "3", "--mesh", "node=2,gpu=4", "--ckpt-every", "100"]
-    one = _spawn(common + ["--out", str(tmp_path / "one")])
+def test_two_processes_equal_one(tmp_path, reference):
+    """Two processes of 4 CPU devices each (the mesh's node axis is the process) log the
+    one-process run's losses."""
     port = _free_port()
     procs = [
         _spawn(
-            common
+            SCHEDULE
             + [
+                "--ckpt-every",  # one save at the end: saves do not change the losses
+                "100",
                 "--out",
                 str(tmp_path / "two"),
                 "--coordinator",
@@ -220,13 +239,13 @@ def test_two_processes_equal_one(tmp_path):
         )
         for i in range(2)
     ]
-    for p in [one, *procs]:
+    for p in procs:
         log = p.communicate(timeout=600)[0]
         assert p.returncode == 0, log
-    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert sorted(got) == [0, 1, 2]
-    for s in range(3):
-        np.testing.assert_allclose(got[s][0], want[s][0], rtol=1e-6)
+    got = _losses(tmp_path / "two")
+    assert sorted(got) == list(range(12))
+    for s in range(12):
+        np.testing.assert_allclose(got[s][0], reference[s][0], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
