@@ -7,10 +7,10 @@ on a GPU, in the Pallas interpreter elsewhere (``backends.pallas_interpret``), d
 ``Blocks``, a bfloat16 page pool (the GPU's default dtype). Shapes: C=512 kv_lora_rank,
 R=64 rope dim, pages of 16 positions (the engine's default); batches 1, 16, 64 x contexts
 of 1024 and 8192 positions (the page table's width) with V3's H=128 heads, and batches 16
-and 64 with 16 heads (V3's share of one GPU under 8-way tensor parallelism). The 16-head
-rows are there because a deviceless XLA:GPU compile for an H200 (jax 0.12, Triton) of the
-128-head kernel asks for 346 KB of shared memory, over the 227 KB a block may have; 64
-heads and fewer fit.
+and 64 with 16 heads (V3's share of one GPU under 8-way tensor parallelism). The kernel
+holds 64 heads per program (``Blocks.heads_per_block``): all 128 in one program ask for
+346 KB of shared memory, over the 227 KB an H200 block may have (deviceless compile,
+``experiments.gpu_compile_mla``).
 
 Lengths are ragged: request 0 sees the whole context, request 1 a single key, the others
 uniform in [T/4, T]; slots past a request's pages point at the trash page 0, as in the

@@ -2,20 +2,29 @@
 
 One decode token per request. All H heads of a request attend to the same latent keys
 (the absorbed query ``[q_lat; q_rope]`` against ``[c_kv; k_rope]``, values = ``c_kv``),
-so a program loads each page once for all heads: the scores are one [H, C+R] x [C+R, P]
-product per page instead of H matrix-vector products. The sequence is split: program
-(b, s) runs an online softmax over its share of request b's pages (read through the page
-table) and writes a partial output with its running max and sum; ``mla_decode`` merges
-the splits by log-sum-exp. Long contexts thus use more programs than there are requests.
+so a program loads each page once for a block of heads: the scores are one [Hb, C+R] x
+[C+R, P] product per page instead of Hb matrix-vector products. The sequence is split:
+program (g, b, s) runs an online softmax of head block g over its share of request b's
+pages (read through the page table) and writes a partial output with its running max and
+sum; ``mla_decode`` merges the splits by log-sum-exp. Long contexts thus use more programs
+than there are requests.
+
+Head blocks (as FlashMLA's 64 heads per block on Hopper): a program keeps a float32
+[Hb, C] accumulator. With all of V3's H=128 heads in one block (C=512) that is 256 KiB,
+and a deviceless compile for an H200 asks 346 KB of shared memory, over the 227 KiB a
+block may have; Hb=64 fits. The trade-off: each page is loaded once per head block, H / Hb
+times per step. The head-block axis leads the grid, which Triton launches fastest, so the
+programs that read the same pages run side by side and repeats can come from L2 (not
+measured). A ragged last block is padded with zero queries, whose rows are dropped.
 
 Layout: ``qlat_BHC``, ``qrope_BHR`` (already scaled), the pool ``ckv_NPC``, ``krope_NPR``,
 ``table_BM`` page ids, ``n_keys_B`` visible positions per request (its own included).
 Output: the probability-weighted latent ``olat_BHC`` (float32). ``mla_decode_reference``
 is the plain-jnp twin (gather the pages, masked softmax).
 
-Shape letters: B requests, H heads, C kv_lora_rank, R rope dim, N pages (not nope dim), P
-positions per page, M page slots per request, S splits in the kernel but key positions (M P)
-in the reference.
+Shape letters: B requests, H heads (G blocks of Hb), C kv_lora_rank, R rope dim, N pages
+(not nope dim), P positions per page, M page slots per request, S splits in the kernel but
+key positions (M P) in the reference.
 """
 
 from __future__ import annotations
@@ -36,13 +45,14 @@ NEG = -1e30  # finite "minus infinity": an all-masked split must not make exp(na
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     pages_per_split: int = 8  # pages one program walks; splits = ceil(M / this)
+    heads_per_block: int = 64  # heads one program holds (clamped to H); see the docstring
 
 
 def _kernel(table_ref, nkeys_ref, qlat_ref, qrope_ref, ckv_ref, krope_ref,
             o_ref, m_ref, l_ref, *, pages_per_split: int, page_size: int):  # fmt: skip
-    # table[B, M], nkeys[B]; qlat[1, H, C], qrope[1, H, R] (block of request b);
-    # ckv[N, P, C], krope[N, P, R] (whole pool); o[1, 1, H, C], m/l[1, 1, H]
-    b, s = pl.program_id(0), pl.program_id(1)
+    # table[B, M], nkeys[B]; qlat[1, Hb, C], qrope[1, Hb, R] (head block g of request b);
+    # ckv[N, P, C], krope[N, P, R] (whole pool); o[1, 1, Hb, C], m/l[1, 1, Hb]
+    b, s = pl.program_id(1), pl.program_id(2)
     qlat_HC = qlat_ref[0].astype(jnp.float32)
     qrope_HR = qrope_ref[0].astype(jnp.float32)
     n_keys = nkeys_ref[b]
@@ -91,34 +101,42 @@ def mla_decode(
     R = qrope_BHR.shape[-1]
     N, P, _ = ckv_NPC.shape
     M = table_BM.shape[1]
+    if blocks.heads_per_block < 1:
+        raise ValueError(f"Blocks.heads_per_block={blocks.heads_per_block}: must be >= 1")
+    if blocks.pages_per_split < 1:
+        raise ValueError(f"Blocks.pages_per_split={blocks.pages_per_split}: must be >= 1")
+    hb = min(blocks.heads_per_block, H)
+    G = -(-H // hb)
+    pad_H = ((0, 0), (0, G * hb - H), (0, 0))  # ragged last block: zero queries, dropped
+    qlat_BHC, qrope_BHR = jnp.pad(qlat_BHC, pad_H), jnp.pad(qrope_BHR, pad_H)
     per = min(blocks.pages_per_split, M)
     S = -(-M // per)
     table_BM = jnp.pad(table_BM, ((0, 0), (0, S * per - M)))  # padded slots: masked anyway
-    whole = lambda shape: pl.BlockSpec(shape, lambda b, s: (0,) * len(shape))  # noqa: E731
+    whole = lambda shape: pl.BlockSpec(shape, lambda g, b, s: (0,) * len(shape))  # noqa: E731
     o, m, l = pl.pallas_call(
         functools.partial(_kernel, pages_per_split=per, page_size=P),
-        grid=(B, S),
+        grid=(G, B, S),  # g first: launched fastest, the head blocks of a split side by side
         in_specs=[
             whole(table_BM.shape),
             whole((B,)),
-            pl.BlockSpec((1, H, C), lambda b, s: (b, 0, 0)),
-            pl.BlockSpec((1, H, R), lambda b, s: (b, 0, 0)),
+            pl.BlockSpec((1, hb, C), lambda g, b, s: (b, g, 0)),
+            pl.BlockSpec((1, hb, R), lambda g, b, s: (b, g, 0)),
             whole((N, P, C)),
             whole((N, P, R)),
         ],
         out_specs=[
-            pl.BlockSpec((1, 1, H, C), lambda b, s: (b, s, 0, 0)),
-            pl.BlockSpec((1, 1, H), lambda b, s: (b, s, 0)),
-            pl.BlockSpec((1, 1, H), lambda b, s: (b, s, 0)),
+            pl.BlockSpec((1, 1, hb, C), lambda g, b, s: (b, s, g, 0)),
+            pl.BlockSpec((1, 1, hb), lambda g, b, s: (b, s, g)),
+            pl.BlockSpec((1, 1, hb), lambda g, b, s: (b, s, g)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, S, H, C), jnp.float32),
-            jax.ShapeDtypeStruct((B, S, H), jnp.float32),
-            jax.ShapeDtypeStruct((B, S, H), jnp.float32),
+            jax.ShapeDtypeStruct((B, S, G * hb, C), jnp.float32),
+            jax.ShapeDtypeStruct((B, S, G * hb), jnp.float32),
+            jax.ShapeDtypeStruct((B, S, G * hb), jnp.float32),
         ],
         interpret=interpret,
     )(table_BM, n_keys_B, qlat_BHC, qrope_BHR, ckv_NPC, krope_NPR)
-    return merge_splits(o, m, l)
+    return merge_splits(o[:, :, :H], m[:, :, :H], l[:, :, :H])
 
 
 def merge_splits(o_BSHC, m_BSH, l_BSH) -> Float[Array, "B H C"]:
