@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup gpu-venv
-	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not slow and not gpu" -n 2 --dist loadfile --durations=15
 
 test-all: setup gpu-venv
-	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile --no-loadscope-reorder
+	DEEPSEEK_JAX_REQUIRE_GPU_COMPILE=1 $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadfile
 
 train: setup
 	$(PY) -m experiments.train $(ARGS)

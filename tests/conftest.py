@@ -35,23 +35,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
-# The files that take longest (``make test --durations``), longest first. ``make test``
-# hands whole files to its two workers in collection order (``--dist loadfile
-# --no-loadscope-reorder``): starting with these leaves the short files to fill the end,
-# where by test count a long file could start last and run alone.
-LONGEST_FIRST = (
-    "test_gpu_compile.py",
-    "test_train.py",
-    "test_pipeline_equal.py",
-    "test_notebooks.py",
-    "test_pipeline.py",
-    "test_pipeline_equal4.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order
     if jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason="needs a GPU")
         for item in items:
