@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import statistics
@@ -48,6 +49,7 @@ import cpu_kernels.build as kernel_build
 import deepseek_jax.backends as backends
 
 ENV = "DEEPSEEK_JAX_PROGRAM_RACE"
+_log = logging.getLogger("deepseek_jax.backends")
 Forcing = dict[str, str]  # op family -> choice (``backends.forcing``)
 Carry = Callable[[tuple, object], tuple]  # (arguments, outputs) -> the next step's arguments
 STEPS = 4  # timed consecutive steps per candidate and round (even: a bimodal median shows)
@@ -162,6 +164,12 @@ def _choose(name, build, enter, shape, args, phase, carry, seen, text) -> Forcin
     build_id = " + ".join(sorted({b for _, _, b in seen.values()}))
 
     def race() -> backends.Decision:
+        _log.info(  # a first run's pause (one compile per combination), said before it
+            "backends: racing %s over %d backend combinations (%s); the choice is cached",
+            op,
+            len(combos),
+            RULE,
+        )
         candidates = {n: _timed(build, enter, f, args, carry) for n, f in combos.items()}
         d = backends.race(
             op,

@@ -136,15 +136,21 @@ def test_timing_runs_donate_a_copy_and_chain_their_steps(timings, monkeypatch):
     assert outputs[:3] == [12.0, 34.0, 78.0]  # BOTH, raced first: 1 -> 12 -> 34 -> 78
 
 
-def test_a_cached_program_decision_is_reused_without_timing(timings, monkeypatch):
+def test_a_cached_program_decision_is_reused_without_timing(timings, monkeypatch, caplog):
     set_ms, calls = timings
     set_ms({**KERNELS_WIN_OPS, BOTH: 12.0, XLA: 10.0, ATTN_ONLY: 8.0, MOE_ONLY: 13.0})
-    assert _run() == 22.0
+    with caplog.at_level("INFO", logger="deepseek_jax.backends"):
+        assert _run() == 22.0
+    racing = [r.getMessage() for r in caplog.records if "racing" in r.getMessage()]
+    assert len(racing) == 1 and "4 backend combinations" in racing[0], racing  # said first
+    caplog.clear()
     monkeypatch.setattr(backends, "_decisions", {})  # a new process: only the disk cache
     set_ms({BOTH: 1.0, XLA: 10.0, ATTN_ONLY: 10.0, MOE_ONLY: 10.0})
     before = len(calls)
-    assert _run() == 22.0
+    with caplog.at_level("INFO", logger="deepseek_jax.backends"):
+        assert _run() == 22.0
     assert calls[before:] == []
+    assert not [r for r in caplog.records if "racing" in r.getMessage()]  # nothing to wait for
 
 
 def test_explicit_backends_skip_the_race(timings):
