@@ -169,8 +169,8 @@ class Transformer(nnx.Module):
         with jax.named_scope("mtp"):
             for k, module in enumerate(self.mtp, start=1):
                 emb_BTD = self.embed_tokens(shift_left(ids_BT, k))
-                _, h_BTD, st = module(h_BTD, emb_BTD, positions_BT)
-                logits.append(self.head(h_BTD))
+                h_BTD, logits_BTV, st = module(h_BTD, emb_BTD, positions_BT, self.head)
+                logits.append(logits_BTV)
                 loads.append(st.load_E)
                 losses.append(st.balance_loss)
                 dropped.append(st.dropped)

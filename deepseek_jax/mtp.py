@@ -12,15 +12,19 @@ is how transformers' ``MtpModel`` and vLLM run the released MTP weights (our gol
 logits come from the former). Causality holds: position i sees tokens up to i+k, all of
 them inputs.
 
-Shape letters: B batch, T positions, D hidden.
+Shape letters: B batch, T positions, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+import deepseek_jax.overlap as overlap
 from deepseek_jax.block import Block
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import RMSNorm, matmul, param
@@ -42,12 +46,22 @@ class MTPModule(nnx.Module):
         h_BTD: Float[Array, "B T D"],
         emb_BTD: Float[Array, "B T D"],
         positions_BT: Int[Array, "B T"],
-    ) -> tuple[Float[Array, "B T D"], Float[Array, "B T D"], MoEStats | None]:
-        """Returns (h^k before the norm, normalised h^k for the shared head, MoE stats)."""
+        head: Callable[[Array], Float[Array, "B T V"]],
+    ) -> tuple[Float[Array, "B T D"], Float[Array, "B T V"], MoEStats | None]:
+        """Returns (normalised h^k, ``head`` of it: the logits, MoE stats). Under
+        ``overlap=dual_deferred`` the block leaves half B's combine undone and it runs beside
+        half A's norm and head (``overlap.finish``), as the main stack's last block does."""
         cat = jnp.concatenate([self.enorm(emb_BTD), self.hnorm(h_BTD)], axis=-1)
         x_BTD = matmul(cat.astype(self.dtype), self.eh_proj[...].astype(self.dtype))
-        h_BTD, stats = self.block(x_BTD, positions_BT)
-        return h_BTD, self.norm(h_BTD), stats
+        normed = lambda x: (hn := self.norm(x), head(hn))  # noqa: E731
+        block = self.block
+        if block._dual(x_BTD.shape[0]) and block.mlp.cfg.run.overlap == "dual_deferred":
+            with jax.named_scope("dual_overlap"):
+                x_BTD, stats, pending = overlap.dual_block(block, x_BTD, positions_BT, defer=True)
+                hn_BTD, logits_BTV = overlap.finish(block.mlp, x_BTD, pending, normed)
+            return hn_BTD, logits_BTV, stats
+        x_BTD, stats = block(x_BTD, positions_BT)
+        return *normed(x_BTD), stats
 
 
 def shift_left(ids_BT: Int[Array, "B T"], k: int, fill: int = 0) -> Int[Array, "B T"]:

@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-lhs", action="store_true", help="latency-hiding scheduler off (control)")
     p.add_argument(
+        "--latency-profile",
+        action="store_true",
+        help="compile twice: the scheduler reads the cost model's figures of the first\n"
+        "schedule as a PGLE profile (codesign/latency_profile.py)",
+    )
+    p.add_argument(
         "--xla", action="append", default=[], help="extra XLA:GPU option key=value (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -113,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         pipeline=args.pipeline,
         microbatches=args.microbatches,
         pairing=not args.no_pairing,
+        latency_profile=args.latency_profile,
     )
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
         "output_bytes_per_device": int(mem.output_size_in_bytes),
         "alias_bytes_per_device": int(mem.alias_size_in_bytes),
         "compile_s": round(out.compile_s, 1),
+        "latency_profile_coverage": out.profile_coverage,
         # kernels in the program (our Pallas ones: Triton and Mosaic GPU calls)
         "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(out.hlo))),
     }
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         tokens = args.batch * args.seq_len // (nodes * gpus)
         b = phase_bound(cfg, tokens, args.seq_len, nodes, gpus, model)
         result |= {"gemm_bound_forward": b.forward, "gemm_bound_backward": b.backward}
+        result["gemm_ceiling_forward"] = b.ceiling  # any pairing: all GEMMs / all transfers
     if not args.json:
         print(
             f"{args.program} of {args.preset} {' '.join(args.overrides)} on {args.target} "

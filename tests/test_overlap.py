@@ -185,16 +185,18 @@ def _model_grads(overrides, mesh, loop):
 @pytest.mark.parametrize("loop, path", [("scan", "two_hop"), ("unroll", "flat")])
 def test_dual_stack_with_combine_b_deferred_equals_unsplit(loop, path):
     """Two MoE blocks in a loop, each leaving half B's combine to the next, the last one's
-    finished beside the head: logits, MTP logits, statistics and gradients equal the
-    unsplit model's."""
+    finished beside the head, and the MTP block's beside the MTP head: logits, MTP logits,
+    statistics and gradients equal the unsplit model's."""
     mesh = make_mesh(2, 4)
     opts = [f"ep_dispatch={path}"]
     g0, out0 = _model_grads(opts, mesh, loop)
     g1, out1 = _model_grads([*opts, "overlap=dual_deferred"], mesh, loop)
     assert rel_err(out1.logits_BTV, out0.logits_BTV) < 1e-6
     assert rel_err(out1.mtp_logits_KBTV, out0.mtp_logits_KBTV) < 1e-6
-    for name in ("load_LE", "dropped_L"):
-        np.testing.assert_array_equal(getattr(out1.moe_stats, name), getattr(out0.moe_stats, name))
-    np.testing.assert_allclose(out1.moe_stats.balance_loss_L, out0.moe_stats.balance_loss_L, 1e-6)
+    for stats in ("moe_stats", "mtp_stats"):  # the MTP block defers its combine(B) too
+        s1, s0 = getattr(out1, stats), getattr(out0, stats)
+        for name in ("load_LE", "dropped_L"):
+            np.testing.assert_array_equal(getattr(s1, name), getattr(s0, name))
+        np.testing.assert_allclose(s1.balance_loss_L, s0.balance_loss_L, 1e-6)
     for (p, g), h in zip(jax.tree.leaves_with_path(g1), jax.tree.leaves(g0), strict=True):
         assert rel_err(g, h) < 1e-5, jax.tree_util.keystr(p)

@@ -44,3 +44,16 @@ def test_phase_bound_grows_with_width_and_deferral():
     for b in bounds:
         assert b.forward <= b.deferred <= 1 and b.forward <= b.backward <= 1
     assert bounds[0].forward < bounds[1].forward < bounds[2].forward
+
+
+def test_ceiling_bounds_every_pairing():
+    """The ceiling is all of a block's GEMMs against all its transfers, so no pairing (the
+    deferred one included) beats it; at V3's shape on (2, 8) with FP8 dispatch and factor
+    1.0 the bf16 combine keeps it under 0.9 (README, "Is 0.9 reachable?")."""
+    v3 = get_preset("v3-671b", {"ep_fp8_dispatch": "true", "ep_capacity_factor": "1.0"})
+    for cfg, tokens, seq in ((get_preset("bench-small"), 512, 256), (v3, 4096, 2048)):
+        b = phase_bound(cfg, tokens, seq, 2, 8)
+        gemms = 2 * (b.attention_s + b.experts_s + b.shared_s)
+        assert b.ceiling == pytest.approx(min(1.0, gemms / (2 * (b.dispatch_s + b.combine_s))))
+        assert max(b.forward, b.deferred) <= b.ceiling
+    assert 0.8 < b.ceiling < 0.9

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import tempfile
 import time
 from importlib import resources
 from typing import Any
@@ -28,6 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import deepseek_jax.backends as backends
+from deepseek_jax.codesign.latency_profile import costs_us, profile_text
+from deepseek_jax.codesign.schedule import CostModel, Schedule
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.mesh import make_mesh
 from deepseek_jax.sharding import logical_to_spec, state_shardings
@@ -42,6 +46,7 @@ GPU_CHOICES = {"dtype": "bfloat16", "moe_backend": "einsum", "attention_backend"
 GPU_XLA_OPTIONS: dict[str, Any] = {"xla_gpu_enable_latency_hiding_scheduler": True}
 # Deviceless only: the sort-to-CUB pass queries a device ("invalid device ordinal").
 DEVICELESS_XLA_OPTIONS: dict[str, Any] = {"xla_gpu_enable_cub_radix_sort": False}
+PGLE_OPTION = "xla_gpu_pgle_profile_file_or_directory_path"
 
 
 def target_spec(target: str) -> str:
@@ -80,6 +85,7 @@ class Compiled:
     hlo: str
     memory: Any  # CompiledMemoryStats
     compile_s: float
+    profile_coverage: float | None = None  # latency_profile: share of kernels it priced
 
 
 def compile_program(
@@ -94,10 +100,14 @@ def compile_program(
     pipeline: str = "none",
     microbatches: int = 1,
     pairing: bool = True,
+    latency_profile: bool = False,
 ) -> Compiled:
     """Traces ``program`` on abstract state over ``mesh`` and compiles it for the GPU;
     ``pipeline`` (train only) runs the step pipelined over the mesh's stages (``pairing``
-    False: F&B ticks through the switches, the control of ``pipeline/pairing.py``)."""
+    False: F&B ticks through the switches, the control of ``pipeline/pairing.py``).
+    ``latency_profile``: compile twice, the second time with the scheduler reading the
+    first schedule's costs under ``CostModel`` (``latency_profile.py``: what PGLE gives it
+    on a pod); ``compile_s`` is then both compiles."""
     if program not in PROGRAMS:
         raise ValueError(f"--program {program!r}: choose one of {PROGRAMS}")
     dp = mesh.size
@@ -114,11 +124,23 @@ def compile_program(
     with jax.set_mesh(mesh), backends.targeting("gpu"):
         traced = build(cfg, mesh, batch, seq_len, remat)
         lowered = traced.lower()
+    options = {**GPU_XLA_OPTIONS, **DEVICELESS_XLA_OPTIONS, **(options or {})}
     t0 = time.perf_counter()
-    compiled = lowered.compile(
-        compiler_options={**GPU_XLA_OPTIONS, **DEVICELESS_XLA_OPTIONS, **(options or {})}
+    compiled = lowered.compile(compiler_options=options)
+    coverage = None
+    if latency_profile:
+        costs = costs_us(Schedule(compiled.as_text(), dict(mesh.shape), CostModel()))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "cost_model.pbtxt")
+            with open(path, "w") as f:
+                f.write(profile_text(costs))
+            compiled = lowered.compile(compiler_options={**options, PGLE_OPTION: path})
+        # the profile is keyed by name: how many of the second schedule's kernels it priced
+        again = costs_us(Schedule(compiled.as_text(), dict(mesh.shape), CostModel()))
+        coverage = len(again.keys() & costs.keys()) / max(1, len(again))
+    return Compiled(
+        compiled.as_text(), compiled.memory_analysis(), time.perf_counter() - t0, coverage
     )
-    return Compiled(compiled.as_text(), compiled.memory_analysis(), time.perf_counter() - t0)
 
 
 def _ids(mesh, batch: int, length: int) -> jax.ShapeDtypeStruct:

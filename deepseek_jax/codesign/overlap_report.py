@@ -13,6 +13,8 @@ scheduled HLO, and what the dual schedule could hide at best at a given width.
   Compute counts GEMM FLOPs at the model's rate (balanced routing, the useful T K rows);
   transfer counts the padded buffers the program sends. hidden <= sum min(transfer, paired
   compute) / sum transfer; backward GEMMs are 2x the forward's beside the same bytes.
+  ``ceiling``: no schedule hides more of a block's forward transfers behind its GEMMs than
+  all of them (both halves) against all the transfers, whatever the pairing.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class PhaseBound:
     forward: float  # best hidden fraction, combine(B) inside the block
     backward: float
     deferred: float  # forward, combine(B) beside the next block's attention(A)
+    ceiling: float  # forward, any pairing: the block's GEMMs against all its transfers
 
 
 def phase_bound(
@@ -158,9 +161,12 @@ def phase_bound(
         total = 2 * x_d + 2 * x_c  # 0 on one device: nothing to hide
         return sum(min(x, scale * c) for x, c in pairs) / total if total else 1.0
 
+    total = 2 * (x_d + x_c)
+    ceiling = min(1.0, 2 * (attn + experts + shared) / total) if total else 1.0
     return PhaseBound(
         x_d, x_c, attn, experts, shared,
         forward=bound(1, shared), backward=bound(2, shared), deferred=bound(1, shared + attn),
+        ceiling=ceiling,
     )  # fmt: skip
 
 
