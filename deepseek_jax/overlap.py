@@ -11,14 +11,16 @@ its own rows: no communication) and issues attention(A), then eight phases, one 
 all-to-all (``+``: in the same phase; hop 1 over node, hop 2 over gpu):
     dispatch(A) hop 1 + shared(A) 1/3 | hop 2 + attention(B)
     | dispatch(B) hop 1 + shared(A) 2/3 | hop 2 + experts(A)
-    | combine(A) hop 2 + experts(B) | hop 1 + shared(A) 3/3
+    | combine(A) hop 2 + experts(B) 1/2 | hop 1 + experts(B) 2/2 + shared(A) 3/3
     | combine(B) hop 2 + shared(B) 1/2 | hop 1 + shared(B) 2/2.
 An ``optimization_barrier`` ends each phase, and each fill's inputs come out of the
 previous one, so no op can leave its phase: XLA cannot serialise the halves again, nor move
 a fill into another collective's window and leave a collective with nothing beside it
 (in our compiles XLA:GPU ran one all-to-all at a time, so two hops sharing one fill left
 one of them sync). The larger fills go beside the larger (gpu) hops; the shared expert runs on
-position slices (per token: exact). Each hop is ONE all-to-all: the ids and gate weights
+position slices (per token: exact), experts(B) on two groups of the local experts, sized by
+the two combine hops' wire times (each assignment in one group: exact up to the order in
+which a row's experts are summed). Each hop is ONE all-to-all: the ids and gate weights
 travel packed beside the payload (``moe/payload.exchange``). The barrier's transpose is a
 barrier on the cotangents, so the backward pass keeps the same pairing in reverse. The MoE
 is the layer of ``moe/layer.py`` cut at its collectives into ``shard_map`` stages
@@ -32,7 +34,7 @@ block runs it first, beside its attention(A):
     [combine(B) of the previous block, hop 2 + attention(A) | hop 1 + shared(A) 1/2]
     | dispatch(A) hop 1 + shared(A) (the rest) | hop 2 + attention(B)
     | dispatch(B) hop 1 + shared(B) 1/2 | hop 2 + experts(A)
-    | combine(A) hop 2 + experts(B) | hop 1 + shared(B) 2/2.
+    | combine(A) hop 2 + experts(B) 1/2 | hop 1 + experts(B) 2/2 + shared(B) 2/2.
 The first block (which has none to take) runs before the loop; the last one's is finished
 beside half A's final norm and head (``finish``, from ``Transformer.__call__``).
 
@@ -145,7 +147,8 @@ def _pipeline(moe: MoE, ha, b_in, make_b):
     make_b(b_in) | dispatch(B) beside shared(A) then experts(A) | combine(A) beside
     experts(B) then shared(A) | combine(B) beside shared(B). ``make_b`` returns (B's MoE
     input, extras to carry). The shared expert runs on position slices (per token: exact),
-    one per phase it fills."""
+    one per phase it fills; experts(B) is cut likewise, by groups of experts, beside
+    combine(A)'s hops."""
     st = Stages(moe, ha.shape)
     sh_a, sh_b = st.shared_parts(3), st.shared_parts(2)
     ew = st.expert_weights  # laid out per call, as before the deferred variant
@@ -153,8 +156,9 @@ def _pipeline(moe: MoE, ha, b_in, make_b):
     da, (sa0, (hb, extra)), (ha, _) = _hops_beside(st.dispatch_hops(), ha, fills, (ha, b_in))
     fills = [lambda c, _d: sh_a[1](c[0]), lambda c, _d: st.experts(c[1].recv, ew())]
     db, (sa1, ea), (ha, da, hb) = _hops_beside(st.dispatch_hops(), hb, fills, (ha, da, hb))
-    fills = [lambda c, _d: st.experts(c[1].recv, ew()), lambda c, _d: sh_a[2](c[0])]
-    ya, (eb, sa2), (_, db, hb) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
+    fills = _experts_beside_combine(st, lambda c: (c[1].recv, ew()), lambda c: sh_a[2](c[0]))
+    ya, done, (_, db, hb) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
+    eb, sa2 = done[-1]
     fills = [lambda c, _d: sh_b[0](c), lambda c, _d: sh_b[1](c)]
     yb, sb, _ = _hops_beside(st.combine_hops(db), eb, fills, hb)
     stats = _stats(da, db)
@@ -182,11 +186,25 @@ def _deferred(moe: MoE, a_in, b_in, make, prev: Pending | None):
     da, (sa1, (hb, extra_b)), (ha, _) = _hops_beside(st.dispatch_hops(), ha, fills, (ha, b_in))
     fills = [lambda c, _d: sh_b[0](c[2]), lambda c, _d: st.experts(c[1].recv, ew)]
     db, (sb0, ea), (ha, da, hb) = _hops_beside(st.dispatch_hops(), hb, fills, (ha, da, hb))
-    fills = [lambda c, _d: st.experts(c[1].recv, ew), lambda c, _d: sh_b[1](c[2])]
-    ya, (eb, sb1), (_, db, _) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
+    fills = _experts_beside_combine(st, lambda c: (c[1].recv, ew), lambda c: sh_b[1](c[2]))
+    ya, done, (_, db, _) = _hops_beside(st.combine_hops(da), ea, fills, (ha, db, hb))
+    eb, sb1 = done[-1]
     cat = functools.partial(jnp.concatenate, axis=1)
     ya, yb = ya + cat([*sa, sa1]), cat([sb0, sb1])
     return ya, yb, _stats(da, db), extra_a, extra_b, Pending(eb, db.handle, db.weight_TK)
+
+
+def _experts_beside_combine(st: Stages, experts_in, last):
+    """The fills of combine(A)'s hops: experts(B) cut into groups of local experts in
+    proportion to the hops' wire times (``Stages.combine_hop_times``), one group per hop,
+    then ``last`` (a shared-expert slice) in the last hop. Results: (experts(B), last's).
+    ``experts_in(carry)``: (B's received rows, the experts' weights)."""
+    times = st.combine_hop_times()
+    part = lambda c, i: st.experts_in_parts(*experts_in(c), times)[i]()  # noqa: E731
+    if len(times) == 1:
+        return [lambda c, _d: (part(c, 0), last(c))]
+    # phase 1: experts(B)'s first group; phase 2: (the sum with the second group, last)
+    return [lambda c, _d: part(c, 0), lambda c, d: (d[0] + part(c, 1), last(c))]
 
 
 def _stats(da, db) -> MoEStats:

@@ -11,6 +11,7 @@ from flax import nnx
 from deepseek_jax import overlap, sharding
 from deepseek_jax.block import Block
 from deepseek_jax.mesh import make_mesh
+from deepseek_jax.moe.stages import Stages
 from deepseek_jax.presets import get_preset
 from tests.layouts import spec
 from tests.numerics import rel_err
@@ -94,6 +95,35 @@ def test_dual_moe_for_prefill_equals_unsplit():
         (y0, s0), (y1, s1) = jax.device_get(both(state, jax.device_put(h, DATA)))
     assert rel_err(y1, y0) < 1e-6
     np.testing.assert_array_equal(s1.load_E, s0.load_E)
+
+
+@pytest.mark.parametrize("shares", [[3, 1], [1, 0], [1, 1, 2]])
+def test_expert_groups_sum_to_the_experts(shares):
+    """experts(B) cut into groups of local experts (one group per combine hop it fills):
+    the groups' outputs sum to the experts' output, an empty group included (4 experts per
+    device on (2, 4))."""
+    mesh = make_mesh(2, 4)
+    cfg = get_preset("tiny", [*BASE, "n_routed_experts=32"])
+    moe = Block(cfg, moe=True, rngs=nnx.Rngs(0)).mlp
+    h = jax.random.normal(jax.random.key(4), (B, T, cfg.hidden_size), jnp.float32)
+    graphdef, state = nnx.split(moe)
+
+    @jax.jit
+    def both(state, h):
+        st = Stages(nnx.merge(graphdef, state), h.shape)
+        assert st.topo.experts_per_device == 4
+        d = h
+        for hop in st.dispatch_hops():
+            d = hop(d)
+        ws = st.expert_weights()
+        return st.experts(d.recv, ws), [part() for part in st.experts_in_parts(d.recv, ws, shares)]
+
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, sharding.state_shardings(state, mesh))
+        whole, parts = jax.device_get(both(state, jax.device_put(h, DATA)))
+    assert len(parts) == len(shares)
+    assert all(np.abs(p).max() > 0 for p, share in zip(parts, shares, strict=True) if share)
+    assert rel_err(sum(parts), whole) < 1e-6
 
 
 def test_overlap_field_is_validated():

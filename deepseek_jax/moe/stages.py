@@ -9,6 +9,7 @@ token, R received rows, U hop-1 rows.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -18,7 +19,9 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 import deepseek_jax.moe.dispatch as dsp
+from deepseek_jax.codesign.schedule import CostModel
 from deepseek_jax.fp8 import fp8_mode
+from deepseek_jax.mesh import GPU, NODE
 from deepseek_jax.moe.experts import routed_ffn
 from deepseek_jax.moe.layer import (
     MoE,
@@ -139,14 +142,56 @@ class Stages:
             recv, *ws
         )
 
-    def _experts_local(self, recv: dsp.Received, *ws) -> Float[Array, "R D"]:
+    def experts_in_parts(self, recv: dsp.Received, ws: list, shares: list[float]) -> list:
+        """``experts`` as len(shares) stages over consecutive groups of the device's local
+        experts (group sizes in proportion to ``shares``, the phases they fill): each part
+        drops the other groups' assignments, and the parts sum to ``experts`` (each
+        assignment in one part; rows with several experts add their parts in another
+        order)."""
+        El = self.topo.experts_per_device
+        cuts = [0]
+        for share in itertools.accumulate(shares):
+            cuts.append(min(El, max(cuts[-1], round(El * share / sum(shares)))))
+        cuts[-1] = El
+        dev, ex = P(self.topo.axes), self.experts_spec
+        specs = (dsp.Received(dev, dev, dev), ex, ex, ex)
+        parts = []
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            local = functools.partial(self._experts_local, lo=lo, hi=hi)
+            parts.append(functools.partial(self._smap(local, specs, dev), recv, *ws))
+        return parts
+
+    def _experts_local(
+        self, recv: dsp.Received, *ws, lo: int = 0, hi: int | None = None
+    ) -> Float[Array, "R D"]:
+        """The FFN of the local experts [lo, hi) (all by default) on their assignments."""
         cfg, El = self.cfg, self.topo.experts_per_device
         assert ws[0].shape[0] == El, (ws[0].shape, self.topo)
         sizes = dsp.SlotSizes.for_shapes(
             self.T, cfg.num_experts_per_tok, El, max_capacity=recv.x_RD.shape[0]
         )
+        hi = El if hi is None else hi
+        if (lo, hi) != (0, El):  # the group's experts renumbered from 0; the rest: none
+            mine = (recv.expert_RK >= lo) & (recv.expert_RK < hi)
+            ids = jnp.where(mine, recv.expert_RK - lo, hi - lo)
+            recv = dsp.Received(recv.x_RD, ids, jnp.where(mine, recv.weight_RK, 0.0))
+            ws = [w[lo:hi] for w in ws]
+        if hi == lo:
+            return jnp.zeros(recv.x_RD.shape, jnp.float32)
         ws = expert_weights(cfg, recv.x_RD.dtype, *ws)
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
+
+    def combine_hop_times(self) -> list[float]:
+        """Relative wire times of the combine hops, in their order (gpu then node; flat: one),
+        under the harness's link model (``codesign.schedule.CostModel``): rows that leave
+        the device over the hop's link. Both hops carry rows of the same width."""
+        if self.opts.path == "flat":
+            return [1.0]
+        links = dict(CostModel().link_Bps)
+        t = self.topo
+        hop2 = t.gpus * self.caps.gpu * (t.gpus - 1) / t.gpus / links.get(t.intra, links[GPU])
+        hop1 = t.nodes * self.caps.node * (t.nodes - 1) / t.nodes / links.get(t.inter, links[NODE])
+        return [hop2, hop1]
 
     def combine_hops(self, d: Dispatched) -> list:
         """Combine of ``d`` as a list of stages y -> y with one all-to-all each: two-hop back
