@@ -137,10 +137,8 @@ class Stages:
         return [laid_out(w[...], ex, self.mesh) for w in (moe.w_gate, moe.w_up, moe.w_down)]
 
     def experts(self, recv: dsp.Received, ws: list) -> Float[Array, "R D"]:
-        dev, ex = P(self.topo.axes), self.experts_spec
-        return self._smap(self._experts_local, (dsp.Received(dev, dev, dev), ex, ex, ex), dev)(
-            recv, *ws
-        )
+        """The routed experts' output rows (all the device's experts in one stage)."""
+        return self.experts_in_parts(recv, ws, [1.0])[0]()
 
     def experts_in_parts(self, recv: dsp.Received, ws: list, shares: list[float]) -> list:
         """``experts`` as len(shares) stages over consecutive groups of the device's local
@@ -171,13 +169,13 @@ class Stages:
             self.T, cfg.num_experts_per_tok, El, max_capacity=recv.x_RD.shape[0]
         )
         hi = El if hi is None else hi
+        if hi == lo:  # an empty group
+            return jnp.zeros(recv.x_RD.shape, jnp.float32)
         if (lo, hi) != (0, El):  # the group's experts renumbered from 0; the rest: none
             mine = (recv.expert_RK >= lo) & (recv.expert_RK < hi)
             ids = jnp.where(mine, recv.expert_RK - lo, hi - lo)
             recv = dsp.Received(recv.x_RD, ids, jnp.where(mine, recv.weight_RK, 0.0))
             ws = [w[lo:hi] for w in ws]
-        if hi == lo:
-            return jnp.zeros(recv.x_RD.shape, jnp.float32)
         ws = expert_weights(cfg, recv.x_RD.dtype, *ws)
         return routed_ffn(*recv, *ws, backend=self.moe.backend, sizes=sizes, fp8=fp8_mode(cfg))
 
