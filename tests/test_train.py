@@ -50,6 +50,9 @@ def _env(devices: int | None = 8) -> dict[str, str]:
     )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
+    # No malloc restart (experiments/runtime.py, tested in test_runtime.py): it only picks
+    # glibc's huge-page tunable, and costs each run a second start-up (imports, backends).
+    env["DEEPSEEK_JAX_NO_REEXEC"] = "1"
     return env
 
 
