@@ -1,5 +1,7 @@
 """The whole model: shapes, sharded == unsharded, born sharded, causality, remat."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -84,13 +86,20 @@ def test_causality_through_gradients():
             assert (g[k, rows[: t + k + 1]] > 0).all(), f"depth {k} at {t} misses a past token"
 
 
-def test_remat_changes_nothing():
+@functools.cache
+def _forward_and_grad(loop: str, remat: str):
+    """Logits/statistics and the gradient of a scalar of the logits, for one layer loop and
+    remat policy: computed once, shared by the remat and layer-loop tests below."""
     ids = _ids(2, 8)
+    model = Transformer(CFG, rngs=nnx.Rngs(0), remat=remat, layer_loop=loop)
     loss = lambda m: m(ids).logits_BTV.astype(jnp.float32).std()  # noqa: E731
-    m0 = Transformer(CFG, rngs=nnx.Rngs(0))
-    m1 = Transformer(CFG, rngs=nnx.Rngs(0), remat="full")
-    g0 = nnx.jit(nnx.grad(loss))(m0)
-    g1 = nnx.jit(nnx.grad(loss))(m1)
+    return nnx.jit(lambda m: m(ids))(model), nnx.jit(nnx.grad(loss))(model)
+
+
+@pytest.mark.parametrize("loop", ["scan", "unroll"])  # "auto" is unroll on CPU
+def test_remat_changes_nothing(loop):
+    g0 = _forward_and_grad(loop, "none")[1]
+    g1 = _forward_and_grad(loop, "full")[1]
     chex.assert_trees_all_close(g0, g1, atol=1e-6, rtol=1e-5)
 
 
@@ -102,14 +111,10 @@ def test_bad_remat_policy():
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_unrolled_layers_equal_the_scan(remat):
     """Same logits, MoE statistics and stacked-parameter gradients either way."""
-    ids = _ids(2, 8)
-
-    def run(loop):
-        model = Transformer(CFG, rngs=nnx.Rngs(0), remat=remat, layer_loop=loop)
-        loss = lambda m: m(ids).logits_BTV.astype(jnp.float32).std()  # noqa: E731
-        return nnx.jit(lambda m: m(ids))(model), nnx.jit(nnx.grad(loss))(model)
-
-    (out_s, g_s), (out_u, g_u) = run("scan"), run("unroll")
+    (out_s, g_s), (out_u, g_u) = (
+        _forward_and_grad("scan", remat),
+        _forward_and_grad("unroll", remat),
+    )
     assert CFG.num_moe_layers > 1 and out_u.moe_stats.load_LE.shape[0] == CFG.num_moe_layers
     chex.assert_trees_all_close(out_u, out_s, atol=1e-6, rtol=1e-5)
     chex.assert_trees_all_close(g_u, g_s, atol=1e-6, rtol=1e-5)

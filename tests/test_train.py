@@ -50,6 +50,9 @@ def _env(devices: int | None = 8) -> dict[str, str]:
     )
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
+    # No malloc restart (experiments/runtime.py, tested in test_runtime.py): it only picks
+    # glibc's huge-page tunable, and costs each run a second start-up (imports, backends).
+    env["DEEPSEEK_JAX_NO_REEXEC"] = "1"
     return env
 
 
@@ -123,9 +126,10 @@ def test_killed_run_resumes_bit_identical(tmp_path, reference):
 
 def test_sigterm_finishes_step_saves_and_exits(tmp_path):
     out = tmp_path / "run"
-    # the reference's mesh: its initialisation and evaluation programs come from the cache
-    run = _spawn(TINY + MESH + ["--steps", "500", "--ckpt-every", "2", "--out", str(out)])
-    _wait_for(out / "checkpoints" / "2", run)
+    # the reference's schedule: all its programs come from the compilation cache. A save
+    # after every step keeps the run busy for seconds after the first, well past the poll.
+    run = _spawn(SCHEDULE + ["--ckpt-every", "1", "--out", str(out)])
+    _wait_for(out / "checkpoints" / "1", run)
     run.send_signal(signal.SIGTERM)
     log = run.communicate(timeout=120)[0]
     assert run.returncode == 0, log
