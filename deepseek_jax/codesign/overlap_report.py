@@ -141,14 +141,9 @@ def phase_bound(
     topo = Topology(nodes, gpus, cfg.n_routed_experts, reach, inter, intra)
     caps = Capacities.for_tokens(T, K, topo, cfg.run.ep.capacity_factor)
     send = 1 + 4 / 128 if cfg.run.ep.fp8_dispatch else 2  # bytes per element on the wire
-    links = dict(model.link_Bps)
 
     def hops(nbytes: float) -> float:
-        if cfg.run.ep.path == "flat":
-            P = nodes * gpus
-            return P * caps.flat * D * nbytes * (P - 1) / P / links[inter if nodes > 1 else intra]
-        hop1 = nodes * caps.node * D * nbytes * (nodes - 1) / nodes / links[inter]
-        return hop1 + gpus * caps.gpu * D * nbytes * (gpus - 1) / gpus / links[intra]
+        return sum(model.exchange_s(topo, caps, D * nbytes, cfg.run.ep.path == "flat"))
 
     ffn = 6 * D * cfg.moe_intermediate_size  # forward FLOPs of one token through one expert
     core = 2 * seq_len * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) / 2

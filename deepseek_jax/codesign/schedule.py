@@ -52,6 +52,19 @@ class CostModel:
         bw = min((links[a] for a in axes if a in links), default=max(links.values()))
         return nbytes / bw
 
+    def exchange_s(self, topo, caps, row_bytes: float, flat: bool) -> list[float]:
+        """Wire seconds of one expert-parallel exchange's all-to-alls, in dispatch order
+        (flat: one over both axes; two-hop: node, then gpu): the rows of each peer's buffer
+        that leave the device. ``topo``, ``caps``: ``moe.dispatch.Topology``, ``Capacities``."""
+
+        def hop(peers: int, rows: int, axes: tuple[str, ...]) -> float:
+            return self.transfer_s(peers * rows * row_bytes * (peers - 1) / peers, axes)
+
+        if flat:
+            axes = (topo.inter, topo.intra) if topo.nodes > 1 else (topo.intra,)
+            return [hop(topo.devices, caps.flat, axes)]
+        return [hop(topo.nodes, caps.node, (topo.inter,)), hop(topo.gpus, caps.gpu, (topo.intra,))]
+
     def describe(self) -> str:
         links = ", ".join(f"{a} {b / 1e9:g} GB/s" for a, b in self.link_Bps)
         return (

@@ -21,7 +21,6 @@ from jaxtyping import Array, Float, Int
 import deepseek_jax.moe.dispatch as dsp
 from deepseek_jax.codesign.schedule import CostModel
 from deepseek_jax.fp8 import fp8_mode
-from deepseek_jax.mesh import GPU, NODE
 from deepseek_jax.moe.experts import routed_ffn
 from deepseek_jax.moe.layer import (
     MoE,
@@ -181,15 +180,10 @@ class Stages:
 
     def combine_hop_times(self) -> list[float]:
         """Relative wire times of the combine hops, in their order (gpu then node; flat: one),
-        under the harness's link model (``codesign.schedule.CostModel``): rows that leave
-        the device over the hop's link. Both hops carry rows of the same width."""
-        if self.opts.path == "flat":
-            return [1.0]
-        links = dict(CostModel().link_Bps)
-        t = self.topo
-        hop2 = t.gpus * self.caps.gpu * (t.gpus - 1) / t.gpus / links.get(t.intra, links[GPU])
-        hop1 = t.nodes * self.caps.node * (t.nodes - 1) / t.nodes / links.get(t.inter, links[NODE])
-        return [hop2, hop1]
+        under the harness's link model (``codesign.schedule.CostModel``); both hops carry
+        rows of the same width."""
+        flat = self.opts.path == "flat"
+        return CostModel().exchange_s(self.topo, self.caps, 1.0, flat)[::-1]
 
     def combine_hops(self, d: Dispatched) -> list:
         """Combine of ``d`` as a list of stages y -> y with one all-to-all each: two-hop back
